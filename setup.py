@@ -1,0 +1,43 @@
+"""titans-train: pretraining Titans language models at scale."""
+
+from setuptools import find_packages, setup
+
+# torch is a range, not a pin: an existing CUDA build is kept. `make` installs the
+# CPU wheel torch==2.13.0 first when no torch is present (see Makefile).
+INSTALL_REQUIRES = [
+    "torch>=2.4",
+    "numpy>=1.24",
+    "omegaconf>=2.3",
+    "pyyaml>=6",
+    "deepspeed>=0.16",
+    "webdataset>=0.2.90",
+    "tokenizers>=0.19",
+    "safetensors>=0.4",
+    "wandb>=0.17",
+    "tqdm>=4.66",
+    "pyarrow>=14",
+    "zstandard>=0.22",
+]
+
+EXTRAS = {
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "matplotlib>=3.8"],
+    # flash-attn only builds against CUDA; it is picked up automatically when importable.
+    "gpu": ["flash-attn>=2.6"],
+}
+
+setup(
+    name="titans_train",
+    version="0.1.0",
+    description="Pretraining Titans (neural long-term memory) language models with DeepSpeed",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["titans_train", "titans_train.*", "data_pipelines"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "titans-train=titans_train.cli:main",
+        ]
+    },
+)
