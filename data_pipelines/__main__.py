@@ -1,0 +1,3 @@
+from data_pipelines.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,261 @@
+"""StreamingLoader: this rank's micro-batches of every global batch, exactly resumable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from titans_train.data.errors import DataError
+from titans_train.data.manifest import ShardManifest
+from titans_train.data.order import _ROWS, GlobalOrder, derive_key, permutation, rank_positions
+from titans_train.data.position import LoaderPosition
+from titans_train.data.shard_format import ShardData, ShardRef, read_shard
+
+ManifestLike = str | os.PathLike | ShardManifest
+
+
+class MicroBatch(NamedTuple):
+    tokens: torch.Tensor  # int64 [micro_batch, T+1]: inputs tokens[:, :-1], targets tokens[:, 1:]
+    doc_starts: list[torch.Tensor] | None  # per row: positions where a document begins
+    sample_ids: torch.Tensor  # int64 [micro_batch, 3]: source, shard index, row in the shard
+
+
+@dataclass(frozen=True)
+class _Load:
+    key: tuple[int, int]  # (epoch, slot)
+    ref: ShardRef
+
+
+class _ShardReads(Dataset):
+    """Map-style on purpose: DataLoader then returns loads in plan order for any num_workers."""
+
+    def __getitem__(self, load: _Load) -> tuple[tuple[int, int], ShardData]:
+        return load.key, read_shard(load.ref)
+
+
+class _Plan:
+    def __init__(self, loads: Iterator[_Load]):
+        self.loads = loads
+
+    def __iter__(self) -> Iterator[_Load]:
+        return self.loads
+
+
+def _keep(x):
+    return x
+
+
+def _fingerprint(manifests: list[ShardManifest], split: str, weights, seed, interleave) -> str:
+    parts = [m.fingerprint(split) for m in manifests] + [split, weights, seed, interleave]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def _check_manifest(m: ShardManifest, split: str, seq_len: int, vocab_size: int) -> None:
+    if m.seq_len != seq_len:
+        raise DataError(
+            f"manifest {m.location}: samples hold seq_len {m.seq_len} (+1) tokens but the model "
+            f"expects seq_len {seq_len}; re-tokenize with --seq-len {seq_len}"
+        )
+    if m.vocab_size > vocab_size:
+        raise DataError(
+            f"manifest {m.location}: tokenizer vocab_size {m.vocab_size} exceeds the model's "
+            f"vocab_size {vocab_size}"
+        )
+    if not m.shards(split):
+        raise DataError(f"manifest {m.location}: no shards in split {split!r}")
+    for shard in m.shards(split):
+        url = m.url(shard)
+        if not (url.startswith("pipe:") or "://" in url) and not os.path.exists(url):
+            raise DataError(f"shard {shard.name} listed in {m.location} is missing: {url}")
+
+
+class StreamingLoader:
+    """Reads packed webdataset shards in the global order of `order.GlobalOrder`.
+
+    Each call of `next_step()` returns this rank's share of one global batch as a list of
+    micro-batches (gradient-accumulation steps). The state is `state_dict()`: one global sample
+    count, valid for any world size, micro-batch split and `num_workers`.
+    """
+
+    def __init__(
+        self,
+        manifests: ManifestLike | Sequence[ManifestLike],
+        *,
+        seq_len: int,
+        vocab_size: int,
+        global_batch: int,
+        micro_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        weights: Sequence[float] | None = None,
+        seed: int = 0,
+        split: str = "train",
+        num_workers: int = 0,
+        interleave: int = 8,
+        verify: bool = False,
+        max_epochs: int | None = None,
+        return_doc_starts: bool = True,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if global_batch % (world_size * micro_batch):
+            raise ValueError(
+                f"global_batch {global_batch} is not a multiple of world_size {world_size} x "
+                f"micro_batch {micro_batch}"
+            )
+        if isinstance(manifests, (str, os.PathLike, ShardManifest)):
+            manifests = [manifests]
+        self.manifests = [
+            m if isinstance(m, ShardManifest) else ShardManifest.load(m) for m in manifests
+        ]
+        tokenizers = {m.data["tokenizer"].get("sha256") for m in self.manifests}
+        if len(tokenizers) > 1:
+            raise DataError(f"manifests use different tokenizers: {sorted(map(str, tokenizers))}")
+        for m in self.manifests:
+            _check_manifest(m, split, seq_len, vocab_size)
+        self.refs = [
+            [
+                ShardRef(
+                    m.url(s),
+                    s.name,
+                    s.samples,
+                    s.sha256,
+                    m.sample_tokens,
+                    m.dtype,
+                    vocab_size,
+                    verify,
+                )
+                for s in m.shards(split)
+            ]
+            for m in self.manifests
+        ]
+        sizes = [[r.samples for r in refs] for refs in self.refs]
+        self.order = GlobalOrder(sizes, weights, seed, interleave)
+        self.seq_len, self.seed, self.split = seq_len, seed, split
+        self.global_batch, self.micro_batch = global_batch, micro_batch
+        self.rank, self.world_size = rank, world_size
+        self.num_workers, self.return_doc_starts = num_workers, return_doc_starts
+        self.stop = None if max_epochs is None else self.order.epoch_start(max_epochs)
+        weights_key = None if weights is None else [float(w) for w in weights]
+        self.position = LoaderPosition(
+            0, _fingerprint(self.manifests, split, weights_key, seed, interleave)
+        )
+        self._it: Iterator | None = None
+        self._loaded: dict[tuple[int, int], tuple[ShardData, np.ndarray]] = {}
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        self.position.epoch = self.order.locate(self.position.samples)
+        return self.position.state_dict()
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        self.position.load_state_dict(state, strict=strict)
+        self.close()
+
+    def close(self) -> None:
+        """Stop the shard readers (they restart from the position on the next step)."""
+        self._it = None  # dropping the DataLoader iterator shuts its workers down
+        self._loaded.clear()
+
+    # -- iteration ---------------------------------------------------------------------------
+    @property
+    def steps_remaining(self) -> int | None:
+        """Whole global batches left before `max_epochs` ends (None: endless)."""
+        if self.stop is None:
+            return None
+        return max(0, (self.stop - self.position.samples) // self.global_batch)
+
+    def __iter__(self) -> Iterator[list[MicroBatch]]:
+        while self.steps_remaining != 0:
+            yield self.next_step()
+
+    def next_step(self) -> list[MicroBatch]:
+        """This rank's micro-batches for the next optimizer step."""
+        if self.steps_remaining == 0:
+            raise StopIteration
+        per_rank = self.global_batch // self.world_size
+        positions = rank_positions(self.position.samples, self.rank, self.world_size, per_rank)
+        epoch, slot, row = self.order.lookup(positions)
+        tokens = np.empty((per_rank, self.seq_len + 1), dtype=np.int64)
+        ids = np.empty((per_rank, 3), dtype=np.int64)
+        starts: list[torch.Tensor] = []
+        for i, key in enumerate(zip(epoch.tolist(), slot.tolist())):
+            data, perm = self._shard(key)
+            r = int(perm[row[i]])
+            tokens[i] = data.tokens[r]
+            source, shard = self.order.epoch_slots(key[0])[:2]
+            ids[i] = (source[key[1]], shard[key[1]], r)
+            if self.return_doc_starts:
+                starts.append(torch.from_numpy(data.doc_starts(r)))
+        self._release(int(epoch[-1]), int(slot[-1]) // self.order.interleave)
+        self.position.samples += self.global_batch
+        b = self.micro_batch
+        tokens_t, ids_t = torch.from_numpy(tokens), torch.from_numpy(ids)
+        return [
+            MicroBatch(
+                tokens_t[a : a + b],
+                starts[a : a + b] if self.return_doc_starts else None,
+                ids_t[a : a + b],
+            )
+            for a in range(0, per_rank, b)
+        ]
+
+    def _shard(self, key: tuple[int, int]) -> tuple[ShardData, np.ndarray]:
+        if self._it is None:
+            self._it = self._pipeline()
+        while key not in self._loaded:
+            try:
+                got, data = next(self._it)
+            except StopIteration:
+                raise DataError(f"internal: shard plan ended before epoch/slot {key}") from None
+            source, shard, src_epoch = (int(a[got[1]]) for a in self.order.epoch_slots(got[0])[:3])
+            rows = permutation(
+                derive_key(self.seed, _ROWS, source, src_epoch, shard), len(data.keys)
+            )
+            self._loaded[got] = (data, rows)
+        return self._loaded[key]
+
+    def _release(self, epoch: int, stripe: int) -> None:
+        for key in [
+            k for k in self._loaded if (k[0], k[1] // self.order.interleave) < (epoch, stripe)
+        ]:
+            del self._loaded[key]
+
+    def _pipeline(self) -> Iterator[tuple[tuple[int, int], ShardData]]:
+        first = self.position.samples + self.rank
+        plan = self.order.shard_plan(first, self.world_size, self.stop)
+        loads = (_Load((e, s), self._ref(e, s)) for e, s in plan)
+        if self.num_workers == 0:
+            reads = _ShardReads()
+            return (reads[load] for load in loads)
+        # Prefetch about one stripe's worth of this rank's shards while the current is consumed.
+        per_stripe = math.ceil(self.order.interleave / self.world_size)
+        loader = DataLoader(
+            _ShardReads(),
+            batch_size=None,
+            sampler=_Plan(loads),
+            num_workers=self.num_workers,
+            collate_fn=_keep,
+            prefetch_factor=max(2, math.ceil(per_stripe / self.num_workers)),
+        )
+        return iter(loader)
+
+    def _ref(self, epoch: int, slot: int) -> ShardRef:
+        source, shard = self.order.epoch_slots(epoch)[:2]
+        return self.refs[int(source[slot])][int(shard[slot])]
+
+
+def validation_loader(
+    manifests: ManifestLike | Sequence[ManifestLike], **kwargs
+) -> StreamingLoader:
+    """One pass over the val split in whole global batches (same count on every rank)."""
+    return StreamingLoader(manifests, split="val", max_epochs=1, **kwargs)

@@ -1,0 +1,154 @@
+"""One packed sample in a tar shard, and reading a whole shard back with checks.
+
+A sample is one or two tar members under one key: `<key>.tokens.u16` (or `.u32`), the T+1 token
+ids as raw little-endian integers, and `<key>.doc_starts.u32`, the positions in the sample where
+a document begins, left out when there are none (tar spends 1 KiB per member). Raw integers
+decode with one `np.frombuffer`; the manifest holds the dtype. TarWriter writes members in
+sorted order, so doc_starts precedes tokens and a cut-off shard cannot lose it unnoticed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import webdataset as wds
+
+from titans_train.data.errors import DataError
+
+DOC_STARTS_FIELD = "doc_starts.u32"
+_CHUNK = 1 << 22
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def tokens_field(dtype: str | np.dtype) -> str:
+    return "tokens.u16" if np.dtype(dtype).itemsize == 2 else "tokens.u32"
+
+
+def encode_sample(key: str, tokens: np.ndarray, doc_starts: np.ndarray) -> dict:
+    """The member dict that webdataset's TarWriter writes for one sample."""
+    sample = {
+        "__key__": key,
+        tokens_field(tokens.dtype): tokens.astype(tokens.dtype.newbyteorder("<")).tobytes(),
+    }
+    if len(doc_starts):
+        sample[DOC_STARTS_FIELD] = np.asarray(doc_starts, dtype="<u4").tobytes()
+    return sample
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """Everything needed to read and check one shard (picklable for DataLoader workers)."""
+
+    url: str
+    name: str
+    samples: int
+    sha256: str
+    sample_tokens: int
+    dtype: str
+    vocab_size: int
+    verify: bool = False
+
+
+@dataclass
+class ShardData:
+    """A decoded shard: tokens [n, T+1] and per-sample doc starts in CSR form."""
+
+    keys: list[str]
+    tokens: np.ndarray
+    starts: np.ndarray
+    starts_ptr: np.ndarray
+
+    def doc_starts(self, row: int) -> np.ndarray:
+        return self.starts[self.starts_ptr[row] : self.starts_ptr[row + 1]]
+
+
+def _passthrough(src):
+    """Node/worker splitter that keeps every URL: the global order already chose this shard."""
+    yield from src
+
+
+def sha256_of(url: str) -> str:
+    digest = hashlib.sha256()
+    with wds.gopen(url, "rb") as stream:
+        while block := stream.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _samples(ref: ShardRef):
+    dataset = wds.WebDataset(
+        [ref.url],
+        shardshuffle=False,
+        nodesplitter=_passthrough,
+        workersplitter=_passthrough,
+        seed=0,
+        empty_check=False,
+    )
+    return iter(dataset)
+
+
+def read_shard(ref: ShardRef) -> ShardData:
+    """Read, decode and check a shard; every failure is a DataError naming shard and sample."""
+    where = f"shard {ref.name} ({ref.url})"
+    if ref.verify:
+        try:
+            actual = sha256_of(ref.url)
+        except Exception as exn:
+            raise DataError(f"{where}: cannot read: {exn}") from exn
+        if actual != ref.sha256:
+            raise DataError(f"{where}: sha256 mismatch: manifest {ref.sha256}, file {actual}")
+    field = tokens_field(ref.dtype)
+    dtype = np.dtype(ref.dtype).newbyteorder("<")
+    expect_bytes = ref.sample_tokens * dtype.itemsize
+    tokens = np.empty((ref.samples, ref.sample_tokens), dtype=dtype)
+    keys: list[str] = []
+    starts: list[np.ndarray] = []
+    count, key = 0, None
+    try:
+        for sample in _samples(ref):
+            key = sample["__key__"]
+            what = f"{where} sample {key} (#{count})"
+            raw = sample.get(field)
+            if raw is None:
+                raise DataError(f"{what}: no {field} member (has {sorted(sample)})")
+            if len(raw) != expect_bytes:
+                raise DataError(
+                    f"{what}: {len(raw)} token bytes, expected {ref.sample_tokens} x "
+                    f"{dtype.itemsize} (truncated shard, or a seq_len other than the manifest's)"
+                )
+            if count >= ref.samples:
+                raise DataError(f"{where}: more than the {ref.samples} samples the manifest lists")
+            tokens[count] = np.frombuffer(raw, dtype=dtype)
+            starts.append(np.frombuffer(sample.get(DOC_STARTS_FIELD, b""), dtype="<u4"))
+            keys.append(key)
+            count += 1
+    except DataError:
+        raise
+    except Exception as exn:  # tarfile/gopen errors: missing file, truncated archive, bad URL
+        after = f" after sample {key} (#{count - 1})" if key is not None else ""
+        raise DataError(f"{where}: cannot read{after}: {exn}") from exn
+    if count != ref.samples:
+        raise DataError(
+            f"{where}: {count} samples, manifest says {ref.samples} (truncated or wrong shard)"
+        )
+    _check_ids(ref, where, tokens, keys)
+    ptr = np.zeros(count + 1, dtype=np.int64)
+    ptr[1:] = np.cumsum([len(s) for s in starts])
+    flat = np.concatenate(starts) if starts else np.zeros(0, "<u4")
+    return ShardData(keys, tokens, flat.astype(np.int64), ptr)
+
+
+def _check_ids(ref: ShardRef, where: str, tokens: np.ndarray, keys: list[str]) -> None:
+    if tokens.size == 0 or int(tokens.max()) < ref.vocab_size:
+        return
+    row, col = np.argwhere(tokens >= ref.vocab_size)[0]
+    raise DataError(
+        f"{where} sample {keys[row]} (#{row}) position {col}: token id {int(tokens[row, col])} "
+        f">= vocab_size {ref.vocab_size}"
+    )
