@@ -33,8 +33,17 @@ from titans_train.data.manifest import FORMAT, MANIFEST_NAME, SPLITS, VERSION
 from titans_train.data.shard_format import DOC_STARTS_FIELD, token_dtype, tokens_field
 
 WORK = ".work"
-# TokenizeConfig fields that change how the job runs but never what it writes.
-RUN_KEYS = ("workers", "chunk_docs", "chunk_mb", "resume", "overwrite", "keep_work", "progress")
+# TokenizeConfig fields that change where and how the job runs but never what it writes.
+RUN_KEYS = (
+    "out",
+    "workers",
+    "chunk_docs",
+    "chunk_mb",
+    "resume",
+    "overwrite",
+    "keep_work",
+    "progress",
+)
 
 
 @dataclass

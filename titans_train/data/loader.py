@@ -232,8 +232,7 @@ class StreamingLoader:
 
     def _pipeline(self) -> Iterator[tuple[tuple[int, int], ShardData]]:
         first = self.position.samples + self.rank
-        plan = self.order.shard_plan(first, self.world_size, self.stop)
-        loads = (_Load((e, s), self._ref(e, s)) for e, s in plan)
+        loads = _loads(self.order, self.refs, first, self.world_size, self.stop)
         if self.num_workers == 0:
             reads = _ShardReads()
             return (reads[load] for load in loads)
@@ -249,9 +248,19 @@ class StreamingLoader:
         )
         return iter(loader)
 
-    def _ref(self, epoch: int, slot: int) -> ShardRef:
-        source, shard = self.order.epoch_slots(epoch)[:2]
-        return self.refs[int(source[slot])][int(shard[slot])]
+    def __enter__(self) -> StreamingLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _loads(order: GlobalOrder, refs: list[list[ShardRef]], first: int, stride: int, stop):
+    """The shard reads of a rank's plan. A free function: a generator holding the loader itself
+    would make a reference cycle that leaves DataLoader workers to the cycle collector."""
+    for epoch, slot in order.shard_plan(first, stride, stop):
+        source, shard = order.epoch_slots(epoch)[:2]
+        yield _Load((epoch, slot), refs[int(source[slot])][int(shard[slot])])
 
 
 def validation_loader(

@@ -52,14 +52,16 @@ def permutation(key: int, n: int) -> np.ndarray:
 
 
 def apportion(total: int, weights: Sequence[float]) -> list[int]:
-    """Split `total` into integers proportional to `weights` (largest remainder), each >= 1."""
+    """Split `total` in proportion to `weights` (largest remainder); every share is at least 1."""
     w = np.asarray(weights, dtype=np.float64)
     if total < len(w) or (w <= 0).any():
         raise ValueError(f"cannot give {len(w)} positive weights {list(w)} a share of {total}")
-    exact = w / w.sum() * (total - len(w))
-    counts = np.floor(exact).astype(np.int64) + 1
-    remainder = total - counts.sum()
-    counts[np.argsort(-(exact - np.floor(exact)), kind="stable")[:remainder]] += 1
+    exact = w / w.sum() * total
+    counts = np.floor(exact).astype(np.int64)
+    counts[np.argsort(-(exact - counts), kind="stable")[: total - counts.sum()]] += 1
+    while (counts == 0).any():  # a positive weight always gets a slot
+        counts[np.argmax(counts)] -= 1
+        counts[np.argmin(counts)] += 1
     return counts.tolist()
 
 

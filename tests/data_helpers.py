@@ -1,0 +1,78 @@
+"""Shared helpers of the tests/test_data_*.py files: small corpora, shard builds, sample hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import webdataset as wds
+
+from data_pipelines.tokenize import TokenizeConfig, run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LETTERS = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz ", dtype=np.uint8)
+
+
+def uniform_corpus(path: str, samples: int, seed: int = 0, sample_tokens: int = 32) -> list[str]:
+    """A jsonl corpus whose documents are 1 or 2 samples long exactly (bytes tokenizer).
+
+    With T+1 = sample_tokens, a document of n*sample_tokens - 1 random letters plus its EOS
+    fills n samples, so the train split holds exactly `samples` samples (val_fraction=0).
+    """
+    rng = np.random.default_rng(seed)
+    docs, total = [], 0
+    while total < samples:
+        n = min(int(rng.integers(1, 3)), samples - total)
+        docs.append(bytes(rng.choice(LETTERS, n * sample_tokens - 1)).decode())
+        total += n
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    return docs
+
+
+def build(out: str, sources: list[str], **overrides) -> dict:
+    """Run the tokenize job in this process; returns the manifest."""
+    return run(TokenizeConfig(sources=sources, out=out, progress=False, **overrides))
+
+
+def row_hash(row) -> str:
+    """Identity of one sample's tokens, whatever container (tensor or array) holds them."""
+    return hashlib.sha1(np.asarray(row, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def step_hashes(step) -> list[str]:
+    """The rows of one step's micro-batches, in order."""
+    return [row_hash(row) for mb in step for row in mb.tokens.numpy()]
+
+
+def plain_read(manifest_dir: str, split: str = "train") -> list[np.ndarray]:
+    """Every sample's tokens, shard by shard, with webdataset alone (no loader code)."""
+    with open(os.path.join(manifest_dir, "manifest.json"), encoding="utf-8") as f:
+        manifest = json.load(f)
+    urls = [os.path.join(manifest_dir, s["name"]) for s in manifest["splits"][split]["shards"]]
+    dataset = wds.WebDataset(
+        urls, shardshuffle=False, nodesplitter=wds.split_by_node, seed=0, empty_check=False
+    )
+    field = manifest["fields"]["tokens"]
+    dtype = {"tokens.u16": "<u2", "tokens.u32": "<u4"}[field]
+    return [np.frombuffer(s[field], dtype=dtype) for s in dataset]
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def torchrun(script: str, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run `script` on 2 local ranks (gloo) and fail with its output if it fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run(
+        [*cmd, script, *args], env=subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
