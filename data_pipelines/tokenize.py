@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 
 import numpy as np
 from tqdm import tqdm
@@ -58,8 +58,8 @@ class TokenizeConfig:
     seed: int = 0
     text_field: str = "text"
     workers: int = 1
-    chunk_docs: int = 1024
-    chunk_mb: float = 8.0
+    chunk_docs: int = 256
+    chunk_mb: float = 1.0
     resume: bool = False
     overwrite: bool = False
     keep_work: bool = False
@@ -196,8 +196,11 @@ def run(cfg: TokenizeConfig) -> dict:
     _check_job(work, {**cfg.result_config(), **chunking, "inputs": inputs})
     pool = None
     if cfg.workers > 1:
+        # fork: workers start at once with the parent's imports (spawn re-imports __main__,
+        # torch included). Safe: this process never runs the tokenizer's thread pool.
+        method = "fork" if "fork" in get_all_start_methods() else "spawn"
         pool = ProcessPoolExecutor(
-            cfg.workers, get_context("spawn"), chunks.init_worker, (cfg.tokenizer, cfg.eos_token)
+            cfg.workers, get_context(method), chunks.init_worker, (cfg.tokenizer, cfg.eos_token)
         )
     else:
         chunks.init_worker(cfg.tokenizer, cfg.eos_token)
@@ -264,8 +267,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the document shuffle")
     p.add_argument("--text-field", default="text", help="text field of jsonl / parquet records")
     p.add_argument("--workers", type=int, default=1, help="tokenizer/packer processes")
-    p.add_argument("--chunk-docs", type=int, default=1024, help="documents per work chunk")
-    p.add_argument("--chunk-mb", type=float, default=8.0, help="max text MB per work chunk")
+    p.add_argument("--chunk-docs", type=int, default=256, help="documents per work chunk")
+    p.add_argument("--chunk-mb", type=float, default=1.0, help="max text MB per work chunk")
     p.add_argument("--resume", action="store_true", help="finish an interrupted job in --out")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier job in --out first")
     p.add_argument("--keep-work", action="store_true", help="keep OUT/.work (tokenized chunks)")

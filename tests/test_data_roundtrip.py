@@ -13,6 +13,7 @@ from data_helpers import build, plain_read
 
 from data_pipelines.inspect import manifest_tokenizer, shard_report
 from data_pipelines.train_tokenizer import train_tokenizer
+from titans_train.data import StreamingLoader
 from titans_train.data.manifest import ShardManifest
 from titans_train.data.shard_format import ShardRef, read_shard
 
@@ -138,3 +139,21 @@ def test_round_trip_trained_bpe(tmp_path):
     assert len(decoded) >= len(docs) - 2 and not Counter(decoded) - Counter(docs)
     report = "\n".join(shard_report(ShardManifest.load(out), "train", 0, 1, 10_000))
     assert "<|endoftext|>" in report or any(d[:20] in report for d in docs)
+
+
+def test_loader_rows_ids_and_doc_start_mask_match_the_shards(tmp_path):
+    sources, _ = corpus(str(tmp_path / "in"))
+    out = str(tmp_path / "out")
+    build(out, sources, seq_len=15, samples_per_shard=8, val_fraction=0.0, text_field="body")
+    m = ShardManifest.load(out)
+    shards = [
+        read_shard(ShardRef(m.url(s), s.name, s.samples, s.sha256, 16, m.dtype, 257))
+        for s in m.shards("train")
+    ]
+    loader = StreamingLoader(out, seq_len=15, vocab_size=257, global_batch=6, micro_batch=3, seed=2)
+    for _ in range(10):
+        for mb in loader.next_step():
+            for tokens, mask, (source, shard, row) in zip(mb.tokens, mb.doc_starts, mb.sample_ids):
+                assert source == 0
+                assert tokens.tolist() == shards[shard].tokens[row].tolist()
+                assert mask.nonzero().flatten().tolist() == shards[shard].doc_starts(row).tolist()

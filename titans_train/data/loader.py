@@ -25,7 +25,7 @@ ManifestLike = str | os.PathLike | ShardManifest
 
 class MicroBatch(NamedTuple):
     tokens: torch.Tensor  # int64 [micro_batch, T+1]: inputs tokens[:, :-1], targets tokens[:, 1:]
-    doc_starts: list[torch.Tensor] | None  # per row: positions where a document begins
+    doc_starts: torch.Tensor | None  # bool [micro_batch, T+1]: True where a document begins
     sample_ids: torch.Tensor  # int64 [micro_batch, 3]: source, shard index, row in the shard
 
 
@@ -185,25 +185,35 @@ class StreamingLoader:
         per_rank = self.global_batch // self.world_size
         positions = rank_positions(self.position.samples, self.rank, self.world_size, per_rank)
         epoch, slot, row = self.order.lookup(positions)
-        tokens = np.empty((per_rank, self.seq_len + 1), dtype=np.int64)
-        ids = np.empty((per_rank, 3), dtype=np.int64)
-        starts: list[torch.Tensor] = []
-        for i, key in enumerate(zip(epoch.tolist(), slot.tolist())):
-            data, perm = self._shard(key)
-            r = int(perm[row[i]])
-            tokens[i] = data.tokens[r]
-            source, shard = self.order.epoch_slots(key[0])[:2]
-            ids[i] = (source[key[1]], shard[key[1]], r)
+        t1 = self.seq_len + 1
+        tokens = np.empty((per_rank, t1), dtype=np.int64)
+        starts = np.zeros((per_rank, t1), dtype=np.uint8)
+        rows = np.empty(per_rank, dtype=np.int64)
+        span = int(slot.max()) + 1
+        keys, which = np.unique(epoch * span + slot, return_inverse=True)
+        by_shard = np.argsort(which, kind="stable")
+        bounds = np.searchsorted(which[by_shard], np.arange(len(keys) + 1)).tolist()
+        for k, key in enumerate(keys.tolist()):  # one gather per shard, not per row
+            sel = by_shard[bounds[k] : bounds[k + 1]]
+            data, perm = self._shard(divmod(key, span))
+            rows[sel] = r = perm[row[sel]]
+            tokens[sel] = data.tokens[r]
             if self.return_doc_starts:
-                starts.append(torch.from_numpy(data.doc_starts(r)))
+                starts[sel] = np.unpackbits(data.start_bits[r], axis=1, count=t1)
+        ids = np.empty((per_rank, 3), dtype=np.int64)
+        ids[:, 2] = rows
+        for e in np.unique(epoch).tolist():
+            here = epoch == e
+            source, shard = self.order.epoch_slots(e)[:2]
+            ids[here, 0], ids[here, 1] = source[slot[here]], shard[slot[here]]
         self._release(int(epoch[-1]), int(slot[-1]) // self.order.interleave)
         self.position.samples += self.global_batch
         b = self.micro_batch
-        tokens_t, ids_t = torch.from_numpy(tokens), torch.from_numpy(ids)
+        tokens_t, ids_t, starts_t = (torch.from_numpy(a) for a in (tokens, ids, starts.view(bool)))
         return [
             MicroBatch(
                 tokens_t[a : a + b],
-                starts[a : a + b] if self.return_doc_starts else None,
+                starts_t[a : a + b] if self.return_doc_starts else None,
                 ids_t[a : a + b],
             )
             for a in range(0, per_rank, b)

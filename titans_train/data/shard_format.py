@@ -57,12 +57,13 @@ class ShardRef:
 
 @dataclass
 class ShardData:
-    """A decoded shard: tokens [n, T+1] and per-sample doc starts in CSR form."""
+    """A decoded shard: tokens [n, T+1], per-sample doc starts (CSR) and the same as bit masks."""
 
     keys: list[str]
     tokens: np.ndarray
     starts: np.ndarray
     starts_ptr: np.ndarray
+    start_bits: np.ndarray  # np.packbits of the [n, T+1] "a document begins here" mask
 
     def doc_starts(self, row: int) -> np.ndarray:
         return self.starts[self.starts_ptr[row] : self.starts_ptr[row + 1]]
@@ -108,7 +109,7 @@ def read_shard(ref: ShardRef) -> ShardData:
     expect_bytes = ref.sample_tokens * dtype.itemsize
     tokens = np.empty((ref.samples, ref.sample_tokens), dtype=dtype)
     keys: list[str] = []
-    starts: list[np.ndarray] = []
+    starts: list[bytes] = []
     count, key = 0, None
     try:
         for sample in _samples(ref):
@@ -125,7 +126,7 @@ def read_shard(ref: ShardRef) -> ShardData:
             if count >= ref.samples:
                 raise DataError(f"{where}: more than the {ref.samples} samples the manifest lists")
             tokens[count] = np.frombuffer(raw, dtype=dtype)
-            starts.append(np.frombuffer(sample.get(DOC_STARTS_FIELD, b""), dtype="<u4"))
+            starts.append(sample.get(DOC_STARTS_FIELD, b""))
             keys.append(key)
             count += 1
     except DataError:
@@ -139,9 +140,13 @@ def read_shard(ref: ShardRef) -> ShardData:
         )
     _check_ids(ref, where, tokens, keys)
     ptr = np.zeros(count + 1, dtype=np.int64)
-    ptr[1:] = np.cumsum([len(s) for s in starts])
-    flat = np.concatenate(starts) if starts else np.zeros(0, "<u4")
-    return ShardData(keys, tokens, flat.astype(np.int64), ptr)
+    ptr[1:] = np.cumsum([len(s) for s in starts]) // 4
+    flat = np.frombuffer(b"".join(starts), dtype="<u4").astype(np.int64)
+    if (flat >= ref.sample_tokens).any():
+        raise DataError(f"{where}: a doc_starts entry lies outside its sample")
+    mask = np.zeros(tokens.shape, dtype=bool)
+    mask[np.repeat(np.arange(count), np.diff(ptr)), flat] = True
+    return ShardData(keys, tokens, flat, ptr, np.packbits(mask, axis=1))
 
 
 def _check_ids(ref: ShardRef, where: str, tokens: np.ndarray, keys: list[str]) -> None:
