@@ -67,15 +67,8 @@ def build_demo(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seq-len", type=int, default=256, help="T: each sample holds T+1 tokens")
-    p.add_argument("--samples-per-shard", type=int, default=256, help="K samples per shard")
-    p.add_argument("--tokenizer", default="bytes", help="'bytes' or a tokenizer.json path")
+    tokenize.add_packing_arguments(p, seq_len=256, samples=256, val=0.05)
     p.add_argument("--max-mb", type=float, default=4.0, help="how much stdlib source to use")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of files for val")
-    p.add_argument("--seed", type=int, default=0, help="seed of the document shuffle")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer/packer processes")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def run_args(args: argparse.Namespace) -> int:

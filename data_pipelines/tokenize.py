@@ -12,6 +12,7 @@ resumed gives byte-identical shards and manifest; --workers never changes the ou
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -105,8 +106,6 @@ def _prepare_out(cfg: TokenizeConfig) -> str | None:
 
 def _check_job(work: str, job: dict) -> None:
     """A resumed job must be the same job: same config, chunking and unchanged inputs."""
-    import json
-
     path = os.path.join(work, "job.json")
     if not os.path.exists(path):
         write_json_atomically(path, job)
@@ -182,8 +181,6 @@ def _plan_shards(cfg: TokenizeConfig, work: str, n_chunks: int, tok: TextTokeniz
 
 def run(cfg: TokenizeConfig) -> dict:
     """Run the job; returns the manifest (also when an earlier run already finished it)."""
-    import json
-
     work = _prepare_out(cfg)
     if work is None:
         with open(os.path.join(cfg.out, MANIFEST_NAME), encoding="utf-8") as f:
@@ -252,27 +249,30 @@ def _manifest(cfg, tok, dtype, tasks, infos, splits, totals) -> dict:
     }
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "sources", nargs="+", help="text files, directories, globs, .jsonl[.gz|.zst], .parquet"
-    )
+def add_packing_arguments(
+    p: argparse.ArgumentParser, seq_len: int, samples: int, val: float
+) -> None:
+    """Options shared by `tokenize` and `demo`, with their own defaults."""
     p.add_argument("--out", required=True, help="output directory for shards and manifest.json")
-    p.add_argument(
-        "--tokenizer", default="bytes", help="'bytes' (built in) or a tokenizer.json path"
-    )
-    p.add_argument("--eos-token", help="EOS token of a tokenizer.json (default: a common name)")
-    p.add_argument("--seq-len", type=int, default=1024, help="T: each sample holds T+1 tokens")
-    p.add_argument("--samples-per-shard", type=int, default=1024, help="K samples per shard")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents for val")
+    p.add_argument("--tokenizer", default="bytes", help="'bytes' (built in) or a tokenizer.json")
+    p.add_argument("--seq-len", type=int, default=seq_len, help="T: each sample holds T+1 tokens")
+    p.add_argument("--samples-per-shard", type=int, default=samples, help="K samples per shard")
+    p.add_argument("--val-fraction", type=float, default=val, help="fraction of documents for val")
     p.add_argument("--seed", type=int, default=0, help="seed of the document shuffle")
-    p.add_argument("--text-field", default="text", help="text field of jsonl / parquet records")
     p.add_argument("--workers", type=int, default=1, help="tokenizer/packer processes")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sources", nargs="+", help="text files, dirs, globs, .jsonl[.gz|.zst], .parquet")
+    add_packing_arguments(p, seq_len=1024, samples=1024, val=0.01)
+    p.add_argument("--eos-token", help="EOS token of a tokenizer.json (default: a common name)")
+    p.add_argument("--text-field", default="text", help="text field of jsonl / parquet records")
     p.add_argument("--chunk-docs", type=int, default=256, help="documents per work chunk")
     p.add_argument("--chunk-mb", type=float, default=1.0, help="max text MB per work chunk")
     p.add_argument("--resume", action="store_true", help="finish an interrupted job in --out")
     p.add_argument("--overwrite", action="store_true", help="delete an earlier job in --out first")
     p.add_argument("--keep-work", action="store_true", help="keep OUT/.work (tokenized chunks)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def run_args(args: argparse.Namespace) -> int:

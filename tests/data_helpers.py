@@ -39,6 +39,15 @@ def build(out: str, sources: list[str], **overrides) -> dict:
     return run(TokenizeConfig(sources=sources, out=out, progress=False, **overrides))
 
 
+def shards_from_corpus(root, name: str, samples: int, seed: int = 0, **overrides) -> str:
+    """A uniform corpus of `samples` samples built into root/name (T=31, K=12, no val)."""
+    corpus = os.path.join(root, f"{name}.jsonl")
+    uniform_corpus(corpus, samples, seed=seed)
+    args = {"seq_len": 31, "samples_per_shard": 12, "val_fraction": 0, **overrides}
+    build(os.path.join(root, name), [corpus], **args)
+    return os.path.join(root, name)
+
+
 def row_hash(row) -> str:
     """Identity of one sample's tokens, whatever container (tensor or array) holds them."""
     return hashlib.sha1(np.asarray(row, dtype=np.int64).tobytes()).hexdigest()[:16]

@@ -5,7 +5,7 @@ import shutil
 import tarfile
 
 import pytest
-from data_helpers import build, uniform_corpus
+from data_helpers import shards_from_corpus
 
 from titans_train.data import DataError, StreamingLoader
 
@@ -15,21 +15,8 @@ KW = dict(seq_len=31, vocab_size=257, global_batch=12, micro_batch=2, seed=7, in
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
-    uniform_corpus(str(root / "c.jsonl"), 48)
-    build(
-        str(root / "shards"),
-        [str(root / "c.jsonl")],
-        seq_len=31,
-        samples_per_shard=12,
-        val_fraction=0,
-    )
-    build(
-        str(root / "short"),
-        [str(root / "c.jsonl")],
-        seq_len=15,
-        samples_per_shard=24,
-        val_fraction=0,
-    )
+    shards_from_corpus(root, "shards", 48)
+    shards_from_corpus(root, "short", 48, seq_len=15, samples_per_shard=24)
     return root
 
 

@@ -7,7 +7,7 @@ import threading
 from collections import Counter
 
 import pytest
-from data_helpers import build, step_hashes, uniform_corpus
+from data_helpers import shards_from_corpus, step_hashes
 
 from titans_train.data import DataError, StreamingLoader, validation_loader
 
@@ -17,15 +17,8 @@ KW = dict(seq_len=31, vocab_size=257, micro_batch=2, interleave=4)
 @pytest.fixture(scope="module")
 def two_sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("mix")
-    for name, samples, seed in (("a", 96, 0), ("b", 40, 1)):
-        uniform_corpus(str(root / f"{name}.jsonl"), samples, seed=seed)
-        build(
-            str(root / name),
-            [str(root / f"{name}.jsonl")],
-            seq_len=31,
-            samples_per_shard=8,
-            val_fraction=0.2,
-        )
+    shards_from_corpus(root, "a", 96, samples_per_shard=8, val_fraction=0.2)
+    shards_from_corpus(root, "b", 40, seed=1, samples_per_shard=8, val_fraction=0.2)
     return root
 
 

@@ -2,8 +2,10 @@
 
 import numpy as np
 import pytest
+from data_helpers import shards_from_corpus
 
 from data_pipelines.packing import document_ends, pack_tokens, split_documents
+from titans_train.data import StreamingLoader
 from titans_train.data.order import (
     GlobalOrder,
     apportion,
@@ -11,6 +13,7 @@ from titans_train.data.order import (
     mix64,
     permutation,
     rank_positions,
+    shard_rows,
 )
 
 M64 = (1 << 64) - 1
@@ -85,6 +88,12 @@ def test_lookup_matches_reference_over_epochs(sizes, weights, interleave):
         n = order.epoch_start(1)
         assert all(order.epoch_start(e) == e * n for e in range(4))
         assert len(set(got[:n])) == n == sum(sizes[0])
+
+
+def test_shard_rows_and_locate():
+    assert shard_rows(3, 0, 1, 2, 9).tolist() == ref_permutation(ref_key(3, 3, 0, 1, 2), 9)
+    order = GlobalOrder([[4, 4, 1]], seed=0)
+    assert [order.locate(p) for p in (0, 8, 9, 17, 18, 90)] == [0, 0, 1, 1, 2, 10]
 
 
 def test_shard_plan_is_first_need_order_of_rank_positions():
@@ -163,3 +172,18 @@ def test_pack_tokens_matches_concatenation():
         tokens, starts = pack_tokens(ends, start, stop, fetch, 99, "uint16")
         assert tokens.tolist() == stream[start:stop].tolist()
         assert starts.tolist() == [s for s in ref_starts if start <= s < stop]
+
+
+def test_loader_follows_the_reference_order(tmp_path):
+    path = shards_from_corpus(tmp_path, "s", 44, samples_per_shard=8)  # shards 8 x 5 + 4
+    loader = StreamingLoader(
+        path, seq_len=31, vocab_size=257, global_batch=4, micro_batch=2, seed=9, interleave=3
+    )
+    got = [tuple(r) for _ in range(22) for mb in loader.next_step() for r in mb.sample_ids.tolist()]
+    sizes = [[8] * 5 + [4]]
+    expected = [
+        (i, s, ref_permutation(ref_key(9, 3, i, e, s), sizes[i][s])[t])
+        for e in range(2)
+        for i, s, t in ref_epoch(sizes, [6], 9, 3, e)
+    ]
+    assert got == expected

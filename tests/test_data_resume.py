@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from data_helpers import build, plain_read, row_hash, step_hashes, torchrun, uniform_corpus
+from data_helpers import plain_read, row_hash, shards_from_corpus, step_hashes, torchrun
 
 from titans_train.data import StreamingLoader
 
@@ -16,22 +16,8 @@ EPOCH = 104  # samples in the train split of `data`; 12 per shard, the last shar
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    uniform_corpus(str(root / "c.jsonl"), EPOCH)
-    build(
-        str(root / "shards"),
-        [str(root / "c.jsonl")],
-        seq_len=31,
-        samples_per_shard=12,
-        val_fraction=0,
-    )
-    uniform_corpus(str(root / "u.jsonl"), 30, seed=1)  # shards of 12, 12, 6
-    build(
-        str(root / "uneven"),
-        [str(root / "u.jsonl")],
-        seq_len=31,
-        samples_per_shard=12,
-        val_fraction=0,
-    )
+    shards_from_corpus(root, "shards", EPOCH)
+    shards_from_corpus(root, "uneven", 30, seed=1)  # shards of 12, 12, 6
     return root
 
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from titans_train.data.errors import DataError
 from titans_train.data.manifest import ShardManifest
-from titans_train.data.order import _ROWS, GlobalOrder, derive_key, permutation, rank_positions
+from titans_train.data.order import GlobalOrder, rank_positions, shard_rows
 from titans_train.data.position import LoaderPosition
 from titans_train.data.shard_format import ShardData, ShardRef, read_shard
 
@@ -50,7 +50,7 @@ class _Plan:
         return self.loads
 
 
-def _keep(x):
+def _no_collate(x):
     return x
 
 
@@ -228,9 +228,7 @@ class StreamingLoader:
             except StopIteration:
                 raise DataError(f"internal: shard plan ended before epoch/slot {key}") from None
             source, shard, src_epoch = (int(a[got[1]]) for a in self.order.epoch_slots(got[0])[:3])
-            rows = permutation(
-                derive_key(self.seed, _ROWS, source, src_epoch, shard), len(data.keys)
-            )
+            rows = shard_rows(self.seed, source, src_epoch, shard, len(data.keys))
             self._loaded[got] = (data, rows)
         return self._loaded[key]
 
@@ -253,7 +251,7 @@ class StreamingLoader:
             batch_size=None,
             sampler=_Plan(loads),
             num_workers=self.num_workers,
-            collate_fn=_keep,
+            collate_fn=_no_collate,
             prefetch_factor=max(2, math.ceil(per_stripe / self.num_workers)),
         )
         return iter(loader)

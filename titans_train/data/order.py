@@ -15,6 +15,7 @@ when W divides `interleave`. Nothing here depends on the number of DataLoader wo
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
 
@@ -49,6 +50,11 @@ def permutation(key: int, n: int) -> np.ndarray:
     """A permutation of range(n) fixed by (key, n) alone: no RNG library, so no version drift."""
     values = mix64(np.arange(n, dtype=np.uint64) + np.uint64(key & _MASK))
     return np.argsort(values, kind="stable")
+
+
+def shard_rows(seed: int, source: int, source_epoch: int, shard: int, n: int) -> np.ndarray:
+    """Row t of a shard, read in its source's epoch `source_epoch`, is sample shard_rows(...)[t]."""
+    return permutation(derive_key(seed, _ROWS, source, source_epoch, shard), n)
 
 
 def apportion(total: int, weights: Sequence[float]) -> list[int]:
@@ -125,10 +131,9 @@ class GlobalOrder:
 
     def locate(self, position: int) -> int:
         """The epoch that holds global position `position`."""
-        epoch = 0
-        while self.epoch_start(epoch + 1) <= position:
-            epoch += 1
-        return epoch
+        while self._starts[-1] <= position:
+            self.epoch_start(len(self._starts))
+        return bisect.bisect_right(self._starts, position) - 1
 
     @lru_cache(maxsize=4)  # noqa: B019
     def stripe_starts(self, epoch: int) -> np.ndarray:
