@@ -1,5 +1,7 @@
 """titans-train: pretraining Titans language models at scale."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 # torch is a range, not a pin: an existing CUDA build is kept. `make` installs the
@@ -29,7 +31,7 @@ setup(
     name="titans_train",
     version="0.1.0",
     description="Pretraining Titans (neural long-term memory) language models with DeepSpeed",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["titans_train", "titans_train.*", "data_pipelines"]),
