@@ -331,6 +331,8 @@ def test_merge_without_custom_backward_would_be_wrong():
 
 
 def test_plan_pieces_reproduce_every_rule_with_flash_windows():
+    assert plan_pieces(Causal(0, 0, window=5), 9, 9) == [(0, 9, 0, 9, 4, 0)]  # (W-1, 0)
+    assert plan_pieces(Causal(0, 0), 9, 9) == [(0, 9, 0, 9, -1, 0)]  # flash causal
     rng = random.Random(0)
     for _ in range(300):
         window, segment = rng.choice([None, 1, 2, 4, 7]), rng.choice([None, 3, 5])
@@ -418,6 +420,16 @@ def test_flash_adapter_conventions_with_fake_kernels(api, name):
     assert_close(out, ref)
     for g, r in zip(grads, ref_grads):
         assert_close(g, r)
+
+
+@pytest.mark.parametrize("api", ["2.6", "2.7+"])
+def test_flash_adapter_maps_flash_empty_rows_to_minus_inf(api):
+    """flash-attn reports a row with no key as lse = +inf; the merge protocol wants -inf."""
+    fwd, bwd = fake_flash_26() if api == "2.6" else (_fwd_27, _bwd_27)
+    q, k = torch.randn(B, H, 5, D, dtype=F64), torch.randn(B, H, 2, D, dtype=F64)
+    out, lse = make_flash_kernel(fwd, bwd).forward(q, k, k, -1, 0, D**-0.5)  # rows 0-2 empty
+    assert bool((lse[..., :3] == float("-inf")).all()) and bool(torch.isfinite(lse[..., 3:]).all())
+    assert bool((out[:, :, :3] == 0).all())
 
 
 # ---- backend selection ----

@@ -54,6 +54,7 @@ def make_flash_kernel(fwd: Callable, bwd: Callable) -> BandKernel:
         res = fwd(qf, kf, vf, **known(kwargs, fwd_params))
         out, lse = res[0], res[lse_index]
         # flash marks rows with no key by lse = +inf; the protocol wants -inf (log of 0).
+        # (plan_pieces never yields such rows; this keeps the kernel usable on its own.)
         lse = lse[..., : q.shape[-2]]  # float32 from flash
         return out.transpose(1, 2), torch.where(torch.isinf(lse), float("-inf"), lse)
 
