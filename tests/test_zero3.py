@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 def test_zero3_matches_plain_module():
     variants = ["mac", "mac:memory_tokens", "mag", "mal", "lmm", "transformer"]
-    proc = torchrun(ROOT / "tests" / "dist" / "zero3_parity.py", ",".join(variants))
+    proc = torchrun(ROOT / "tests" / "scripts" / "zero3_parity.py", ",".join(variants))
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [r["variant"] for r in rows] == variants
     for r in rows:
