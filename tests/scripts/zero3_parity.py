@@ -75,8 +75,18 @@ def main() -> None:
             if d > grad_diff:
                 grad_diff, worst = d, n
         if rank == 0:
-            print(json.dumps(dict(variant=variant, loss_diff=loss_diff, grad_diff=grad_diff,
-                                  worst=worst, n_params=len(grads))), flush=True)
+            print(
+                json.dumps(
+                    dict(
+                        variant=variant,
+                        loss_diff=loss_diff,
+                        grad_diff=grad_diff,
+                        worst=worst,
+                        n_params=len(grads),
+                    )
+                ),
+                flush=True,
+            )
         engine.destroy()
     dist.barrier()
 
