@@ -54,6 +54,8 @@ def make_memory(cfg: ModelConfig) -> NeuralMemory:
         max_lr=cfg.memory_max_lr,
         per_layer_gates=cfg.memory_per_layer_gates,
         residual_norm=cfg.memory_residual_norm,
+        checkpoint_group=cfg.memory_checkpoint_group,
+        compiled=cfg.memory_compile,
     )
 
 

@@ -60,12 +60,19 @@ def upcast(x: Tensor) -> Tensor:
 
 
 def causal_conv(x: Tensor, weight: Tensor, tail: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Depthwise causal conv over time. x: [B, T, C], weight: [C, 1, K], tail: [B, K-1, C]."""
-    K = weight.shape[-1]
+    """Depthwise causal conv over time. x: [B, T, C], weight: [C, 1, K], tail: [B, K-1, C].
+
+    Written as K shifted multiply-adds: on CPU this is ~40x faster in backward than the
+    depthwise conv1d kernel, and it is exact.
+    """
+    K, T = weight.shape[-1], x.shape[1]
     if tail is None:
         tail = x.new_zeros(x.shape[0], K - 1, x.shape[-1])
     xx = torch.cat([tail.to(x.dtype), x], dim=1)
-    y = F.conv1d(xx.transpose(1, 2), weight, groups=x.shape[-1]).transpose(1, 2)
+    w = weight[:, 0].t().to(x.dtype)  # [K, C]
+    y = xx[:, :T] * w[0]
+    for j in range(1, K):
+        y = y + xx[:, j : j + T] * w[j]
     return y, xx[:, xx.shape[1] - (K - 1) :]
 
 
@@ -81,6 +88,8 @@ class NeuralMemory(nn.Module):
         max_lr: float = 0.5,
         per_layer_gates: bool = False,
         residual_norm: bool = True,
+        checkpoint_group: int = 0,
+        compiled: bool = False,
     ):
         super().__init__()
         if dim % heads:
@@ -88,6 +97,8 @@ class NeuralMemory(nn.Module):
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.chunk_size, self.depth, self.max_lr = chunk_size, depth, max_lr
         self.residual_norm = residual_norm
+        self.checkpoint_group = checkpoint_group  # chunks per activation-checkpoint group; 0 = off
+        self.compiled = compiled  # torch.compile the per-chunk step (full chunks only)
         self.n_gates = depth if per_layer_gates else 1
         d = self.head_dim
         # Owned directly (not nn.Linear) so read-only calls can use the q rows alone under ZeRO-3.
@@ -198,7 +209,16 @@ class NeuralMemory(nn.Module):
 
         with torch.autocast(x.device.type, enabled=False):
             y, weights, momentum = memory_scan(
-                weights, momentum, k, v, q, *gates, self.chunk_size, self.residual_norm
+                weights,
+                momentum,
+                k,
+                v,
+                q,
+                *gates,
+                self.chunk_size,
+                self.residual_norm,
+                self.checkpoint_group,
+                self.compiled,
             )
         N = k.shape[1]
         rem = N % self.chunk_size

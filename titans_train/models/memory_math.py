@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 LN_EPS = 1e-5
 
@@ -170,6 +171,58 @@ def chunk_step(
     return y, new_w, new_s
 
 
+_COMPILED_STEP = None
+
+
+def compiled_chunk_step():
+    """``chunk_step`` under torch.compile, built once. Only full chunks use it (fixed shapes, so
+    one graph); fusing its ~100 small ops per chunk makes the inner loop ~2.5x faster on CPU."""
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        _COMPILED_STEP = torch.compile(chunk_step, dynamic=False)
+    return _COMPILED_STEP
+
+
+def scan_chunks(
+    weights: list[Tensor],
+    momentum: list[Tensor],
+    k: Tensor,
+    v: Tensor,
+    q: Tensor | None,
+    theta: Tensor,
+    log_eta: Tensor,
+    log_keep: Tensor,
+    chunk: int,
+    residual_norm: bool,
+    compiled: bool = False,
+) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
+    """Whole chunks (N a multiple of ``chunk``), committed one after the other.
+
+    The decay coefficients of all chunks are computed in one batch. Chunks are split off with
+    unbind, not indexing, so autograd stacks their gradients once instead of zero-filling a
+    full-size tensor per chunk (quadratic in N).
+    """
+    step = compiled_chunk_step() if compiled else chunk_step
+    G, N, _ = k.shape
+    n = N // chunk
+
+    def fold(x: Tensor) -> Tensor:  # [G, N, P] -> [P, G, chunks, b]
+        return x.reshape(G, n, chunk, -1).permute(3, 0, 1, 2)
+
+    def split(x: Tensor | None) -> list:
+        return [None] * n if x is None else list(x.reshape(G, n, chunk, -1).unbind(1))
+
+    co = chunk_coeffs(fold(theta), fold(log_eta), fold(log_keep))
+    fields = [getattr(co, f).unbind(2) for f in ChunkCoeffs.__dataclass_fields__]
+    reads = []
+    for c, (kc, vc, qc) in enumerate(zip(split(k), split(v), split(q))):
+        co_c = ChunkCoeffs(*(f[c] for f in fields))
+        layers = [layer_coeffs(co_c, l) for l in range(len(weights))]
+        y, weights, momentum = step(weights, momentum, kc, vc, qc, layers, residual_norm)
+        reads.append(y)
+    return (None if q is None else torch.cat(reads, dim=1)), weights, momentum
+
+
 def memory_scan(
     weights: list[Tensor],
     momentum: list[Tensor],
@@ -181,50 +234,59 @@ def memory_scan(
     log_keep: Tensor,
     chunk: int,
     residual_norm: bool,
+    checkpoint_group: int = 0,
+    compiled: bool = False,
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
     """Run the memory over N tokens starting at a chunk boundary.
 
     k, v, q: [G, N, d]; gates [G, N, P]. Full chunks are committed one after the other (the
     recurrence across chunks is sequential); a trailing partial chunk is read but not committed,
     so the returned weights/momentum are those at the last chunk boundary inside the span.
+    With ``checkpoint_group = g > 0`` (and autograd on) the chunks run in groups of g under
+    activation checkpointing: only M and S at group boundaries are kept for backward, which is
+    recomputed group by group (memory O(N/g + g) chunks instead of O(N), ~1/3 more compute).
+    ``compiled`` runs full chunks through torch.compile (see ``compiled_chunk_step``).
     Returns (reads [G, N, d] or None, weights, momentum).
     """
-    n_layers = len(weights)
-    G, N, _ = k.shape
-    n_full = N // chunk
-
-    def coeffs_for(lo: int, hi: int, n_chunks: int) -> ChunkCoeffs:
-        # [G, n, P] -> [P, G, chunks, n]: every chunk's coefficients in one batched computation.
-        def fold(x: Tensor) -> Tensor:
-            return x[:, lo:hi].reshape(G, n_chunks, (hi - lo) // n_chunks, -1).permute(3, 0, 1, 2)
-
-        return chunk_coeffs(fold(theta), fold(log_eta), fold(log_keep))
-
+    N = k.shape[1]
+    end = N - N % chunk
+    inputs = (k, v, q, theta, log_eta, log_keep)
     reads = []
-    if n_full:
-        co = coeffs_for(0, n_full * chunk, n_full)
-        for c in range(n_full):
-            sl = slice(c * chunk, (c + 1) * chunk)
-            y, weights, momentum = chunk_step(
-                weights,
-                momentum,
-                k[:, sl],
-                v[:, sl],
-                None if q is None else q[:, sl],
-                [layer_coeffs(co, l, slice(None), c) for l in range(n_layers)],
-                residual_norm,
-            )
+    if end:
+        span = chunk * checkpoint_group if checkpoint_group > 0 else end
+        if span >= end or not torch.is_grad_enabled():
+            parts = [[None if t is None else t[:, :end]] for t in inputs]
+        else:  # torch.split: one backward (a cat) for all groups, not a zero-fill per group
+            sizes = [span] * (end // span) + ([end % span] if end % span else [])
+            parts = [
+                [None] * len(sizes) if t is None else t[:, :end].split(sizes, 1) for t in inputs
+            ]
+        for args in zip(*parts):
+            if len(parts[0]) > 1:
+                y, weights, momentum = checkpoint(
+                    scan_chunks,
+                    weights,
+                    momentum,
+                    *args,
+                    chunk,
+                    residual_norm,
+                    compiled,
+                    use_reentrant=False,
+                )
+            else:
+                y, weights, momentum = scan_chunks(
+                    weights, momentum, *args, chunk, residual_norm, compiled
+                )
             reads.append(y)
-    if n_full * chunk < N and q is not None:
-        co = coeffs_for(n_full * chunk, N, 1)
-        sl = slice(n_full * chunk, N)
+    if end < N and q is not None:  # the trailing partial chunk: read, don't commit
+        co = chunk_coeffs(*(g[:, end:].permute(2, 0, 1) for g in (theta, log_eta, log_keep)))
         y, _, _ = chunk_step(
             weights,
             momentum,
-            k[:, sl],
-            v[:, sl],
-            None if q is None else q[:, sl],
-            [layer_coeffs(co, l, slice(None), 0) for l in range(n_layers)],
+            k[:, end:],
+            v[:, end:],
+            q[:, end:],
+            [layer_coeffs(co, l) for l in range(len(weights))],
             residual_norm,
             commit=False,
         )
