@@ -1,0 +1,207 @@
+"""NeuralMemory and MAC speed / peak memory on CPU, side by side with references, as JSON lines.
+
+    python benchmarks/bench_memory.py [--quick] [--out FILE]
+
+Every measurement runs in its own subprocess (2 threads) so peak RSS is its own. Measured:
+  memory      our NeuralMemory fwd+bwd at dim 256, 4 heads, b=16, batch 2, T = 1K..16K
+              (with and without chunk-group checkpointing); cost per token should be flat
+  naive       the per-token reference loop (eqs. 13-14 with autograd.grad) at small T
+  mac         our MAC (memory in every layer, paper semantics; eager and with memory_compile) vs
+              titans-pytorch's MemoryAsContextTransformer when installed
+              (`pip install titans-pytorch torch==2.13.0`): its default mode, and the paper's
+              semantics (memory every layer, chunk 16, neural_memory_batch_size=16), capped at
+              12 GB of address space
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAC = dict(vocab=256, dim=256, depth=4, heads=4, segment=128)
+
+
+def timed(step, repeats: int) -> float:
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def run_memory(T: int, group: int, repeats: int, compiled: int = 0) -> dict:
+    import torch
+
+    from titans_train.models import NeuralMemory
+
+    torch.manual_seed(0)
+    mem = NeuralMemory(256, 4, chunk_size=16, checkpoint_group=group, compiled=bool(compiled))
+    x = torch.randn(2, T, 256, requires_grad=True)
+
+    def step():
+        out, _ = mem(x)
+        out.sum().backward()
+
+    return dict(seconds=timed(step, repeats), tokens=2 * T)
+
+
+def run_naive(T: int, repeats: int) -> dict:
+    """The test-suite reference: a Python loop over tokens, autograd.grad at the chunk start."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from reference import naive_memory
+
+    g = torch.Generator().manual_seed(0)
+    G, d = 8, 64  # batch 2 x 4 heads, head dim 64: the same inner problem as `memory`
+    W = [torch.randn(G, d, 4 * d, generator=g) / 8, torch.randn(G, 4 * d, d, generator=g) / 16]
+    S = [torch.zeros_like(w) for w in W]
+    k = F.normalize(torch.randn(G, T, d, generator=g), dim=-1).requires_grad_()
+    q = F.normalize(torch.randn(G, T, d, generator=g), dim=-1)
+    v = torch.randn(G, T, d, generator=g)
+    gates = [0.1 * torch.ones(G, T, 1), 0.9 * torch.ones(G, T, 1), 0.99 * torch.ones(G, T, 1)]
+
+    def step():  # forward only: its gradient path needs create_graph through every token
+        naive_memory(W, S, k, v, q, *gates, 16, True)
+
+    return dict(seconds=timed(step, repeats), tokens=2 * T, forward_only=True)
+
+
+def run_mac(impl: str, T: int, repeats: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, MAC["vocab"], (2, T + 1))
+    if impl.startswith("ours"):
+        from titans_train.models import ModelConfig, TitansLM
+
+        cfg = ModelConfig(
+            variant="mac",
+            vocab_size=MAC["vocab"],
+            dim=MAC["dim"],
+            depth=MAC["depth"],
+            heads=MAC["heads"],
+            segment_len=MAC["segment"],
+            chunk_size=16,
+            num_persistent=4,
+            memory_compile=impl == "ours-compiled",
+        )
+        model = TitansLM(cfg)
+
+        def step():
+            model(tokens[:, :-1], targets=tokens[:, 1:]).loss.backward()
+
+    else:
+        from titans_pytorch import MemoryAsContextTransformer
+
+        paper = impl == "titans-pytorch-paper"
+        model = MemoryAsContextTransformer(
+            num_tokens=MAC["vocab"],
+            dim=MAC["dim"],
+            depth=MAC["depth"],
+            heads=MAC["heads"],
+            dim_head=MAC["dim"] // MAC["heads"],
+            segment_len=MAC["segment"],
+            num_persist_mem_tokens=4,
+            num_longterm_mem_tokens=4,
+            num_residual_streams=1,
+            neural_memory_layers=None if paper else (2, 4),
+            neural_memory_segment_len=16 if paper else None,
+            neural_memory_batch_size=16 if paper else None,
+        )
+
+        def step():
+            model(tokens, return_loss=True).backward()
+
+    n_params = sum(p.numel() for p in model.parameters())
+    return dict(seconds=timed(step, repeats), tokens=2 * T, params=n_params)
+
+
+def child(kind: str, args: list[str]) -> None:
+    """Runs inside the subprocess: one measurement, one JSON line, plus peak RSS."""
+    import torch
+
+    torch.set_num_threads(2)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if kind == "memory":
+        out = run_memory(*map(int, args))
+    elif kind == "naive":
+        out = run_naive(int(args[0]), int(args[1]))
+    else:
+        out = run_mac(args[0], int(args[1]), int(args[2]))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out.update(peak_rss_gb=peak / 1e6, peak_above_start_gb=(peak - base) / 1e6)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def measure(kind: str, *args, cap_gb: float | None = None, timeout: int = 3600) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, __file__, "--child", kind, *map(str, args)]
+    if cap_gb:
+        cap = int(cap_gb * 2**30)
+        cmd = ["prlimit", f"--as={cap}", *cmd]
+    row = dict(kind=kind, args=list(map(str, args)))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return dict(row, error=f"timeout after {timeout}s")
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            res = json.loads(line[7:])
+            res["tokens_per_s"] = res["tokens"] / res["seconds"]
+            res["us_per_token"] = 1e6 * res["seconds"] / res["tokens"]
+            return dict(row, **res)
+    err = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+    return dict(row, error=err[0][:300])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer lengths and repeats")
+    ap.add_argument("--out", type=Path, help="also write the JSON lines here")
+    ap.add_argument("--skip-titans", action="store_true")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1:])
+        return
+
+    reps = 2 if args.quick else 3
+    lengths = [1024, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384]
+    plan = [("memory", T, g, reps, c) for g, c in ((0, 0), (16, 0), (0, 1)) for T in lengths]
+    plan += [("naive", T, 1) for T in (128, 256)]
+    plan += [("memory", T, 0, reps, 0) for T in (128, 256)]
+    plan += [
+        ("mac", impl, T, reps) for impl in ("ours", "ours-compiled") for T in (256, 1024, 4096)
+    ]
+    try:
+        import titans_pytorch  # noqa: F401
+
+        have_titans = not args.skip_titans
+    except ImportError:
+        have_titans = False
+    if have_titans:
+        plan += [("mac", "titans-pytorch-default", T, reps) for T in (1024, 4096)]
+        plan += [("mac", "titans-pytorch-paper", 256, 1)]
+    rows = []
+    for kind, *rest in plan:
+        cap = 12 if rest[0] == "titans-pytorch-paper" else None
+        row = measure(kind, *rest, cap_gb=cap)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        args.out.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""`titans-train` entry point: dispatches to its subcommands."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: titans-train describe MODEL.yaml [key=value ...] [--seq-len N]
+
+subcommands:
+  describe   parameter count and FLOPs per token of a model config
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "describe":
+        from titans_train.describe import main as describe_main
+
+        describe_main(argv[1:])
+        return
+    sys.stderr.write(USAGE)
+    sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+
+
+if __name__ == "__main__":
+    main()

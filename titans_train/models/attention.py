@@ -1,0 +1,140 @@
+"""Window and segment attention with persistent tokens, over three backends.
+
+``attend(q, groups)`` computes one softmax over the union of the keys of all groups; each group
+says which queries see its keys (``Visible`` or ``Causal``, see ``attention_rules``). Backends:
+
+- "sdpa": ``scaled_dot_product_attention`` with an explicit boolean mask. Runs anywhere, has
+  autograd, and is the reference the other two are tested against.
+- "flex": ``flex_attention`` with a ``mask_mod`` (compiled on CUDA; forward-only on CPU).
+- "flash": flash-attn, one call per group (and per segment), merged by log-sum-exp with a
+  custom backward (``attention_merge``, ``attention_flash``). CUDA, fp16/bf16 only.
+
+``select_backend`` picks flash, then flex, then sdpa; an explicit choice that cannot run raises.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from titans_train.models.attention_flash import flash_primitive, flash_unusable_reason
+from titans_train.models.attention_flex import flex_attend, flex_unusable_reason
+from titans_train.models.attention_merge import merge_attend
+from titans_train.models.attention_rules import (
+    Causal,
+    KeyGroup,
+    Visible,
+    concat_groups,
+    dense_mask,
+    key_layout,
+)
+
+__all__ = ["BACKENDS", "Causal", "KeyGroup", "Visible", "attend", "select_backend"]
+
+BACKENDS = ("flash", "flex", "sdpa")
+
+
+def _needs_grad(tensors: list[Tensor | None]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def select_backend(q: Tensor, override: str = "auto") -> str:
+    """Name of the backend to use for this query tensor: "flash", "flex" or "sdpa".
+
+    "auto": flash on CUDA with fp16/bf16, a supported head dim and flash-attn importable; else
+    flex on CUDA when available; else sdpa. An explicit backend that cannot run on this
+    device/dtype raises ValueError naming the backend and the reason (never a silent fallback).
+    """
+    if override not in ("auto", *BACKENDS):
+        raise ValueError(f"unknown attention backend {override!r}; expected auto|flash|flex|sdpa")
+    if override == "sdpa":
+        return "sdpa"
+    if override == "flash":
+        reason = flash_unusable_reason(q)
+        if reason:
+            raise ValueError(f"attention backend 'flash' cannot run: {reason}")
+        return "flash"
+    if override == "flex":
+        reason = flex_unusable_reason(q, needs_grad=_needs_grad([q]))
+        if reason:
+            raise ValueError(f"attention backend 'flex' cannot run: {reason}")
+        return "flex"
+    if flash_unusable_reason(q) is None:
+        return "flash"
+    if q.is_cuda and flex_unusable_reason(q, needs_grad=False) is None:
+        return "flex"
+    return "sdpa"
+
+
+def _check(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None) -> None:
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, H, T, d], got shape {tuple(q.shape)}")
+    if not groups:
+        raise ValueError("attend needs at least one KeyGroup")
+    b, h, t, d = q.shape
+    dv = groups[0].v.shape[-1]
+    for i, g in enumerate(groups):
+        if not isinstance(g.rule, (Visible, Causal)):
+            raise ValueError(f"group {i}: rule must be Visible or Causal, got {g.rule!r}")
+        if g.k.dim() != 4 or g.k.shape[:2] != (b, h) or g.k.shape[-1] != d:
+            raise ValueError(f"group {i}: k must be [{b}, {h}, S, {d}], got {tuple(g.k.shape)}")
+        if g.v.shape[:-1] != g.k.shape[:-1] or g.v.shape[-1] != dv:
+            raise ValueError(f"group {i}: v must be [{b}, {h}, S, {dv}], got {tuple(g.v.shape)}")
+        if g.k.dtype != q.dtype or g.v.dtype != q.dtype or g.k.device != q.device:
+            raise ValueError(f"group {i}: k, v must match q's dtype and device")
+    if any(isinstance(g.rule, Visible) for g in groups):
+        if q_nope is None:
+            raise ValueError("q_nope is required when a group is Visible (position-free keys)")
+        if q_nope.shape != q.shape:
+            raise ValueError(f"q_nope must have q's shape {tuple(q.shape)}")
+
+
+def _sdpa_attend(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None) -> Tensor:
+    scale = q.shape[-1] ** -0.5  # the real head dim, also when q is widened to [q | q_nope]
+    if len(groups) == 1:
+        g, r = groups[0], groups[0].rule
+        n_q, n_k = q.shape[-2], g.k.shape[-2]
+        plain = isinstance(r, Causal) and r.window is None and r.segment is None
+        if plain and n_q == n_k and r.q_start == r.k_start:  # square causal: no mask needed
+            return F.scaled_dot_product_attention(q, g.k, g.v, is_causal=True, scale=scale)
+    qq, kk, vv = concat_groups(q, groups, q_nope)
+    mask = dense_mask(key_layout(groups), q.shape[-2], q.device)
+    has_key = mask.any(dim=-1, keepdim=True)  # [T, 1]
+    if bool(has_key.all()):
+        return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale)
+    # Rows with no visible key would be 0/0. Let them see every key (finite, harmless), then
+    # zero them: the output is 0 and no gradient flows from those rows.
+    out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask | ~has_key, scale=scale)
+    return torch.where(has_key, out, 0.0)
+
+
+def attend(
+    q: Tensor,
+    groups: list[KeyGroup],
+    *,
+    q_nope: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """q: [B, H, T, d] (rotated). q_nope: [B, H, T, d] unrotated, required iff any group is
+    Visible (ignored otherwise). Softmax is over the union of all groups' visible keys, scale
+    1/sqrt(d). Returns [B, H, T, d_v]. A query row with no visible key returns zeros (never NaN).
+    """
+    _check(q, groups, q_nope)
+    if not any(isinstance(g.rule, Visible) for g in groups):
+        q_nope = None
+    name = select_backend(q, backend)
+    kept = [g for g in groups if g.k.shape[-2] > 0]
+    if not kept:  # no key at all (e.g. an empty cache): every row is empty
+        return q.new_zeros(*q.shape[:-1], groups[0].v.shape[-1])
+    if name == "flash":
+        if kept[0].v.shape[-1] != q.shape[-1]:
+            raise ValueError("attention backend 'flash' needs v to have q's head dim")
+        return merge_attend(q, kept, q_nope, flash_primitive())
+    if name == "flex":
+        tensors = [q, q_nope, *(t for g in kept for t in (g.k, g.v))]
+        reason = flex_unusable_reason(q, needs_grad=_needs_grad(tensors))
+        if reason:
+            raise ValueError(f"attention backend 'flex' cannot run: {reason}")
+        return flex_attend(q, kept, q_nope, key_layout(kept))
+    return _sdpa_attend(q, kept, q_nope)

@@ -1,0 +1,241 @@
+"""MAC, MAG, MAL, LMM and Transformer++ blocks on one Llama-style backbone (pre-norm, SwiGLU).
+
+Each block maps (x [B, T, D], state) -> (x, state). ``state=None`` starts a sequence at position
+0; passing the returned state continues it exactly (DESIGN 1: streaming equals one call). Persistent
+tokens P (DESIGN 8) are learned per layer and position-free; where the paper feeds the memory
+``P || x`` (MAG, MAL, LMM) the memory writes P first, once, at the start of a sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .attention import Causal, KeyGroup, Visible
+from .config import ModelConfig
+from .layers import KV, SelfAttention, SwiGLU, append_kv
+from .memory import MemoryState, NeuralMemory
+
+
+@dataclass
+class BlockState:
+    pos: int = 0  # sequence tokens seen (persistent tokens excluded)
+    kv: KV | None = None  # attention keys/values later queries still see
+    kv_mem: KV | None = None  # MAC: keys/values of the retrieved memory in the current segment
+    mem: MemoryState | None = None  # the memory this block writes
+    retr: MemoryState | None = None  # MAC: retrieval view (segment-start weights, own conv tail)
+    prefix: Tensor | None = None  # MAL: persistent tokens after the memory sublayer
+
+    def detach(self) -> BlockState:
+        def d(x):
+            return None if x is None else tuple(t.detach() for t in x)
+
+        return BlockState(
+            self.pos,
+            d(self.kv),
+            d(self.kv_mem),
+            self.mem and self.mem.detach(),
+            self.retr and self.retr.detach(),
+            None if self.prefix is None else self.prefix.detach(),
+        )
+
+
+def make_memory(cfg: ModelConfig) -> NeuralMemory:
+    return NeuralMemory(
+        cfg.dim,
+        cfg.mem_heads,
+        chunk_size=cfg.chunk_size,
+        depth=cfg.memory_depth,
+        expansion=cfg.memory_expansion,
+        conv_kernel=cfg.conv_kernel,
+        max_lr=cfg.memory_max_lr,
+        per_layer_gates=cfg.memory_per_layer_gates,
+        residual_norm=cfg.memory_residual_norm,
+        checkpoint_group=cfg.memory_checkpoint_group,
+        compiled=cfg.memory_compile,
+    )
+
+
+class Block(nn.Module):
+    """Shared parts: pre-norms, SwiGLU, persistent tokens; subclasses define ``mix``."""
+
+    def __init__(self, cfg: ModelConfig, attention: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.norm1 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm2 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.dim, cfg.hidden)
+        if attention:
+            self.attn = SelfAttention(cfg.dim, cfg.heads, cfg.rope_theta, cfg.attn_backend)
+        n_p = cfg.num_persistent
+        self.persistent = nn.Parameter(torch.empty(1, n_p, cfg.dim)) if n_p else None
+
+    def forward(self, x: Tensor, state: BlockState | None = None) -> tuple[Tensor, BlockState]:
+        st = replace(state) if state is not None else BlockState()
+        x, st = self.mix(x, st)
+        return x + self.mlp(self.norm2(x)), st
+
+    def mix(self, x: Tensor, st: BlockState) -> tuple[Tensor, BlockState]:
+        raise NotImplementedError
+
+    def write_memory(self, xn: Tensor, st: BlockState) -> tuple[Tensor, MemoryState]:
+        """Memory over P || xn: P is written once, at the start of a sequence; its reads dropped."""
+        if st.mem is None and st.pos == 0 and self.persistent is not None:
+            n_p = self.persistent.shape[1]
+            p = self.persistent.expand(xn.shape[0], -1, -1).to(xn.dtype)
+            m, mem = self.memory(torch.cat([p, xn], dim=1))
+            return m[:, n_p:], mem
+        return self.memory(xn, st.mem)
+
+
+class TransformerBlock(Block):
+    """Transformer++: sliding-window (or full) attention, optional persistent tokens."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.attn_out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def mix(self, x, st):
+        y, kv = self.attn.sliding(self.norm1(x), st.pos, st.kv, self.cfg.window, self.persistent)
+        return x + self.attn_out(y), replace(st, pos=st.pos + x.shape[1], kv=kv)
+
+
+class GatedCombine(nn.Module):
+    """o = W_o(RMSNorm(y) * sigmoid(RMSNorm(m))) (DESIGN 11; reused by MAC's gate)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.y_norm = nn.RMSNorm(dim, eps=eps)
+        self.m_norm = nn.RMSNorm(dim, eps=eps)
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, y: Tensor, m: Tensor) -> Tensor:
+        return self.out(self.y_norm(y) * torch.sigmoid(self.m_norm(m)))
+
+
+class MAGBlock(Block):
+    """Memory as a gate: SWA* over [P | window] and the LMM over P || x, combined by a gate."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.memory = make_memory(cfg)
+        self.combine = GatedCombine(cfg.dim, cfg.norm_eps)
+
+    def mix(self, x, st):
+        xn = self.norm1(x)
+        m, mem = self.write_memory(xn, st)
+        y, kv = self.attn.sliding(xn, st.pos, st.kv, self.cfg.window, self.persistent)
+        return x + self.combine(y, m), replace(st, pos=st.pos + x.shape[1], kv=kv, mem=mem)
+
+
+class LMMBlock(Block):
+    """The memory alone as the token mixer (no attention)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, attention=False)
+        self.memory = make_memory(cfg)
+
+    def mix(self, x, st):
+        m, mem = self.write_memory(self.norm1(x), st)
+        return x + m, replace(st, pos=st.pos + x.shape[1], mem=mem)
+
+
+class MALBlock(Block):
+    """Memory as a layer: residual LMM sublayer, then residual SWA sublayer (DESIGN 12).
+
+    P || x runs through the LMM sublayer; the P positions of the result are the SWA's persistent
+    prefix, kept in the state for later calls.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.memory = make_memory(cfg)
+        self.norm_attn = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn_out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def mix(self, x, st):
+        prefix, mem = st.prefix, st.mem
+        if mem is None and st.pos == 0 and self.persistent is not None:
+            n_p = self.persistent.shape[1]
+            s = torch.cat([self.persistent.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+            m, mem = self.memory(self.norm1(s))
+            s = s + m
+            prefix, x = s[:, :n_p], s[:, n_p:]
+        else:
+            m, mem = self.memory(self.norm1(x), mem)
+            x = x + m
+        p = None if prefix is None else self.norm_attn(prefix)
+        y, kv = self.attn.sliding(self.norm_attn(x), st.pos, st.kv, self.cfg.window, p)
+        x = x + self.attn_out(y)
+        return x, replace(st, pos=st.pos + x.shape[1], kv=kv, mem=mem, prefix=prefix)
+
+
+class MACBlock(Block):
+    """Memory as context (DESIGN 10), segment by segment:
+
+    1. retrieve h = M_prev(q) with the memory as it stood before the segment;
+    2. attend over [P | h | segment]: P visible to all, h_i visible to query j iff i <= j, the
+       segment causal (``memory_tokens`` mode: N_l learned queries read M_prev, fully visible);
+    3. write the attention outputs y into the memory, chunk by chunk;
+    4. gate y with the per-token read of the memory after each write.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.memory = make_memory(cfg)
+        self.h_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.combine = GatedCombine(cfg.dim, cfg.norm_eps)
+        self.mem_queries = None
+        if cfg.mac_retrieval == "memory_tokens":
+            d = cfg.dim // cfg.mem_heads
+            self.mem_queries = nn.Parameter(torch.empty(cfg.mem_heads, cfg.num_memory_tokens, d))
+
+    def mix(self, x, st):
+        C, xn, outs, t = self.cfg.segment_len, self.norm1(x), [], 0
+        while t < x.shape[1]:
+            if st.pos % C == 0:  # a new segment: freeze the memory for retrieval, reset caches
+                tail = st.retr.conv_tail if st.retr is not None else None
+                weights = st.mem.weights if st.mem is not None else None
+                st = replace(st, kv=None, kv_mem=None, retr=MemoryState(weights, None, None, tail))
+            n = min(x.shape[1] - t, C - st.pos % C)
+            o, st = self.segment(xn[:, t : t + n], st)
+            outs.append(o)
+            t += n
+        return x + torch.cat(outs, dim=1), st
+
+    def segment(self, xs: Tensor, st: BlockState) -> tuple[Tensor, BlockState]:
+        B, n, _ = xs.shape
+        pos, C = st.pos, self.cfg.segment_len
+        q, q_nope, k, v = self.attn.project(xs, pos)
+        groups = [] if self.persistent is None else [self.attn.prefix_group(self.persistent, B)]
+        start = pos - (0 if st.kv is None else st.kv[0].shape[2])  # first key of this segment
+        if self.mem_queries is None:
+            h, retr = self.memory(xs, st.retr, read_only=True)
+            _, _, hk, hv = self.attn.project(self.h_norm(h), pos)  # h_i sits at position i
+            kv_mem = append_kv(st.kv_mem, hk, hv, None)
+            groups.append(KeyGroup(*kv_mem, Causal(q_start=pos, k_start=start, segment=C)))
+        else:
+            retr, kv_mem = st.retr, st.kv_mem
+            if kv_mem is None:
+                h, retr = self.memory(xs, st.retr, read_only=True, queries=self.mem_queries)
+                g = self.attn.prefix_group(self.h_norm(h), B)
+                kv_mem = (g.k, g.v)
+            groups.append(KeyGroup(*kv_mem, Visible()))
+        kv = append_kv(st.kv, k, v, None)
+        groups.append(KeyGroup(*kv, Causal(q_start=pos, k_start=start, segment=C)))
+        y = self.attn.attend(q, q_nope, groups)
+        m, mem = self.memory(y, st.mem)
+        st = replace(st, pos=pos + n, kv=kv, kv_mem=kv_mem, mem=mem, retr=retr)
+        return self.combine(y, m), st
+
+
+BLOCKS = {
+    "mac": MACBlock,
+    "mag": MAGBlock,
+    "mal": MALBlock,
+    "lmm": LMMBlock,
+    "transformer": TransformerBlock,
+}

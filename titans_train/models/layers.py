@@ -1,0 +1,104 @@
+"""The Llama-style pieces every block shares: RoPE, SwiGLU, and self-attention with its KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attention import Causal, KeyGroup, Visible, attend
+
+KV = tuple[Tensor, Tensor]  # keys, values: [B, H, S, d]
+
+
+def rope_angles(pos0: int, n: int, head_dim: int, theta: float, device) -> tuple[Tensor, Tensor]:
+    """cos/sin for absolute positions pos0 .. pos0+n-1, shape [n, head_dim/2] (float32)."""
+    inv = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
+    pos = torch.arange(pos0, pos0 + n, device=device, dtype=torch.float64)
+    ang = torch.outer(pos, inv)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate [B, H, T, d] by half-split pairs (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def append_kv(cache: KV | None, k: Tensor, v: Tensor, keep: int | None) -> KV:
+    """Keys/values seen so far plus the new ones, trimmed to the last ``keep`` (None = all)."""
+    if cache is not None:
+        k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+    if keep is not None:
+        k, v = k[:, :, max(0, k.shape[2] - keep) :], v[:, :, max(0, v.shape[2] - keep) :]
+    return k, v
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(a) * b)
+
+
+class SelfAttention(nn.Module):
+    """q/k/v projections and RoPE; the block decides which key groups a query sees.
+
+    Returns merged heads [B, T, D] without an output projection: MAC and MAG fold it into their
+    gate's W_o, the other blocks add their own.
+    """
+
+    def __init__(self, dim: int, heads: int, rope_theta: float, backend: str = "auto"):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.rope_theta, self.backend = rope_theta, backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+
+    def _split(self, t: Tensor) -> Tensor:
+        B, T, _ = t.shape
+        return t.view(B, T, self.heads, self.head_dim).transpose(1, 2)
+
+    def project(self, x: Tensor, pos0: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(q rotated, q unrotated, k, v) for x: [B, T, D]; keys rotated unless pos0 is None."""
+        q, k, v = (self._split(t) for t in self.qkv(x).chunk(3, dim=-1))
+        if pos0 is None:
+            return q, q, k, v
+        cos, sin = rope_angles(pos0, x.shape[1], self.head_dim, self.rope_theta, x.device)
+        return apply_rope(q, cos, sin), q, apply_rope(k, cos, sin), v
+
+    def prefix_group(self, tokens: Tensor, batch: int) -> KeyGroup:
+        """Position-free keys (persistent tokens, MAC memory tokens), visible to every query."""
+        _, _, k, v = self.project(tokens, None)
+        return KeyGroup(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), Visible())
+
+    def attend(self, q: Tensor, q_nope: Tensor, groups: list[KeyGroup]) -> Tensor:
+        y = attend(q, groups, q_nope=q_nope, backend=self.backend)
+        B, H, T, d = y.shape
+        return y.transpose(1, 2).reshape(B, T, H * d)
+
+    def sliding(
+        self,
+        x: Tensor,
+        pos0: int,
+        cache: KV | None,
+        window: int | None,
+        prefix: Tensor | None = None,
+    ) -> tuple[Tensor, KV]:
+        """Sliding-window (or full) causal attention with optional persistent prefix tokens.
+
+        The cache keeps the last window-1 keys so a later call sees exactly what one call would.
+        """
+        q, q_nope, k, v = self.project(x, pos0)
+        keys = append_kv(cache, k, v, None)
+        groups = [] if prefix is None else [self.prefix_group(prefix, x.shape[0])]
+        start = pos0 - (0 if cache is None else cache[0].shape[2])
+        groups.append(KeyGroup(*keys, Causal(q_start=pos0, k_start=start, window=window)))
+        y = self.attend(q, q_nope, groups)
+        keep = None if window is None else window - 1
+        return y, append_kv(None, *keys, keep)

@@ -1,0 +1,165 @@
+"""TitansLM: embeddings, blocks, LM head, loss, and generation with carried state."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .blocks import BLOCKS, BlockState
+from .config import ModelConfig
+from .memory import NeuralMemory
+
+
+@dataclass
+class LMState:
+    """Per-block streaming state; pass it back to continue the same sequences."""
+
+    blocks: list[BlockState]
+
+    @property
+    def pos(self) -> int:
+        return self.blocks[0].pos
+
+    def detach(self) -> LMState:
+        return LMState([b.detach() for b in self.blocks])
+
+
+@dataclass
+class LMOutput:
+    logits: Tensor  # [B, T, V]
+    loss: Tensor | None
+    state: LMState
+
+
+class TitansLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList([BLOCKS[cfg.variant](cfg) for _ in range(cfg.depth)])
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Llama/GPT-2 style: N(0, 0.02); projections into the residual stream scaled by depth."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.depth)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                last = name.rsplit(".", 1)[-1]
+                residual_out = last in ("w2", "attn_out", "to_out", "out")
+                nn.init.normal_(module.weight, std=out_std if residual_out else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+        for module in self.modules():
+            if isinstance(module, NeuralMemory):
+                module.reset_parameters(std)  # also restores the gate biases
+        for block in self.blocks:
+            if block.persistent is not None:
+                nn.init.normal_(block.persistent, std=std)
+            if getattr(block, "mem_queries", None) is not None:
+                nn.init.normal_(block.mem_queries)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed.weight.numel()
+        return n
+
+    def forward(
+        self, tokens: Tensor, targets: Tensor | None = None, state: LMState | None = None
+    ) -> LMOutput:
+        """tokens: [B, T] ids. targets: [B, T] ids (-100 = ignore). Returns logits, loss, state."""
+        x = self.embed(tokens)
+        new_states = []
+        for i, block in enumerate(self.blocks):
+            x, s = block(x, None if state is None else state.blocks[i])
+            new_states.append(s)
+        logits = self.head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100
+            )
+        return LMOutput(logits, loss, LMState(new_states))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        use_cache: bool = True,
+        eos_id: int | None = None,
+        prefill_chunk: int | None = None,
+    ) -> Tensor:
+        """Sample continuations; returns [B, T_prompt + new] (or [T] for a 1-D prompt).
+
+        With the cache, the prompt is consumed in pieces of ``prefill_chunk`` tokens (default: one
+        MAC segment or attention window) and each new token costs one step of carried state: a
+        window KV cache plus the memory, so prompts may be far longer than the window. Without it
+        every step re-runs the whole sequence (the reference the cache is tested against).
+        """
+        squeeze = prompt_ids.dim() == 1
+        ids = prompt_ids.unsqueeze(0) if squeeze else prompt_ids
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=ids.device).manual_seed(seed)
+        piece = prefill_chunk or self.cfg.segment_len or 512
+        state, logits = None, None
+        if use_cache:
+            for start in range(0, ids.shape[1], piece):
+                out = self(ids[:, start : start + piece], state=state)
+                state, logits = out.state, out.logits[:, -1]
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits = self(ids).logits[:, -1]
+            nxt = sample_next(logits, temperature, top_k, top_p, gen)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done |= nxt == eos_id
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            if eos_id is not None and bool(done.all()):
+                break
+            if use_cache:
+                out = self(nxt[:, None], state=state)
+                state, logits = out.state, out.logits[:, -1]
+        return ids[0] if squeeze else ids
+
+
+def sample_next(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One token per row from [B, V] logits: greedy at temperature 0, else top-k / nucleus."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
