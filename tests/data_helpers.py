@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import webdataset as wds
@@ -72,16 +70,4 @@ def plain_read(manifest_dir: str, split: str = "train") -> list[np.ndarray]:
 
 
 def subprocess_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-def torchrun(script: str, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run `script` on 2 local ranks (gloo) and fail with its output if it fails."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = subprocess.run(
-        [*cmd, script, *args], env=subprocess_env(), capture_output=True, text=True, timeout=timeout
-    )
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)

@@ -4,11 +4,11 @@ import json
 import os
 
 import pytest
-from data_helpers import plain_read, row_hash, shards_from_corpus, step_hashes, torchrun
+from data_helpers import plain_read, row_hash, shards_from_corpus, step_hashes
+from distributed import ROOT, torchrun
 
 from titans_train.data import StreamingLoader
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 KW = dict(seq_len=31, vocab_size=257, micro_batch=2, seed=7, interleave=4)
 EPOCH = 104  # samples in the train split of `data`; 12 per shard, the last shard holds 8
 
@@ -64,17 +64,10 @@ def two_ranks(data, tmp_path_factory):
     with open(out / "state6.json", "w") as f:
         json.dump(one.state_dict(), f)
     torchrun(
-        os.path.join(HERE, "data_dist_script.py"),
-        [
-            "--data",
-            shards,
-            "--uneven",
-            str(data / "uneven"),
-            "--state-in",
-            str(out / "state6.json"),
-            "--out",
-            str(out),
-        ],
+        ROOT / "tests" / "scripts" / "data_resume.py",
+        *["--data", shards, "--uneven", str(data / "uneven"), "--out", str(out)],
+        *["--state-in", str(out / "state6.json")],
+        env={"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"},  # for data_helpers
     )
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     return {"ranks": ranks, "one_rank_head": head}

@@ -1,4 +1,4 @@
-"""Run by test_data_resume.py under torchrun: 2 ranks on gloo, one JSON of results per rank.
+"""Run by tests/test_data_resume.py under torchrun: 2 ranks on gloo, one JSON of results per rank.
 
 Scenarios: exact resume with num_workers 0 and 2; the first steps of an epoch (resumed on one
 rank by the test); the rest of an epoch resumed from a one-rank state; uneven shards with an
@@ -13,7 +13,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from data_helpers import step_hashes
+from data_helpers import step_hashes  # tests/ is on PYTHONPATH (see test_data_resume.py)
 
 from titans_train.data import StreamingLoader
 
