@@ -20,7 +20,10 @@ _TOKENIZER: TextTokenizer | None = None
 
 
 def init_worker(spec: str, eos_token: str | None) -> None:
-    """Load the tokenizer once per process; one thread each, the processes are the parallelism."""
+    """Load the tokenizer once per process; one thread each, the processes are the parallelism.
+
+    With --workers 1 this runs in the calling process and leaves TOKENIZERS_PARALLELISM=false.
+    """
     global _TOKENIZER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _TOKENIZER = load_tokenizer(spec, eos_token)

@@ -191,6 +191,7 @@ def run(cfg: TokenizeConfig) -> dict:
     inputs = [[p, os.path.getsize(p), os.stat(p).st_mtime_ns] for p in files]
     chunking = {"chunk_docs": cfg.chunk_docs, "chunk_mb": cfg.chunk_mb}
     _check_job(work, {**cfg.result_config(), **chunking, "inputs": inputs})
+    packing.clear_caches()  # before forking: maps of an earlier run here may be stale
     pool = None
     if cfg.workers > 1:
         # fork: workers start at once with the parent's imports (spawn re-imports __main__,
@@ -204,7 +205,6 @@ def run(cfg: TokenizeConfig) -> dict:
     try:
         n_chunks = _tokenize_chunks(cfg, work, files, dtype, pool)
         tasks, splits, totals = _plan_shards(cfg, work, n_chunks, tok, dtype)
-        packing.clear_caches()
         bar = tqdm(total=len(tasks), desc="pack", unit="shard", disable=not cfg.progress)
         infos = []
         for info in ordered_map(packing.build_shard, tasks, pool, 2 * cfg.workers):
