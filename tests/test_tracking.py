@@ -368,7 +368,8 @@ def test_env_vars_reach_the_run(tmp_path):
 
 @contextmanager
 def connection_trap():
-    """A local TCP listener used as HTTP(S) proxy: any request wandb tries to make shows up."""
+    """A local TCP listener used as HTTP(S) proxy: any request wandb tries to make shows up.
+    It answers 401, which makes an online wandb.init give up at once instead of retrying."""
     server = socket.create_server(("127.0.0.1", 0))
     server.settimeout(0.2)
     hits: list[bytes] = []
@@ -384,6 +385,7 @@ def connection_trap():
                 conn.settimeout(1)
                 try:
                     hits.append(conn.recv(200))
+                    conn.sendall(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
                 except OSError:
                     hits.append(b"")
 
@@ -455,7 +457,7 @@ def test_connection_trap_sees_online_wandb(tmp_path):
             wandb_home(tmp_path / "home"),
             WANDB_API_KEY=FAKE_KEY,
             WANDB_BASE_URL="http://wandb.invalid",
-            WANDB_INIT_TIMEOUT="3",
+            WANDB_INIT_TIMEOUT="60",  # the 401 ends init at once; this only bounds a hang
             WANDB_ERROR_REPORTING="false",
         )
         for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
