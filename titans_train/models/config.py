@@ -30,8 +30,9 @@ class ModelConfig:
     memory_per_layer_gates: bool = False
     memory_residual_norm: bool = True  # M(x) = x + LN(MLP(x)); False with depth 1 = delta rule
     # Chunks per activation-checkpoint group inside the memory (0 = off): keeps M and S only at
-    # group boundaries and recomputes the rest in backward. See docs/memory.md.
-    memory_checkpoint_group: int = 0
+    # group boundaries and recomputes the rest in backward (4x less peak memory at 4K tokens for
+    # one more forward of the inner loop). See docs/memory.md.
+    memory_checkpoint_group: int = 16
     # torch.compile the memory's per-chunk step: ~2.5x faster inner loop after a one-time compile
     # (~40 s on CPU, cached in TORCHINDUCTOR_CACHE_DIR). Recommended for long runs and on GPU.
     memory_compile: bool = False

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from .blocks import BLOCKS, BlockState
 from .config import ModelConfig
@@ -46,6 +47,7 @@ class TitansLM(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+        self.activation_checkpointing = False  # recompute each block in backward (set by trainer)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -83,7 +85,11 @@ class TitansLM(nn.Module):
         x = self.embed(tokens)
         new_states = []
         for i, block in enumerate(self.blocks):
-            x, s = block(x, None if state is None else state.blocks[i])
+            s = None if state is None else state.blocks[i]
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x, s = checkpoint(block, x, s, use_reentrant=False)
+            else:
+                x, s = block(x, s)
             new_states.append(s)
         logits = self.head(self.norm(x))
         loss = None
