@@ -42,7 +42,7 @@ def test_describe_cli_prints_params_and_flops():
         cwd=ROOT,
         check=True,
     ).stdout
-    assert "parameters: 337.9M total" in out
+    assert "parameters: 338.0M total" in out
     assert "nominal size 340M: -0.6%" in out
     assert "FLOPs per token at seq_len 4096" in out
 

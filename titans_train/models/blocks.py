@@ -179,7 +179,9 @@ class MACBlock(Block):
     1. retrieve h = M_prev(q) with the memory as it stood before the segment;
     2. attend over [P | h | segment]: P visible to all, h_i visible to query j iff i <= j, the
        segment causal (``memory_tokens`` mode: N_l learned queries read M_prev, fully visible);
-    3. write the attention outputs y into the memory, chunk by chunk;
+    3. write the attention outputs y into the memory, chunk by chunk, pre-normed like every mixer
+       input (raw attention outputs are ~20x smaller than a normed stream, which made the memory's
+       l2-normalised q/k tiny and its gradients ~100x larger than LMM's);
     4. gate y with the per-token read of the memory after each write.
     """
 
@@ -187,6 +189,7 @@ class MACBlock(Block):
         super().__init__(cfg)
         self.memory = make_memory(cfg)
         self.h_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.y_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.combine = GatedCombine(cfg.dim, cfg.norm_eps)
         self.mem_queries = None
         if cfg.mac_retrieval == "memory_tokens":
@@ -227,7 +230,7 @@ class MACBlock(Block):
         kv = append_kv(st.kv, k, v, None)
         groups.append(KeyGroup(*kv, Causal(q_start=pos, k_start=start, segment=C)))
         y = self.attn.attend(q, q_nope, groups)
-        m, mem = self.memory(y, st.mem)
+        m, mem = self.memory(self.y_norm(y), st.mem)
         st = replace(st, pos=pos + n, kv=kv, kv_mem=kv_mem, mem=mem, retr=retr)
         return self.combine(y, m), st
 

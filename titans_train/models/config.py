@@ -26,7 +26,7 @@ class ModelConfig:
     num_memory_tokens: int = 256  # N_l learned retrieval queries (mac_retrieval=memory_tokens)
     memory_heads: int | None = None  # default: heads
     memory_expansion: int = 4
-    memory_max_lr: float = 0.5  # theta = max_lr * sigmoid(.)
+    memory_max_lr: float = 0.1  # theta = max_lr * sigmoid(.); see docs/memory.md "Inner step size"
     memory_per_layer_gates: bool = False
     memory_residual_norm: bool = True  # M(x) = x + LN(MLP(x)); False with depth 1 = delta rule
     # Chunks per activation-checkpoint group inside the memory (0 = off): keeps M and S only at

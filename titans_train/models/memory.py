@@ -85,7 +85,7 @@ class NeuralMemory(nn.Module):
         depth: int = 2,
         expansion: int = 4,
         conv_kernel: int = 4,
-        max_lr: float = 0.5,
+        max_lr: float = 0.1,
         per_layer_gates: bool = False,
         residual_norm: bool = True,
         checkpoint_group: int = 0,
@@ -122,11 +122,13 @@ class NeuralMemory(nn.Module):
         for w in self.init_weights:
             nn.init.normal_(w, std=1 / math.sqrt(w.shape[-2]))
         nn.init.normal_(self.to_gates.weight, std=std)
-        # Start with a moderate step, long momentum and slow forgetting:
-        # theta = max_lr * sigmoid(0), eta = sigmoid(2) ~ 0.88, alpha = sigmoid(-5) ~ 0.007.
+        # Small inner steps at init: theta = max_lr * sigmoid(-2) ~ 0.012 (max_lr 0.1), eta = 0.5,
+        # alpha = sigmoid(-5) ~ 0.007. With large steps (max_lr 0.5, theta 0.25, eta ~ 0.9) the deep
+        # memory's inner descent overshoots and training turns chaotic: runs that differ only in
+        # fp32 reduction order drift 1e-3 apart within 10 steps (docs/memory.md, "Inner step size").
         bias = self.to_gates.bias.detach().view(3, -1)
-        bias[0].fill_(0.0)
-        bias[1].fill_(2.0)
+        bias[0].fill_(-2.0)
+        bias[1].fill_(0.0)
         bias[2].fill_(-5.0)
 
     # -- helpers -----------------------------------------------------------------------------
