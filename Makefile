@@ -13,9 +13,19 @@ export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-fast lint format bench-memory clean
+# `make train`: the embedded demo corpus -> shards -> a tiny MAC on NPROC CPU processes (ZeRO-2).
+DEMO_DIR ?= runs/data/demo
+NPROC ?= 2
+EXPERIMENT ?= configs/experiments/tiny_mac.yaml
+TRAIN_ARGS ?=
 
+.PHONY: install train test test-fast lint format clean
+
+ifeq ($(SKIP_INSTALL),1)
+install:
+else
 install: $(STAMP)
+endif
 
 $(STAMP): setup.py requirements/constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +36,11 @@ $(STAMP): setup.py requirements/constraints.txt
 	@$(PY) -m pip install -q -c requirements/constraints.txt -e ".[dev]"
 	@rm -f $(VENV)/.titans-installed-*
 	@touch $@
+
+train: install
+	$(PY) -m data_pipelines.demo --out $(DEMO_DIR) --seq-len 256
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) \
+		-m titans_train.cli --config $(EXPERIMENT) "data.train=[$(DEMO_DIR)]" $(TRAIN_ARGS)
 
 lint: install
 	$(PY) -m ruff check .

@@ -8,8 +8,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: int = 600, env=None):
-    """Run a script under torchrun --standalone; returns the CompletedProcess (output captured)."""
+def torchrun(
+    script: str | Path, *args: str, nproc: int = 2, timeout: int = 600, env=None, check=True
+):
+    """Run a script (or ``-m module``) under torchrun --standalone; returns the CompletedProcess
+    (output captured). With ``check`` a non-zero exit fails with the tail of stderr."""
     full_env = dict(os.environ)
     full_env.update(
         DS_ACCELERATOR="cpu",
@@ -23,10 +26,10 @@ def torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: int = 600,
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={nproc}",
-        str(script),
+        *([str(script)] if script != "-m" else ["-m"]),
         *args,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
     return proc

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: titans-train describe MODEL.yaml [key=value ...] [--seq-len N]
+USAGE = """usage: titans-train --config EXPERIMENT.yaml [key=value ...]
+       titans-train describe MODEL.yaml [key=value ...] [--seq-len N]
 
-subcommands:
+  (default)  train; launch with torchrun for several processes
   describe   parameter count and FLOPs per token of a model config
 """
 
@@ -18,8 +19,12 @@ def main(argv: list[str] | None = None) -> None:
 
         describe_main(argv[1:])
         return
-    sys.stderr.write(USAGE)
-    sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    if not argv or argv[0] in ("-h", "--help"):
+        sys.stderr.write(USAGE)
+        sys.exit(0 if argv else 2)
+    from titans_train.train import main as train_main
+
+    train_main(argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,217 @@
+"""The one config tree: typed dataclass schemas, YAML composition, ``key=value`` overrides.
+
+An experiment YAML names its presets and overrides what it needs:
+
+    presets: {model: tiny, data: demo, zero: zero2}    # configs/<kind>/<name>.yaml, or a .yaml path
+    name: tiny-mac
+    train: {seq_len: 256, global_batch: 8, micro_batch: 2, max_steps: 300}
+
+Merge order: schema defaults < presets < experiment < command-line ``key=value``
+(``presets.model=mag_170m`` on the command line swaps a preset). Unknown keys and invalid values
+are errors that name the key, raised before anything starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from titans_train.models.config import ModelConfig
+from titans_train.tracking import TrackingConfig
+
+PRESET_KINDS = ("model", "data", "zero")
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # manifest dirs, paths or URLs
+    weights: list[float] | None = None  # mixing weights, one per manifest
+    val: list[str] | None = None  # default: the val split of the train manifests
+    seed: int = 0  # the data order is a pure function of (seed, epoch, position)
+    num_workers: int = 0
+    interleave: int = 8  # shards read round-robin; keep it a multiple of the world size
+    verify: bool = False  # re-hash shards against the manifest while reading
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    schedule: str = "cosine"  # cosine | wsd | constant (all after a linear warmup)
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays to min_lr
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 2
+    offload_optimizer: bool = (
+        False  # ZeRO-Offload: optimizer state in CPU memory (DeepSpeedCPUAdam)
+    )
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    activation_checkpointing: bool = False  # recompute each block in backward
+    param_persistence_threshold: int | None = None  # ZeRO-3: params smaller than this stay whole
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 1024
+    global_batch: int = 8  # sequences per optimizer step, all ranks and micro-batches
+    micro_batch: int = 1  # sequences per rank per forward
+    max_steps: int = 1000
+    max_tokens: int | None = None  # stop earlier once this many tokens were trained on
+    seed: int = 0  # model init and torch RNG
+    eval_interval: int = 100  # 0 = never
+    eval_batches: int = 8  # validation steps per evaluation; 0 = the whole val split
+    max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
+    peak_tflops: float | None = None  # per device, for MFU; None = known GPU table / measured CPU
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100  # steps; 0 = only at the end
+    keep_last: int = 3
+    keep_every: int | None = None  # also keep every checkpoint whose step is a multiple of this
+    resume: str = "auto"  # auto | never | PATH (a step_XXXXXXXX directory)
+    force: bool = False  # resume even when the model or data config changed
+
+
+@dataclass
+class DebugConfig:
+    """Test hooks; never needed in a real run."""
+
+    nan_loss_at_steps: list[int] = field(default_factory=list)  # poison the loss at these steps
+    kill_after_step: int | None = (
+        None  # SIGKILL every rank once this step's checkpoint is committed
+    )
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    run_dir: str | None = None  # default runs/<name>
+    presets: dict[str, str] = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir or Path("runs") / self.name)
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the file and the key."""
+
+
+def _preset_path(kind: str, value: str, experiment: Path) -> Path:
+    if value.endswith((".yaml", ".yml")):
+        path = Path(value) if Path(value).is_absolute() else experiment.parent / value
+        return path if path.exists() else Path(value)
+    for folder in (experiment.parent, *experiment.parents):
+        candidate = folder / kind / f"{value}.yaml"
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"{experiment}: presets.{kind}={value!r}: no {kind}/{value}.yaml found")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Compose and validate the config; raises ConfigError naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    overrides = list(overrides or [])
+    try:
+        experiment = OmegaConf.load(path)
+        cli = OmegaConf.from_dotlist(overrides)
+        presets = dict(experiment.get("presets", {}) or {})
+        presets.update(dict(cli.get("presets", {}) or {}))
+        merged = OmegaConf.structured(Config)
+        for kind, value in presets.items():
+            if kind not in PRESET_KINDS:
+                raise ConfigError(f"{path}: presets.{kind}: unknown preset kind ({PRESET_KINDS})")
+            preset = OmegaConf.load(_preset_path(kind, str(value), path))
+            merged = OmegaConf.merge(merged, {kind: preset})
+        merged = OmegaConf.merge(merged, experiment, cli)
+        cfg: Config = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except (OmegaConfBaseException, ValueError) as e:
+        raise ConfigError(f"{path}: {e}") from e
+    validate(cfg, path)
+    return cfg
+
+
+def validate(cfg: Config, source: str | Path = "config", world_size: int | None = None) -> None:
+    """Cross-field checks. ``world_size`` (known at launch) adds the batch divisibility check."""
+
+    def bad(key: str, why: str) -> None:
+        raise ConfigError(f"{source}: {key}: {why}")
+
+    m, t, o, z, c = cfg.model, cfg.train, cfg.optim, cfg.zero, cfg.checkpoint
+    if m.window is not None and m.variant != "mac" and m.window > t.seq_len:
+        bad("model.window", f"{m.window} is larger than train.seq_len={t.seq_len}")
+    if m.variant == "mac" and m.segment_len > t.seq_len:
+        bad("model.segment_len", f"{m.segment_len} is larger than train.seq_len={t.seq_len}")
+    for key in ("seq_len", "global_batch", "micro_batch", "max_steps"):
+        if getattr(t, key) < 1:
+            bad(f"train.{key}", "must be >= 1")
+    if t.global_batch % t.micro_batch:
+        bad(
+            "train.global_batch",
+            f"{t.global_batch} is not divisible by micro_batch={t.micro_batch}",
+        )
+    if world_size is not None and t.global_batch % (world_size * t.micro_batch):
+        bad(
+            "train.global_batch",
+            f"{t.global_batch} is not divisible by world_size x micro_batch = "
+            f"{world_size} x {t.micro_batch}",
+        )
+    if o.schedule not in ("cosine", "wsd", "constant"):
+        bad("optim.schedule", f"{o.schedule!r} is not one of cosine, wsd, constant")
+    if not 0 <= o.decay_fraction <= 1:
+        bad("optim.decay_fraction", "must be in [0, 1]")
+    if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+        bad("optim.lr", f"need 0 <= min_lr <= lr (lr={o.lr}, min_lr={o.min_lr})")
+    if z.stage not in (0, 1, 2, 3):
+        bad("zero.stage", f"{z.stage} is not 0, 1, 2 or 3")
+    if z.precision not in ("auto", "fp32", "bf16"):
+        bad("zero.precision", f"{z.precision!r} is not auto, fp32 or bf16")
+    if z.offload_optimizer and z.stage == 0:
+        bad("zero.offload_optimizer", "needs zero.stage >= 1")
+    if c.keep_last < 1:
+        bad("checkpoint.keep_last", "must be >= 1")
+    if c.resume not in ("auto", "never") and not Path(c.resume).exists():
+        bad("checkpoint.resume", f"{c.resume!r} is not auto, never, or an existing checkpoint")
+    if not cfg.data.train:
+        bad("data.train", "no manifest given")
+    if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.train):
+        bad("data.weights", f"{len(cfg.data.weights)} weights for {len(cfg.data.train)} manifests")
+    for i, src in enumerate(cfg.data.train + (cfg.data.val or [])):
+        if "://" in src or src.startswith("pipe:"):
+            continue  # remote: checked by the loader when it opens it
+        p = Path(src)
+        if not (p / "manifest.json").is_file() and not (p.is_file() and p.suffix == ".json"):
+            key = f"data.train[{i}]" if i < len(cfg.data.train) else "data.val"
+            bad(key, f"no manifest.json at {src}")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

@@ -1,0 +1,138 @@
+"""DeepSpeed engine built from our config: ZeRO stage, precision, optimizer groups, LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from titans_train.config import Config
+
+# Parameters that are learned states rather than weights: no weight decay.
+NO_DECAY_NAMES = ("persistent", "mem_queries", "init_weights")
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine or
+    warmup-stable-decay (WSD: constant, then a linear decay over the last decay_fraction)."""
+    o, total = cfg.optim, cfg.train.max_steps
+    if o.warmup_steps and step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return o.lr
+    if o.schedule == "cosine":
+        span = max(1, total - o.warmup_steps)
+        frac = min(1.0, (step - o.warmup_steps) / span)
+        return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * frac))
+    decay_steps = round(o.decay_fraction * total)
+    start = total - decay_steps
+    if step < start or decay_steps == 0:
+        return o.lr
+    frac = min(1.0, (step - start + 1) / decay_steps)
+    return o.lr + (o.min_lr - o.lr) * frac
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices; none on norms, biases, persistent tokens, memory queries, M_0."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or any(part in name.split(".") for part in NO_DECAY_NAMES)
+        (no_decay if skip else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class AdamW(torch.optim.AdamW):
+    """torch AdamW for ZeRO stage 0: clips, records the gradient norm, skips non-finite steps.
+
+    DeepSpeed's ZeRO optimizers do all three themselves. Its stage-0 path calls the client
+    optimizer directly, then reads ``overflow`` (to count the skip and hold the schedule) and
+    ``_global_grad_norm``; its own stage-0 clipping discards the norm, so it is turned off and
+    done here (``max_grad_norm``). Gradients are already all-reduced when ``step`` runs.
+    """
+
+    overflow = False
+    _global_grad_norm = None
+
+    def __init__(self, params, max_grad_norm: float = 0.0, **kw):
+        super().__init__(params, **kw)
+        self.max_grad_norm = max_grad_norm
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return super().step(closure)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        self._global_grad_norm = norm.item()
+        self.overflow = not torch.isfinite(norm).item()
+        if self.overflow:
+            return None
+        if self.max_grad_norm > 0 and self._global_grad_norm > self.max_grad_norm:
+            torch._foreach_mul_(grads, self.max_grad_norm / (self._global_grad_norm + 1e-6))
+        return super().step(closure)
+
+
+def use_bf16(cfg: Config) -> bool:
+    if cfg.zero.precision == "auto":
+        return torch.cuda.is_available()
+    return cfg.zero.precision == "bf16"
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    t, z = cfg.train, cfg.zero
+    zero: dict = {"stage": z.stage}
+    if z.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if z.stage == 3 and z.param_persistence_threshold is not None:
+        zero["stage3_param_persistence_threshold"] = z.param_persistence_threshold
+    ds = {
+        "train_batch_size": t.global_batch,
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.global_batch // (world_size * t.micro_batch),
+        # Stage 0 clips in our AdamW (which keeps the norm); ZeRO clips over its partitions.
+        "gradient_clipping": cfg.optim.grad_clip if z.stage > 0 else 0.0,
+        "zero_optimization": zero,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+    }
+    if use_bf16(cfg):
+        ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
+    return ds
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay)
+    kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    if cfg.zero.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+    clip = cfg.optim.grad_clip if cfg.zero.stage == 0 else 0.0
+    return AdamW(groups, max_grad_norm=clip, fused=torch.cuda.is_available(), **kw)
+
+
+def build_engine(cfg: Config, model: nn.Module, world_size: int):
+    """deepspeed.initialize with our optimizer and a LambdaLR schedule (saved in checkpoints)."""
+    import deepspeed
+
+    optimizer = build_optimizer(cfg, model)
+    base_lr = cfg.optim.lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_at(step, cfg) / base_lr
+    )
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world_size),
+    )
+    return engine, optimizer, scheduler
