@@ -81,3 +81,18 @@ def test_adamw_clips_and_records_the_norm():
     opt.step()
     assert opt._global_grad_norm == pytest.approx(5.0)
     torch.testing.assert_close(p.grad, torch.tensor([0.6, 0.8, 0.0, 0.0]), rtol=1e-5, atol=1e-6)
+
+
+def test_deepspeed_config_precision_and_accumulation():
+    from titans_train.engine import deepspeed_config
+
+    cfg = Config()
+    cfg.train.global_batch, cfg.train.micro_batch = 16, 2
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["gradient_accumulation_steps"] == 4 and ds["train_batch_size"] == 16
+    assert "bf16" not in ds  # auto: fp32 on CPU (bf16 only where CUDA is available)
+    cfg.zero.precision = "bf16"
+    assert deepspeed_config(cfg, 2)["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    cfg.zero.stage, cfg.zero.offload_optimizer = 3, True
+    zero = deepspeed_config(cfg, 2)["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu"

@@ -143,3 +143,16 @@ def test_wandb_offline_history_and_resumed_run_id(finished_run, demo_shards, tmp
         (finished_run / "checkpoints" / "step_00000006" / "trainer_state.json").read_text()
     )
     assert config["wandb_run_id"] == run_id
+
+
+def test_bf16_offload_and_token_budget(demo_shards, tmp_path):
+    """bf16 on CPU (the CUDA default path), ZeRO-Offload (DeepSpeedCPUAdam, JIT-built once), and a
+    token budget that stops the run before max_steps."""
+    train(demo_shards, tmp_path / "bf16", 4, "zero.precision=bf16", "zero.stage=2")
+    bf16 = losses(tmp_path / "bf16")
+    assert sorted(bf16) == [1, 2, 3, 4] and bf16[4] < bf16[1]
+    train(demo_shards, tmp_path / "offload", 4, "zero.offload_optimizer=true", "zero.stage=2")
+    off = losses(tmp_path / "offload")
+    assert sorted(off) == [1, 2, 3, 4] and off[4] < off[1]
+    train(demo_shards, tmp_path / "budget", 100, f"train.max_tokens={3 * 8 * 128}")
+    assert sorted(losses(tmp_path / "budget")) == [1, 2, 3]
