@@ -13,8 +13,8 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from data_pipelines.fsutil import write_atomically
 from data_pipelines.tokenizer import TextTokenizer, load_tokenizer
+from titans_train.fsutil import write_atomically
 
 _TOKENIZER: TextTokenizer | None = None
 

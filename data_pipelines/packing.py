@@ -17,9 +17,9 @@ import numpy as np
 import webdataset as wds
 
 from data_pipelines.chunks import load_tokens
-from data_pipelines.fsutil import write_atomically
 from titans_train.data.order import derive_key, permutation
 from titans_train.data.shard_format import encode_sample, sha256_of
+from titans_train.fsutil import write_atomically
 
 _DOC_SHUFFLE = 0xD0C5
 

@@ -26,12 +26,12 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipelines import chunks, packing
-from data_pipelines.fsutil import write_atomically, write_json_atomically
 from data_pipelines.sources import expand_sources, iter_documents
 from data_pipelines.tokenizer import TextTokenizer, load_tokenizer
 from titans_train import __version__
 from titans_train.data.manifest import FORMAT, MANIFEST_NAME, SPLITS, VERSION
 from titans_train.data.shard_format import DOC_STARTS_FIELD, token_dtype, tokens_field
+from titans_train.fsutil import write_atomically, write_json_atomically
 
 WORK = ".work"
 # TokenizeConfig fields that change where and how the job runs but never what it writes.

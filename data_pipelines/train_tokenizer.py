@@ -11,8 +11,8 @@ import sys
 
 from tqdm import tqdm
 
-from data_pipelines.fsutil import write_atomically
 from data_pipelines.sources import expand_sources, iter_documents
+from titans_train.fsutil import write_atomically
 
 
 def train_tokenizer(

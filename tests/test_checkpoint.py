@@ -66,9 +66,11 @@ def test_retention_keeps_last_n_and_every_mth(tmp_path):
 
 
 def test_write_atomic_replaces(tmp_path):
+    from titans_train.fsutil import write_text_atomically
+
     f = tmp_path / "latest"
-    ckpt.write_atomic(f, "a\n")
-    ckpt.write_atomic(f, "b\n")
+    write_text_atomically(str(f), "a\n")
+    write_text_atomically(str(f), "b\n")
     assert f.read_text() == "b\n" and not list(tmp_path.glob(".*tmp"))
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import random
 import re
 import shutil
@@ -25,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from titans_train.fsutil import fsync_path, write_text_atomically
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 MARKER = "COMPLETE"
@@ -39,25 +40,6 @@ class CheckpointError(RuntimeError):
 
 def step_dir(root: Path, step: int) -> Path:
     return Path(root) / f"step_{step:08d}"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name, fsync, rename: readers see the old or the new file, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
 
 
 def git_sha() -> str | None:
@@ -117,13 +99,13 @@ def save(engine, root: Path, step: int, trainer_state: dict) -> Path:
     _barrier()  # every rank's engine files are written
     if rank == 0:
         state = dict(trainer_state, rng=rngs, git_sha=git_sha(), version=1)
-        write_atomic(path / STATE, json.dumps(state, indent=1))
+        write_text_atomically(path / STATE, json.dumps(state, indent=1))
         files = {}
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
-            _fsync(f)
+            fsync_path(f)
             files[str(f.relative_to(path))] = f.stat().st_size
-        write_atomic(path / MARKER, json.dumps({"step": step, "files": files}, indent=1))
-        write_atomic(root / "latest", path.name + "\n")
+        write_text_atomically(path / MARKER, json.dumps({"step": step, "files": files}, indent=1))
+        write_text_atomically(root / "latest", path.name + "\n")
     _barrier()
     return path
 

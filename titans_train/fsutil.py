@@ -8,7 +8,8 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 
-def fsync_dir(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """fsync a directory, or a file another writer (e.g. DeepSpeed's torch.save) left unsynced."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -30,7 +31,11 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path) or ".")
+    fsync_path(os.path.dirname(path) or ".")
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    write_atomically(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_json_atomically(path: str, data: dict) -> None:
