@@ -82,59 +82,86 @@ def emit(denv, row: dict) -> None:
 
 
 # -- 1. trainer overhead -------------------------------------------------------------------------
+def wandb_cpu_seconds() -> float:
+    """CPU time so far of this process's W&B service (wandb-core): it works beside the loop."""
+    import psutil
+
+    procs = psutil.Process().children(recursive=True)
+    total = 0.0
+    for p in procs:
+        try:
+            if "wandb" in " ".join(p.cmdline()):
+                total += sum(p.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
+
+
 def child_overhead(data: str, work: str, warmup: int, steps: int, rounds: int) -> None:
+    """Paired steps: before each trainer step, one bare step on a second engine, so both see the
+    same load on the shared machine (timing separate blocks drifted by +-30% between blocks)."""
     import torch.distributed as dist
 
     import titans_train.train as trainer
     from titans_train.distributed import init_distributed
 
     denv = init_distributed()
-    stamps: list[float] = []
     original = trainer.StreamingLoader.next_step
+    pair: dict = {}
 
-    def stamped(self):  # start of every loop iteration: the wall clock between two is one step
-        stamps.append(time.perf_counter())
+    def paired(self):  # called once at the start of every loop iteration
+        k, t0 = len(pair["spans"]), time.perf_counter()
+        if k in (warmup, warmup + steps):
+            pair["wandb_cpu"].append(wandb_cpu_seconds())
+        bare_step(pair["engine"], pair["batches"])
+        pair["spans"].append((t0, time.perf_counter()))
         return original(self)
 
-    trainer.StreamingLoader.next_step = stamped
-    # +1: the step after the window ends it; the final checkpoint (step == max_steps) comes later.
+    trainer.StreamingLoader.next_step = paired
+    # +1: step W+N ends the window; the final checkpoint (at step == max_steps) comes after it.
     total = warmup + steps + 1
-    # bare_again: a second bare loop per round, so the spread between two identical loops shows
-    # how much of a difference is noise from the shared machine.
-    variants = ["bare", "trainer", "bare_again", "trainer_no_wandb"]
+    variants = ["trainer", "trainer_no_wandb", "bare_vs_bare"]
     for r in range(rounds):
-        for v in variants[r % 4 :] + variants[: r % 4]:  # rotate the order between rounds
+        for v in variants[r % 3 :] + variants[: r % 3]:  # rotate the order between rounds
             run_dir = f"{work}/{v}-{r}"
             wandb = "tracking.mode=disabled" if v == "trainer_no_wandb" else "tracking.mode=offline"
             cfg = make_config(data, run_dir, f"train.max_steps={total}", wandb)
-            if v.startswith("bare"):
-                engine, _ = new_engine(cfg, denv.world_size)
-                batches = synthetic(cfg, denv.world_size)
-                per_step = []
+            engine, _ = new_engine(cfg, denv.world_size)
+            batches = synthetic(cfg, denv.world_size)
+            row = dict(bench="overhead", variant=v, round=r, steps=steps, warmup=warmup)
+            if (
+                v == "bare_vs_bare"
+            ):  # the control: a second identical bare loop in the trainer's slot
+                other, _ = new_engine(cfg, denv.world_size)
+                bare, ours = [], []
                 for i in range(warmup + steps):
                     t0 = time.perf_counter()
                     bare_step(engine, batches)
+                    t1 = time.perf_counter()
+                    bare_step(other, batches)
                     if i >= warmup:
-                        per_step.append(time.perf_counter() - t0)
-                window = sum(per_step)
-                del engine
+                        bare.append(t1 - t0)
+                        ours.append(time.perf_counter() - t1)
+                del other
             else:
-                stamps.clear()
+                pair.update(engine=engine, batches=batches, spans=[], wandb_cpu=[])
                 trainer.train(cfg, denv)
-                window = stamps[warmup + steps] - stamps[warmup]
-                per_step = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :])][:steps]
+                sp = pair["spans"]  # trainer step k: from the end of bare step k to the next one
+                ours = [sp[k + 1][0] - sp[k][1] for k in range(warmup, warmup + steps)]
+                bare = [end - start for start, end in sp[warmup : warmup + steps]]
+                if denv.is_main:
+                    cpu = pair["wandb_cpu"]
+                    row["wandb_cpu_s_per_step"] = (cpu[1] - cpu[0]) / steps
+                    lines = Path(f"{run_dir}/metrics.jsonl").read_text().splitlines()
+                    logged = [json.loads(x) for x in lines]
+                    logged = [m for m in logged if warmup < m["step"] <= warmup + steps]
+                    row["data_wait_share"] = statistics.mean(m["data_wait_share"] for m in logged)
+            del engine
             dist.barrier()
-            row = dict(bench="overhead", variant=v, round=r, steps=steps, warmup=warmup)
-            row.update(seconds=window, steps_per_s=steps / window)
-            row.update(median_step_ms=1e3 * statistics.median(per_step))
-            if (
-                v.startswith("trainer") and denv.is_main
-            ):  # the trainer's own split, from its metrics.jsonl
-                lines = Path(f"{run_dir}/metrics.jsonl").read_text().splitlines()
-                logged = [json.loads(x) for x in lines]
-                logged = [m for m in logged if warmup < m["step"] <= warmup + steps]
-                row["data_wait_share"] = statistics.mean(m["data_wait_share"] for m in logged)
-                row["trainer_step_seconds"] = statistics.mean(m["step_seconds"] for m in logged)
+            row.update(seconds=sum(ours), bare_seconds=sum(bare), ratio=sum(ours) / sum(bare))
+            row.update(steps_per_s=steps / sum(ours), bare_steps_per_s=steps / sum(bare))
+            row.update(median_ms=1e3 * statistics.median(ours))
+            row.update(bare_median_ms=1e3 * statistics.median(bare))
             emit(denv, row)
             gc.collect()
 
@@ -375,20 +402,12 @@ def summarize(rows: list[dict]) -> list[dict]:
     """Medians over rounds and the ratios docs/benchmarks.md quotes."""
     med, out = statistics.median, []
     over = [r for r in rows if r["bench"] == "overhead" and "error" not in r]
-    bare = {r["round"]: r["seconds"] for r in over if r["variant"] == "bare"}
-    for v in ("trainer", "trainer_no_wandb", "bare_again"):
-        ratios = [r["seconds"] / bare[r["round"]] for r in over if r["variant"] == v]
-        if ratios:  # per round: trainer time over bare time for the same steps
-            out.append(
-                dict(
-                    bench="summary",
-                    what=f"overhead {v}",
-                    overhead=med(ratios) - 1,
-                    min=min(ratios) - 1,
-                    max=max(ratios) - 1,
-                    rounds=len(ratios),
-                )
-            )
+    for v in ("trainer", "trainer_no_wandb", "bare_vs_bare"):
+        ratios = [r["ratio"] for r in over if r["variant"] == v]
+        if ratios:  # per round: the loop's time over its paired bare steps' time
+            row = dict(bench="summary", what=f"overhead {v}", overhead=med(ratios) - 1)
+            row.update(min=min(ratios) - 1, max=max(ratios) - 1, rounds=len(ratios))
+            out.append(row)
     base = None
     for r in (r for r in rows if r["bench"] == "memory" and "error" not in r):
         held = max(sum(x["before_step"]["bytes"].values()) for x in r["ranks"])
