@@ -4,12 +4,13 @@
 
 Every measurement is one `torchrun --nproc_per_node=2` job on CPU (gloo, DS_ACCELERATOR=cpu,
 1 thread per rank); rank 0 prints the result. docs/benchmarks.md "Trainer" says what each sums.
-  overhead    the real training loop (titans_train.train.train) vs a bare loop on an engine from
-              build_engine with in-memory batches, interleaved in rounds inside ONE job; tiny MAC,
-              ZeRO-2, T=256, global batch 8, micro 2. Steps/s comes from the wall time between
-              the loop's own next_step() calls, so everything the loop does per step counts.
-  memory      tensors DeepSpeed holds per rank (params, grads, optimizer state, buffers) at
-              ZeRO 0-3, tiny MAC widened to dim 256, depth 4; one job per stage
+  overhead    the real training loop (titans_train.train.train) vs a bare loop on a second
+              engine from build_engine with in-memory batches, one bare step before each loop
+              step in the same processes; tiny MAC, ZeRO-2, T=256, global batch 8, micro 2. A
+              loop step is the wall time between its own next_step() calls, so everything the
+              loop does counts. Control: bare vs bare. Rounds rotate the order of the variants.
+  memory      tensors DeepSpeed holds per rank (params, grads, fp32 master, optimizer state,
+              reduce buffers; zero_held.py) at ZeRO 0-3, tiny MAC at dim 256, depth 4
   checkpoint  checkpoint.save / engine.load_checkpoint vs a raw write (with and without fsync)
               and read of the same bytes in the same files, ZeRO 2 and 3
 """
@@ -114,8 +115,11 @@ def child_overhead(data: str, work: str, warmup: int, steps: int, rounds: int) -
         if k in (warmup, warmup + steps):
             pair["wandb_cpu"].append(wandb_cpu_seconds())
         bare_step(pair["engine"], pair["batches"])
-        pair["spans"].append((t0, time.perf_counter()))
-        return original(self)
+        t1 = time.perf_counter()
+        pair["spans"].append((t0, t1))
+        batch = original(self)
+        pair["data"].append(time.perf_counter() - t1)  # the trainer's own data wait
+        return batch
 
     trainer.StreamingLoader.next_step = paired
     # +1: step W+N ends the window; the final checkpoint (at step == max_steps) comes after it.
@@ -144,18 +148,17 @@ def child_overhead(data: str, work: str, warmup: int, steps: int, rounds: int) -
                         ours.append(time.perf_counter() - t1)
                 del other
             else:
-                pair.update(engine=engine, batches=batches, spans=[], wandb_cpu=[])
+                pair.update(engine=engine, batches=batches, spans=[], data=[], wandb_cpu=[])
                 trainer.train(cfg, denv)
                 sp = pair["spans"]  # trainer step k: from the end of bare step k to the next one
                 ours = [sp[k + 1][0] - sp[k][1] for k in range(warmup, warmup + steps)]
                 bare = [end - start for start, end in sp[warmup : warmup + steps]]
-                if denv.is_main:
-                    cpu = pair["wandb_cpu"]
-                    row["wandb_cpu_s_per_step"] = (cpu[1] - cpu[0]) / steps
-                    lines = Path(f"{run_dir}/metrics.jsonl").read_text().splitlines()
-                    logged = [json.loads(x) for x in lines]
-                    logged = [m for m in logged if warmup < m["step"] <= warmup + steps]
-                    row["data_wait_share"] = statistics.mean(m["data_wait_share"] for m in logged)
+                cpu, window = pair["wandb_cpu"], range(warmup, warmup + steps)
+                row["wandb_cpu_s_per_step"] = (cpu[1] - cpu[0]) / steps  # 0 when disabled
+                row["data_ms"] = 1e3 * statistics.mean(pair["data"][k] for k in window)
+                logs = [t for k, t in zip(window, ours) if (k + 1) % cfg.tracking.log_interval == 0]
+                rest = [t for k, t in zip(window, ours) if (k + 1) % cfg.tracking.log_interval]
+                row["log_step_extra_ms"] = 1e3 * (statistics.mean(logs) - statistics.mean(rest))
             del engine
             dist.barrier()
             row.update(seconds=sum(ours), bare_seconds=sum(bare), ratio=sum(ours) / sum(bare))
@@ -167,107 +170,11 @@ def child_overhead(data: str, work: str, warmup: int, steps: int, rounds: int) -
 
 
 # -- 2. ZeRO memory ------------------------------------------------------------------------------
-def tensors_under(obj, path: str, out: list, seen: set, depth: int = 0) -> None:
-    """(path, tensor) for every tensor reachable from a DeepSpeed/torch optimizer object through
-    attributes, lists and dicts. Other objects (modules, process groups) are not entered."""
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        out.append((path, obj))
-        if obj.grad is not None:
-            out.append((path + ".grad", obj.grad))
-        return
-    if depth > 6 or id(obj) in seen:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, dict):
-        items = [
-            (f"[{k!r}]" if not isinstance(k, torch.Tensor) else "[param]", v)
-            for k, v in obj.items()
-        ]
-    elif isinstance(obj, (list, tuple)):
-        items = [(f"[{i}]", v) for i, v in enumerate(obj)]
-    elif isinstance(obj, torch.optim.Optimizer) or type(obj).__module__.startswith("deepspeed"):
-        if isinstance(obj, torch.nn.Module):
-            return  # the engine and model: their parameters are counted directly
-        items = [(f".{k}", v) for k, v in vars(obj).items()]
-        if isinstance(obj, torch.optim.Optimizer):
-            items.append((".state", dict(obj.state)))
-    else:
-        return
-    for name, value in items:
-        tensors_under(value, path + name, out, seen, depth + 1)
-
-
-# A storage reached by several paths (a param is a view into a flat buffer, a grad a view into
-# the reduce bucket) takes the first of these that any of its paths gets.
-PRECEDENCE = ("reduce_buffers", "params", "grads", "fp32_master", "optimizer_state", "other")
-
-
-def category(path: str) -> str:
-    """Which bucket a tensor goes in, from where DeepSpeed or the model keeps it."""
-    p = path.lower()
-    if "ipg" in p or "bucket" in p:
-        return "reduce_buffers"  # DeepSpeed's gradient reduction staging (reduce_bucket_size)
-    if p.startswith("param."):  # p.data, p.ds_tensor (this rank's ZeRO-3 partition), p.grad
-        return "grads" if p.startswith("param.grad.") else "params"
-    if "grad" in p:
-        return "grads"  # averaged_gradients, grads_in_partition, fp32 partitions' .grad, ...
-    if "fp32" in p:
-        return "fp32_master"  # ZeRO's fp32 copy of this rank's partition, kept even in fp32
-    if ".state[" in p:
-        return "optimizer_state"  # AdamW exp_avg, exp_avg_sq, step
-    if "bit16" in p or "fp16" in p:
-        return "params"  # DeepSpeed's flat buffers behind the model's parameters
-    return "other"
-
-
-def short_path(path: str) -> str:
-    """'param.grad.blocks.0.attn.qkv.weight' -> 'param.grad'; list indices dropped."""
-    if path.startswith("param."):
-        kind = path.split(".")[1]
-        return f"param.{kind if kind in ('grad', 'ds_tensor') else 'data'}"
-    return re.sub(r"\[\d+\]", "", path)
-
-
-def held_bytes(engine, model) -> dict:
-    """Bytes per category of unique storages (views into DeepSpeed's flat buffers count once)."""
-    import torch
-
-    found = []
-    for name, p in model.named_parameters():
-        found.append(("param." + name, p.data))
-        if getattr(p, "ds_tensor", None) is not None:  # ZeRO-3: this rank's partition
-            found.append(("param.ds_tensor." + name, p.ds_tensor))
-        if p.grad is not None:
-            found.append(("param.grad." + name, p.grad))
-    tensors_under(engine.optimizer, "optimizer", found, set())
-    storages: dict[int, tuple[int, set]] = {}
-    for path, t in found:
-        if t.device.type != "meta" and t.untyped_storage().nbytes():
-            key = t.untyped_storage().data_ptr()
-            storages.setdefault(key, (t.untyped_storage().nbytes(), set()))[1].add(path)
-    sizes: dict[str, int] = {}
-    where: dict[str, set] = {}
-    for nbytes, path_set in storages.values():
-        cat = min((category(x) for x in path_set), key=PRECEDENCE.index)
-        sizes[cat] = sizes.get(cat, 0) + nbytes
-        where.setdefault(cat, set()).update(map(short_path, path_set))
-    every = {}  # cross-check: every live tensor in the process, deduplicated the same way
-    for o in gc.get_objects():
-        if isinstance(o, torch.Tensor) and o.device.type != "meta":
-            every[o.untyped_storage().data_ptr()] = o.untyped_storage().nbytes()
-    return dict(
-        bytes=sizes,
-        all_live_tensors=sum(every.values()),
-        where={k: sorted(v)[:8] for k, v in where.items()},
-    )
-
-
 def child_memory(data: str, work: str, stage: int, threshold: str) -> None:
     import resource
 
     import torch.distributed as dist
+    from zero_held import held_bytes  # benchmarks/ is on sys.path: this script's folder
 
     from titans_train.distributed import init_distributed
 
@@ -410,20 +317,14 @@ def summarize(rows: list[dict]) -> list[dict]:
             out.append(row)
     base = None
     for r in (r for r in rows if r["bench"] == "memory" and "error" not in r):
-        held = max(sum(x["before_step"]["bytes"].values()) for x in r["ranks"])
-        buf = max(x["before_step"]["bytes"].get("reduce_buffers", 0) for x in r["ranks"])
-        peak = max(sum(x["in_backward"]["bytes"].values()) for x in r["ranks"])
-        base = base or held - buf  # stage 0 comes first and has no reduce buffer
-        out.append(
-            dict(
-                bench="summary",
-                what=f"memory stage {r['stage']} ({r['threshold']})",
-                state_mb=(held - buf) / 1e6,
-                ratio=(held - buf) / base,
-                reduce_buffer_mb=buf / 1e6,
-                in_backward_mb=peak / 1e6,
-            )
-        )
+        row = dict(bench="summary", what=f"memory stage {r['stage']} ({r['threshold']})")
+        for snap in ("before_step", "in_backward"):  # max over ranks, without the reduce bucket
+            sums = [x[snap]["bytes"] for x in r["ranks"]]
+            held = max(sum(v for k, v in b.items() if k != "reduce_buffers") for b in sums)
+            base = base or held  # stage 0 comes first
+            row.update({f"{snap}_mb": held / 1e6, f"{snap}_ratio": held / base})
+            row[f"{snap}_reduce_bucket_mb"] = max(b.get("reduce_buffers", 0) for b in sums) / 1e6
+        out.append(row)
     for stage in (2, 3):
         ck = [r for r in rows if r["bench"] == "checkpoint" and r.get("stage") == stage]
         if not ck:
