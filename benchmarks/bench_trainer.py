@@ -156,9 +156,6 @@ def child_overhead(data: str, work: str, warmup: int, steps: int, rounds: int) -
                 cpu, window = pair["wandb_cpu"], range(warmup, warmup + steps)
                 row["wandb_cpu_s_per_step"] = (cpu[1] - cpu[0]) / steps  # 0 when disabled
                 row["data_ms"] = 1e3 * statistics.mean(pair["data"][k] for k in window)
-                logs = [t for k, t in zip(window, ours) if (k + 1) % cfg.tracking.log_interval == 0]
-                rest = [t for k, t in zip(window, ours) if (k + 1) % cfg.tracking.log_interval]
-                row["log_step_extra_ms"] = 1e3 * (statistics.mean(logs) - statistics.mean(rest))
             del engine
             dist.barrier()
             row.update(seconds=sum(ours), bare_seconds=sum(bare), ratio=sum(ours) / sum(bare))
