@@ -290,6 +290,11 @@ class Tracker:
         if self._run is not None:
             self._run.summary.update(scrub_secrets(values))
 
+    def mark_preempting(self) -> None:
+        """The job stops to be requeued: W&B shows the run as preempted, not failed."""
+        if self._run is not None:
+            self._run.mark_preempting()
+
     def finish(self, exit_code: int = 0) -> None:
         """Close the run (0 marks it finished, anything else failed). Safe to call twice."""
         run, self._run = self._run, None
