@@ -74,6 +74,10 @@ trap 'rm -f "$exit_file"' EXIT
 export TITANS_EXIT_FILE=$exit_file
 export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Workers get a fresh store for every restart: with the rendezvous store shared (the default),
+# a restarted rank can read a dead rank's address (pytorch #135712; seen here as gloo's
+# "connectFullMesh failed ... Connection refused" after --max-restarts).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 # torchrun's agent installs handlers for these only; USR1 and TERM stay ignored (below).
 export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
 

@@ -4,7 +4,6 @@ left behind (losses, sample ids per step, W&B run ids, consolidated parameters).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -117,7 +116,3 @@ def _descends_from(pid: int, ancestor: int) -> bool:
         stat = Path(f"/proc/{pid}/stat").read_text()
         pid = int(stat.rsplit(")", 1)[1].split()[1])
     return False
-
-
-def ps_tree_alive(pids) -> list[int]:
-    return [p for p in pids if os.path.exists(f"/proc/{p}")]
