@@ -78,8 +78,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # a restarted rank can read a dead rank's address (pytorch #135712; seen here as gloo's
 # "connectFullMesh failed ... Connection refused" after --max-restarts).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-# torchrun's agent installs handlers for these only; USR1 and TERM stay ignored (below).
-export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
+# torchrun's agent handles these only (its --signals-to-handle; PET_* is how torchrun reads any
+# option from the environment, and older torchruns ignore it); USR1 and TERM stay ignored.
+export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
 
 agent=""
 forward() {

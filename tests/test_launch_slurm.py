@@ -91,3 +91,20 @@ def test_walltime_guard_stops_before_the_end(slurm, demo_shards, tmp_path):
     assert f"slurm.sbatch: requeued job {job}" in log
     assert "the wall-time guard stopped the run before its first step" in log
     assert state == "FAILED" and slurm.job_field(job, "Restarts") == "1"
+
+
+def test_cancelled_job_checkpoints_and_stays_cancelled(slurm, demo_shards, tmp_path):
+    """scancel sends SIGTERM to every process of the job: the ranks checkpoint within KillWait
+    (W&B's service dies with the signal; training does not), and nothing requeues the job."""
+    run_dir = tmp_path / "run"
+    job = submit(slurm, demo_shards, run_dir)
+    wait_for_step(run_dir, 2)
+    slurm.run("scancel", job)
+    assert slurm.wait_state(job, DONE, timeout=300) == "CANCELLED"
+    log = job_log(slurm, job)
+    stopped = [line for line in log.splitlines() if line.startswith("stopping at step")]
+    assert len(stopped) == 1 and stopped[0].endswith(": SIGTERM"), log[-4000:]
+    step = int(stopped[0].split()[3].rstrip(":"))
+    assert incomplete_reason(run_dir / "checkpoints" / f"step_{step:08d}") is None
+    assert "slurm.sbatch: SIGTERM: the job is being cancelled" in log
+    assert "requeued" not in log and slurm.job_field(job, "Restarts") == "0"

@@ -155,8 +155,10 @@ def train(cfg: Config, denv: DistEnv, preemption: Preemption) -> dict:
     max_steps = cfg.train.max_steps
     if cfg.train.max_tokens:
         max_steps = min(max_steps, math.ceil(cfg.train.max_tokens / tokens_per_step))
+    # A progress bar on a terminal; in a log file (SLURM) one plain line per logged step.
+    interactive = denv.is_main and sys.stderr.isatty()
     bar = tqdm(
-        total=max_steps, initial=step, disable=not denv.is_main, unit="step", dynamic_ncols=True
+        total=max_steps, initial=step, disable=not interactive, unit="step", dynamic_ncols=True
     )
     # Collective timeout now in force; checkpoint saves always get the long start-up one.
     timeout = cfg.launch.startup_timeout
@@ -228,6 +230,8 @@ def train(cfg: Config, denv: DistEnv, preemption: Preemption) -> dict:
                 bar.set_postfix(
                     loss=f"{loss_value:.4f}", tok_s=f"{last.get('tokens_per_second', 0):.0f}"
                 )
+                if not interactive:
+                    log0(denv, f"step {step} {format_metrics(last)}")
             bar.update(1)
             if cfg.train.eval_interval and (
                 step % cfg.train.eval_interval == 0 or step == max_steps
