@@ -14,3 +14,28 @@ def demo_shards(tmp_path_factory):
     from trainer_helpers import build_demo
 
     return build_demo(tmp_path_factory.mktemp("demo") / "shards", seq_len=128)
+
+
+@pytest.fixture(scope="session")
+def launch_reference(demo_shards, tmp_path_factory):
+    """The uninterrupted tiny run the launcher tests compare with: launch/torchrun.sh, one
+    node, 2 processes, every checkpoint kept, sample ids recorded."""
+    from launch_helpers import torchrun_sh
+
+    run_dir = tmp_path_factory.mktemp("launch-reference")
+    torchrun_sh(demo_shards, run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real single-node SLURM (tests/slurm_cluster.py), installed with apt when missing,
+    stopped with every job at the end of the session."""
+    from slurm_cluster import SlurmUnavailable, start
+
+    try:
+        cluster = start(tmp_path_factory.mktemp("slurm"))
+    except SlurmUnavailable as e:
+        pytest.skip(str(e))
+    yield cluster
+    cluster.stop()

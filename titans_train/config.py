@@ -85,6 +85,20 @@ class CheckpointConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """How the run behaves under a launcher and a scheduler (docs/launch.md)."""
+
+    # Collective timeout (s) until `timeout_after_steps` steps of this attempt are done: imports,
+    # JIT builds, compiles and checkpoint loads on a busy cluster. Checkpoint saves use it too.
+    startup_timeout: float = 1800.0
+    timeout: float = 600.0  # afterwards: a rank that stops answering fails the run this fast
+    timeout_after_steps: int = 2
+    # Stop and checkpoint this long (s) before the SLURM allocation ends; 0 = no wall-time guard.
+    walltime_margin: float = 300.0
+    walltime_poll: float = 60.0  # s between reads of the end time (scontrol update can move it)
+
+
+@dataclass
 class DebugConfig:
     """Test hooks; never needed in a real run."""
 
@@ -92,6 +106,9 @@ class DebugConfig:
     kill_after_step: int | None = (
         None  # SIGKILL every rank once this step's checkpoint is committed
     )
+    hang_at_step: int | None = None  # rank `hang_rank` stops responding in this step (data phase)
+    hang_rank: int = 0
+    record_samples: bool = False  # every rank appends its sample ids to <run>/samples.jsonl
 
 
 @dataclass
@@ -106,6 +123,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     @property
@@ -192,6 +210,9 @@ def validate(cfg: Config, source: str | Path = "config", world_size: int | None 
         bad("zero.precision", f"{z.precision!r} is not auto, fp32 or bf16")
     if z.offload_optimizer and z.stage == 0:
         bad("zero.offload_optimizer", "needs zero.stage >= 1")
+    la = cfg.launch
+    if min(la.startup_timeout, la.timeout) <= 0 or la.walltime_margin < 0 or la.walltime_poll <= 0:
+        bad("launch", "timeouts and walltime_poll must be > 0, walltime_margin >= 0")
     if c.keep_last < 1:
         bad("checkpoint.keep_last", "must be >= 1")
     if c.resume not in ("auto", "never") and not Path(c.resume).exists():

@@ -1,15 +1,29 @@
-"""Process-group setup from torchrun or SLURM environments (gloo on CPU, NCCL on CUDA)."""
+"""Process-group setup from torchrun or SLURM environments (gloo on CPU, NCCL on CUDA), its
+timeouts, and failure messages that name the rank.
+
+Timeouts: start-up (imports, JIT builds, compiles, checkpoint loads, the first steps) can take
+many minutes on a busy cluster, so the group starts with ``launch.startup_timeout``. After
+``launch.timeout_after_steps`` steps every group is switched to the shorter ``launch.timeout``, so
+a rank that died or hangs fails the others within minutes instead of holding the allocation.
+Checkpoint saves run under the long timeout again (rank 0 fsyncs while the others wait).
+
+Progress: every rank writes its step and phase to the rendezvous store (two small writes per
+step). When a collective fails or times out, the message names this rank and the ranks that were
+behind it, read back from the store: gloo's own message names neither.
+"""
 
 from __future__ import annotations
 
 import datetime
 import os
+import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-# A generous timeout while ranks start (imports, JIT builds, first compile); a shorter one after.
-STARTUP_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("TITANS_STARTUP_TIMEOUT_MIN", 20)))
+PROGRESS_KEY = "titans/progress/{rank}"
 
 
 @dataclass(frozen=True)
@@ -42,7 +56,7 @@ def env_from_launcher() -> DistEnv:
     return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]))
 
 
-def init_distributed() -> DistEnv:
+def init_distributed(startup_timeout: float = 1800.0) -> DistEnv:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on CUDA)."""
     import deepspeed
 
@@ -51,9 +65,90 @@ def init_distributed() -> DistEnv:
         torch.cuda.set_device(denv.local_rank)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(
-        dist_backend=backend, auto_mpi_discovery=False, timeout=STARTUP_TIMEOUT
+        dist_backend=backend,
+        auto_mpi_discovery=False,
+        timeout=datetime.timedelta(seconds=startup_timeout),
     )
     return denv
+
+
+def set_timeout(seconds: float) -> bool:
+    """Change the timeout of every process group, DeepSpeed's included (gloo and NCCL).
+
+    ``_set_pg_timeout`` is private API (torch >= 2.3); without it the start-up timeout stays,
+    which is safe, only slower to report a hang. Returns whether the change was applied.
+    """
+    if not dist.is_initialized():
+        return False
+    from torch.distributed import distributed_c10d as c10d
+
+    setter = getattr(c10d, "_set_pg_timeout", None)
+    if setter is None:
+        return False
+    timeout = datetime.timedelta(seconds=seconds)
+    for group in list(c10d._world.pg_map):
+        setter(timeout, group)
+    return True
+
+
+@contextmanager
+def timeout_for(seconds: float, restore: float | None):
+    """Run a block (a checkpoint save) under ``seconds``, then go back to ``restore``."""
+    set_timeout(seconds)
+    try:
+        yield
+    finally:
+        if restore is not None:
+            set_timeout(restore)
+
+
+def _store():
+    from torch.distributed import distributed_c10d as c10d
+
+    return c10d._get_default_store() if dist.is_initialized() else None
+
+
+PHASES = ("loading data", "computing")  # in step order
+
+
+def mark_progress(rank: int, step: int, phase: str) -> None:
+    """Record that this rank is in ``step`` (1-based), ``phase``: one small store write."""
+    store = _store()
+    if store is not None:
+        store.set(PROGRESS_KEY.format(rank=rank), f"{step} {PHASES.index(phase)}")
+
+
+def ranks_behind(denv: DistEnv) -> list[str]:
+    """'rank r in step s, phase' for every rank whose recorded progress is behind this rank's."""
+    store = _store()
+    if store is None:
+        return []
+    store.set_timeout(datetime.timedelta(seconds=10))
+    seen = {}
+    for r in range(denv.world_size):
+        key = PROGRESS_KEY.format(rank=r)
+        seen[r] = tuple(map(int, store.get(key).split())) if store.check([key]) else (0, -1)
+    mine = seen[denv.rank]
+    return [
+        f"rank {r} in step {s} ({PHASES[p] if p >= 0 else 'not started'})"
+        for r, (s, p) in seen.items()
+        if (s, p) < mine
+    ]
+
+
+def failure_message(denv: DistEnv, step: int, error: BaseException) -> str:
+    """Who failed, where, with what, and which ranks were behind it (likely the culprits)."""
+    where = f"rank {denv.rank}/{denv.world_size} (host {socket.gethostname()}, pid {os.getpid()})"
+    msg = f"{where} failed in step {step}: {type(error).__name__}: {error}"
+    if dist.is_initialized():
+        try:
+            behind = ranks_behind(denv)
+        except Exception as e:  # the store's host may be the one that died
+            msg += f"\n  the rendezvous store did not answer ({type(e).__name__}: {e})"
+        else:
+            if behind:
+                msg += "\n  ranks behind this one (stuck or dead?): " + ", ".join(behind)
+    return msg
 
 
 def device() -> torch.device:

@@ -84,7 +84,7 @@ def use_bf16(cfg: Config) -> bool:
     return cfg.zero.precision == "bf16"
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
+def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
     t, z = cfg.train, cfg.zero
     zero: dict = {"stage": z.stage}
     if z.offload_optimizer:
@@ -103,6 +103,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
     }
+    if load_universal:  # resuming on another world size (train_state.py)
+        ds["checkpoint"] = {"load_universal": True}
     if use_bf16(cfg):
         ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
     return ds
@@ -120,7 +122,7 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return AdamW(groups, max_grad_norm=clip, fused=torch.cuda.is_available(), **kw)
 
 
-def build_engine(cfg: Config, model: nn.Module, world_size: int):
+def build_engine(cfg: Config, model: nn.Module, world_size: int, load_universal: bool = False):
     """deepspeed.initialize with our optimizer and a LambdaLR schedule (saved in checkpoints)."""
     import deepspeed
 
@@ -133,6 +135,6 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int):
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world_size),
+        config=deepspeed_config(cfg, world_size, load_universal),
     )
     return engine, optimizer, scheduler

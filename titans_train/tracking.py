@@ -283,18 +283,34 @@ class Tracker:
             return
         if self._last_logged is None or step > self._last_logged:
             self._write_marker(step)
-        self._run.log(dict(metrics), step=step)
+        self._guarded(lambda run: run.log(dict(metrics), step=step))
 
     def summary(self, values: dict) -> None:
         """Set run summary values (shown in the W&B runs table)."""
-        if self._run is not None:
-            self._run.summary.update(scrub_secrets(values))
+        self._guarded(lambda run: run.summary.update(scrub_secrets(values)))
+
+    def mark_preempting(self) -> None:
+        """The job stops to be requeued: W&B shows the run as preempted, not failed."""
+        self._guarded(lambda run: run.mark_preempting())
 
     def finish(self, exit_code: int = 0) -> None:
         """Close the run (0 marks it finished, anything else failed). Safe to call twice."""
-        run, self._run = self._run, None
-        if run is not None:
-            run.finish(exit_code=exit_code)
+        self._guarded(lambda run: run.finish(exit_code=exit_code))
+        self._run = None
+
+    def _guarded(self, call) -> None:
+        """W&B must never stop training: its service process can die under it (SLURM signals
+        every process of a job step, and SIGTERM ends wandb-core). Then warn once, stop
+        tracking, and go on; metrics.jsonl and the checkpoints are unaffected."""
+        if self._run is None:
+            return
+        try:
+            call(self._run)
+        except Exception as err:
+            log.warning(
+                "W&B stopped working (%s: %s); training goes on without it", type(err).__name__, err
+            )
+            self._run = None
 
 
 def _read_marker(path: Path) -> int | None:

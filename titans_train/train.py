@@ -3,7 +3,9 @@
 One step, top to bottom: the loader hands this rank its micro-batches of the global batch; the
 model inside the DeepSpeed engine returns the loss; the engine runs backward and, at the last
 micro-batch, the optimizer step (or skips it when the gradients are not finite); metrics go to
-the tracker; every ``checkpoint.interval`` steps a checkpoint commits.
+the tracker; every ``checkpoint.interval`` steps a checkpoint commits. Before each step the ranks
+agree whether a preemption signal or the wall-time guard asks them to stop (preemption.py); if
+so they commit a checkpoint and exit for a requeue.
 """
 
 from __future__ import annotations
@@ -16,18 +18,30 @@ import signal
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from titans_train import checkpoint as ckpt
+from titans_train import train_state
 from titans_train.config import Config, ConfigError, load_config, to_dict, to_yaml, validate
 from titans_train.data import StreamingLoader, validation_loader
-from titans_train.distributed import DistEnv, device, init_distributed
+from titans_train.distributed import (
+    DistEnv,
+    device,
+    env_from_launcher,
+    failure_message,
+    init_distributed,
+    mark_progress,
+    set_timeout,
+    timeout_for,
+)
 from titans_train.engine import build_engine
 from titans_train.metrics import StepMeter, peak_flops_per_device
 from titans_train.models import TitansLM
+from titans_train.preemption import REQUEUE_EXIT, Preemption, exit_for_requeue
 from titans_train.tracking import Tracker, format_metrics
 
 
@@ -93,87 +107,46 @@ def evaluate(engine, cfg: Config, common: dict) -> dict[str, float]:
     return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
 
 
-def resume(cfg: Config, engine, loader: StreamingLoader, denv: DistEnv) -> dict:
-    """Restore engine, data position and RNG from the checkpoint ``checkpoint.resume`` names."""
-    root = cfg.run_path / "checkpoints"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        path = ckpt.resolve_resume(cfg.checkpoint.resume, root)
-    for w in caught:
-        log0(denv, f"warning: {w.message}")
-    if path is None:
-        return {"step": 0, "tokens": 0, "wandb_run_id": None, "resumed_from": None}
-    state = ckpt.load_trainer_state(path)
-    protected, other = ckpt.config_diff(state["config"], to_dict(cfg))
-    if protected and not cfg.checkpoint.force:
-        raise ckpt.CheckpointError(
-            f"{path} was trained with a different model or data config; resuming would not "
-            "continue the same run. Changed:\n  " + "\n  ".join(protected) + "\n"
-            "Pass checkpoint.force=true to resume anyway, or checkpoint.resume=never."
-        )
-    for line in protected + other:
-        log0(denv, f"config changed since the checkpoint: {line}")
-    if state["world_size"] != denv.world_size and cfg.zero.stage > 0:
-        raise ckpt.CheckpointError(
-            f"{path} was saved by {state['world_size']} ranks and this run has "
-            f"{denv.world_size}: ZeRO-{cfg.zero.stage} optimizer partitions cannot be loaded "
-            "directly; convert it to a universal checkpoint first (docs/checkpoints.md)."
-        )
-    try:
-        loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
-    except Exception as e:  # DeepSpeed raises many kinds; name the checkpoint in all of them
-        raise ckpt.CheckpointError(f"loading {path} failed: {type(e).__name__}: {e}") from e
-    if loaded is None:
-        raise ckpt.CheckpointError(f"DeepSpeed found nothing to load in {path}")
-    loader.load_state_dict(state["data"])
-    if state["world_size"] == denv.world_size:
-        ckpt.set_rng_state(state["rng"][denv.rank])
-    else:
-        log0(denv, "world size changed: RNG states not restored (the data order is unaffected)")
-    log0(denv, f"resumed from {path} at step {state['step']}")
-    return dict(state, resumed_from=str(path))
+def record_samples(run_dir, rank: int, step: int, micro_batches) -> None:
+    """debug.record_samples: the (source, shard, row) ids this rank trained on at ``step``."""
+    ids = torch.cat([mb.sample_ids for mb in micro_batches]).tolist()
+    with open(run_dir / f"samples.rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "samples": ids}) + "\n")
 
 
-def save_checkpoint(cfg: Config, engine, loader, denv, step: int, tokens: int, run_id: str):
-    root = cfg.run_path / "checkpoints"
-    state = {
-        "step": step,
-        "tokens": tokens,
-        "data": loader.state_dict(),
-        "wandb_run_id": run_id,
-        "config": to_dict(cfg),
-        "world_size": denv.world_size,
-        "skipped_steps": int(engine.skipped_steps),
-    }
-    path = ckpt.save(engine, root, step, state)
-    if denv.is_main:
-        for old in ckpt.apply_retention(root, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every):
-            log0(denv, f"retention: removed {old}")
-    return path
-
-
-def train(cfg: Config, denv: DistEnv) -> dict:
+def train(cfg: Config, denv: DistEnv, preemption: Preemption) -> dict:
+    """Train to ``max_steps``; returns the last metrics, plus ``stopped`` (the reason) when a
+    signal or the wall-time guard ended the run early after a committed checkpoint."""
     torch.manual_seed(cfg.train.seed)
     run_dir = cfg.run_path
     if denv.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         log0(denv, f"resolved config:\n{to_yaml(cfg)}")
+    point = train_state.find_resume_point(cfg, denv.world_size)
+    for message in point.messages:
+        log0(denv, message)
+    train_state.prepare(point, denv)  # the universal conversion, when the world size changed
 
     model = TitansLM(cfg.model)
     model.activation_checkpointing = cfg.zero.activation_checkpointing
-    engine, _, scheduler = build_engine(cfg, model, denv.world_size)
+    engine, _, scheduler = build_engine(cfg, model, denv.world_size, point.universal)
     loader, common = loaders(cfg, denv)
-    state = resume(cfg, engine, loader, denv)
-    step, tokens = state["step"], state["tokens"]
+    step, tokens, run_id = 0, 0, None
+    if point.path:
+        train_state.restore(point, engine, loader, denv)
+        step, tokens, run_id = point.step, point.state["tokens"], point.state["wandb_run_id"]
+        if point.state["world_size"] != denv.world_size:
+            log0(denv, "world size changed: RNG states not restored (the data order is unaffected)")
+        log0(denv, f"resumed from {point.path} at step {step}")
     tracker = Tracker(
         cfg.tracking,
         run_dir=run_dir,
         run_name=cfg.name,
         config=to_dict(cfg),
         rank=denv.rank,
-        run_id=state["wandb_run_id"],
-        resume_step=step if state["resumed_from"] else None,
+        run_id=run_id,
+        resume_step=step if point.path else None,
     )
     peak, peak_source = peak_flops_per_device(cfg.train.peak_tflops)
     meter = StepMeter(cfg.model, cfg.train.seq_len, denv.world_size, peak)
@@ -182,15 +155,37 @@ def train(cfg: Config, denv: DistEnv) -> dict:
     max_steps = cfg.train.max_steps
     if cfg.train.max_tokens:
         max_steps = min(max_steps, math.ceil(cfg.train.max_tokens / tokens_per_step))
+    # A progress bar on a terminal; in a log file (SLURM) one plain line per logged step.
+    interactive = denv.is_main and sys.stderr.isatty()
     bar = tqdm(
-        total=max_steps, initial=step, disable=not denv.is_main, unit="step", dynamic_ncols=True
+        total=max_steps, initial=step, disable=not interactive, unit="step", dynamic_ncols=True
     )
-    skipped_in_a_row, last = 0, {}
+    # Collective timeout now in force; checkpoint saves always get the long start-up one.
+    timeout = cfg.launch.startup_timeout
+
+    def checkpoint() -> Path:
+        with timeout_for(cfg.launch.startup_timeout, restore=timeout):
+            path = train_state.save(cfg, engine, loader, denv, step, tokens, tracker.run_id)
+        log0(denv, f"step {step}: checkpoint {path}")
+        return path
+
+    skipped_in_a_row, last, saved_step, stopped = 0, {}, step, None
     try:
         while step < max_steps:
+            # Every rank learns whether any rank got a stop signal, at the same step boundary.
+            stopped = preemption.should_stop()
+            if stopped:
+                break
             t0 = time.perf_counter()
+            mark_progress(denv.rank, step + 1, "loading data")
             micro_batches = loader.next_step()
             t_data = time.perf_counter() - t0
+            if cfg.debug.record_samples:
+                record_samples(run_dir, denv.rank, step + 1, micro_batches)
+            if cfg.debug.hang_at_step == step + 1 and cfg.debug.hang_rank == denv.rank:
+                while True:  # a rank stuck outside any collective (a dead mount, a deadlock)
+                    time.sleep(1)
+            mark_progress(denv.rank, step + 1, "computing")
             skipped_before, losses = engine.skipped_steps, []
             for mb in micro_batches:
                 batch = mb.tokens.to(device())
@@ -204,6 +199,8 @@ def train(cfg: Config, denv: DistEnv) -> dict:
             tokens += tokens_per_step
             meter.add(tokens_per_step, time.perf_counter() - t0, t_data)
             loss_value = all_mean(losses)
+            if step - point.step == cfg.launch.timeout_after_steps:
+                timeout = cfg.launch.timeout if set_timeout(cfg.launch.timeout) else timeout
             if engine.skipped_steps > skipped_before:
                 skipped_in_a_row += 1
                 log0(denv, f"step {step}: non-finite loss or gradients, update skipped")
@@ -233,6 +230,8 @@ def train(cfg: Config, denv: DistEnv) -> dict:
                 bar.set_postfix(
                     loss=f"{loss_value:.4f}", tok_s=f"{last.get('tokens_per_second', 0):.0f}"
                 )
+                if not interactive:
+                    log0(denv, f"step {step} {format_metrics(last)}")
             bar.update(1)
             if cfg.train.eval_interval and (
                 step % cfg.train.eval_interval == 0 or step == max_steps
@@ -244,13 +243,30 @@ def train(cfg: Config, denv: DistEnv) -> dict:
                 log0(denv, f"step {step}: {format_metrics(val)}")
             interval = cfg.checkpoint.interval
             if (interval and step % interval == 0) or step == max_steps:
-                path = save_checkpoint(cfg, engine, loader, denv, step, tokens, tracker.run_id)
-                log0(denv, f"step {step}: checkpoint {path}")
+                checkpoint()
+                saved_step = step
                 if cfg.debug.kill_after_step == step:
                     os.kill(os.getpid(), signal.SIGKILL)
+        if stopped:
+            log0(denv, f"stopping at step {step}: {stopped}")
+            if step == point.step and "wall-time" in stopped:
+                raise RuntimeError(
+                    f"the wall-time guard stopped the run before its first step ({stopped}): "
+                    f"launch.walltime_margin={cfg.launch.walltime_margin} s is more than the "
+                    "allocation leaves; lower it or ask for more time (a requeue would loop)"
+                )
+            if step > saved_step:
+                checkpoint()
+    except Exception as e:
+        tqdm.write(failure_message(denv, step + 1, e), file=sys.stderr)
+        raise
     finally:
         bar.close()
         loader.close()
+    if stopped:
+        tracker.mark_preempting()
+        tracker.finish(REQUEUE_EXIT)
+        return {"step": step, "tokens": tokens, "stopped": stopped, **last}
     tracker.summary({"final_loss": last.get("loss"), "steps": step, "tokens": tokens})
     tracker.finish()
     log0(denv, f"done: {step} steps, {tokens} tokens")
@@ -276,19 +292,24 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    denv = init_distributed()
+    denv = env_from_launcher()
+    # Before the slow start-up: a signal that arrives while DeepSpeed initialises is kept.
+    preemption = Preemption(denv.rank, cfg.launch.walltime_margin, cfg.launch.walltime_poll)
+    denv = init_distributed(cfg.launch.startup_timeout)
     try:
         validate(cfg, args.config, world_size=denv.world_size)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     try:
-        train(cfg, denv)
+        result = train(cfg, denv, preemption)
     except (ckpt.CheckpointError, RuntimeError) as e:
         log0(denv, f"error: {e}")
         raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if "stopped" in result:
+        exit_for_requeue(result["stopped"], result["step"], denv.local_rank)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# titans-train under torchrun, on one machine or as one node of many (docs/launch.md).
+#
+#   launch/torchrun.sh --config configs/experiments/tiny_mac.yaml [key=value ...]
+#   NNODES=2 MASTER_ADDR=node0 launch/torchrun.sh --config ...      # run once on every node
+#
+# Environment (all optional):
+#   NPROC_PER_NODE    processes on this node. Default: the GPUs of this node (SLURM_GPUS_ON_NODE,
+#                     else nvidia-smi), else its allocated CPUs (SLURM_CPUS_ON_NODE) divided by
+#                     CPUS_PER_PROC (default 1), else 1
+#   NNODES            number of nodes (default 1: torchrun --standalone)
+#   MASTER_ADDR       rendezvous host when NNODES > 1 (the first node; required)
+#   MASTER_PORT       rendezvous port (default 29500 + SLURM_JOB_ID % 2000, else 29500)
+#   RDZV_ID           rendezvous id shared by all nodes (default SLURM_JOB_ID, else "titans")
+#   RDZV_BACKEND      c10d (default; ranks are assigned at rendezvous) or static (then NODE_RANK)
+#   NODE_RANK         this node's rank, static rendezvous only (default SLURM_NODEID, else 0)
+#   MAX_RESTARTS      torchrun --max-restarts: restart the group after a failed rank (default 0);
+#                     the restarted group resumes from the newest complete checkpoint
+#   SHUTDOWN_TIMEOUT  seconds torchrun waits for workers after a failure before SIGKILL (30)
+#   PYTHON            interpreter with titans_train installed (default: python3)
+#   TORCHRUN_ARGS     extra torchrun arguments, word-split
+#
+# Signals: SIGUSR1 and SIGTERM sent to this script are forwarded to the training processes,
+# which checkpoint at the next step boundary and stop (titans_train/preemption.py). torchrun's
+# agent ignores both: it must outlive the save, and it would restart a group that stopped.
+#
+# Exit status: 0 finished; 85 stopped for a requeue (signal or wall-time guard, checkpoint
+# committed); anything else failed.
+set -uo pipefail
+
+REQUEUE_EXIT=85
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PYTHON=${PYTHON:-python3}
+NNODES=${NNODES:-1}
+MASTER_PORT=${MASTER_PORT:-$((29500 + ${SLURM_JOB_ID:-0} % 2000))}
+RDZV_ID=${RDZV_ID:-${SLURM_JOB_ID:-titans}}
+RDZV_BACKEND=${RDZV_BACKEND:-c10d}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+
+if [ -z "${NPROC_PER_NODE:-}" ]; then
+    gpus=${SLURM_GPUS_ON_NODE:-}
+    if [ -z "$gpus" ] && command -v nvidia-smi >/dev/null 2>&1; then
+        gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+    fi
+    if [ "${gpus:-0}" -gt 0 ]; then
+        NPROC_PER_NODE=$gpus
+    elif [ -n "${SLURM_CPUS_ON_NODE:-}" ]; then
+        NPROC_PER_NODE=$((SLURM_CPUS_ON_NODE / ${CPUS_PER_PROC:-1}))
+    else
+        NPROC_PER_NODE=1
+    fi
+fi
+
+args=(--nproc-per-node="$NPROC_PER_NODE" --max-restarts="$MAX_RESTARTS")
+if [ "$NNODES" = 1 ]; then
+    args+=(--standalone)
+else
+    : "${MASTER_ADDR:?MASTER_ADDR must name the first node when NNODES > 1}"
+    args+=(--nnodes="$NNODES" --rdzv-backend="$RDZV_BACKEND" --rdzv-id="$RDZV_ID")
+    args+=(--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT")
+    if [ "$RDZV_BACKEND" = static ]; then
+        args+=(--node-rank="${NODE_RANK:-${SLURM_NODEID:-0}}")
+    fi
+fi
+if [ -n "${SHUTDOWN_TIMEOUT:-}" ]; then
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$SHUTDOWN_TIMEOUT
+fi
+read -r -a extra <<<"${TORCHRUN_ARGS:-}"
+
+# A worker that stops for a requeue writes the reason here and exits 0, because torchrun would
+# restart a group with a non-zero exit and reports every failure as 1 (preemption.py).
+exit_file=$(mktemp "${TMPDIR:-/tmp}/titans-exit.XXXXXX")
+trap 'rm -f "$exit_file"' EXIT
+export TITANS_EXIT_FILE=$exit_file
+export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Workers get a fresh store for every restart: with the rendezvous store shared (the default),
+# a restarted rank can read a dead rank's address (pytorch #135712; seen here as gloo's
+# "connectFullMesh failed ... Connection refused" after --max-restarts).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+# torchrun's agent handles these only (its --signals-to-handle; PET_* is how torchrun reads any
+# option from the environment, and older torchruns ignore it); USR1 and TERM stay ignored.
+export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
+
+agent=""
+forward() {
+    echo "torchrun.sh: SIG$1, forwarding it to the training processes" >&2
+    if [ -n "$agent" ]; then
+        pkill "-$1" -P "$agent" || true
+    fi
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
+# Ignored dispositions survive exec: the agent ignores USR1/TERM, and so do its workers until
+# the trainer installs its own handlers, early in start-up.
+(
+    trap '' USR1 TERM
+    exec "$PYTHON" -m torch.distributed.run "${args[@]}" "${extra[@]}" -m titans_train.cli "$@"
+) &
+agent=$!
+while :; do
+    wait "$agent"
+    rc=$?
+    kill -0 "$agent" 2>/dev/null || break # still running: a forwarded signal interrupted wait
+done
+if [ "$rc" -gt 128 ]; then # maybe that interruption, not the agent's status: ask once more
+    wait "$agent" 2>/dev/null
+    again=$?
+    [ "$again" -ne 127 ] && rc=$again
+fi
+
+if grep -q '^requeue' "$exit_file"; then
+    echo "torchrun.sh: $(cat "$exit_file")" >&2
+    exit "$REQUEUE_EXIT"
+fi
+exit "$rc"
