@@ -96,12 +96,13 @@ def check_weights(weights: dict[str, torch.Tensor], model: TitansLM, where: Path
     the differences."""
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in weights.items()}
-    problems = [f"missing {k}" for k in sorted(want.keys() - have.keys())]
-    problems += [f"unexpected {k}" for k in sorted(have.keys() - want.keys())]
+    # In the model's own order (embedding first), which usually names the telling difference.
+    problems = [f"missing {k}" for k in want if k not in have]
+    problems += [f"unexpected {k}" for k in have if k not in want]
     problems += [
         f"{k}: checkpoint {list(have[k])} vs config {list(want[k])}"
-        for k in sorted(want.keys() & have.keys())
-        if want[k] != have[k]
+        for k in want
+        if k in have and want[k] != have[k]
     ]
     if problems:
         more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""

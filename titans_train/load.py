@@ -8,6 +8,7 @@ built in; otherwise the ``tokenizer.json`` beside the manifest, checked by sha25
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,8 +83,8 @@ def check_data_matches(source: ModelSource, manifest: str) -> None:
 
 
 def open_model(spec: str | Path, run: str | Path | None = None, data: str | None = None):
-    """A ModelSource from a checkpoint or an exported directory. ``data`` (a manifest) names the
-    tokenizer when the checkpoint's own data paths are not reachable from here."""
+    """A ModelSource from a checkpoint or an exported directory. ``data`` (a manifest) must use
+    the model's tokenizer; it names the tokenizer when the run's own data is not reachable."""
     path = Path(spec)
     if path.is_dir() and (path / CONFIG_FILE).is_file():
         config = read_config(path)
@@ -94,15 +95,11 @@ def open_model(spec: str | Path, run: str | Path | None = None, data: str | None
         source = ModelSource(
             load_checkpoint_model(path), path, None, None, state.get("step"), state
         )
-        manifests = [data] if data else source.data_manifests()
-        if manifests:
-            try:
-                source.tokenizer_identity, source.tokenizer_dir = manifest_tokenizer(manifests[0])
-            except DataError:
-                if data:
-                    raise
-                # The run's data paths may be relative to another directory: only --data or
-                # tokenizer-dependent suites need it, and those say so.
+        # The run's own data names the tokenizer; its paths may be relative to another working
+        # directory, in which case ``data`` stands in (and suites needing it say so otherwise).
+        for manifest in source.data_manifests()[:1]:
+            with contextlib.suppress(DataError):
+                source.tokenizer_identity, source.tokenizer_dir = manifest_tokenizer(manifest)
     if data:
         check_data_matches(source, data)
         if source.tokenizer_identity is None:
