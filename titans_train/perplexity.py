@@ -13,6 +13,7 @@ window (tests/test_models.py), so memory use is bounded by the piece, not L.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -55,16 +56,22 @@ def windows(stream: np.ndarray, length: int, n_tokens: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def stream_logits(model: TitansLM, tokens: torch.Tensor, piece: int) -> Iterator[tuple]:
+    """(start, logits of tokens[:, start : start + piece]) with the state carried between."""
+    state = None
+    for a in range(0, tokens.shape[1], piece):
+        out = model(tokens[:, a : a + piece], state=state)
+        state = out.state
+        yield a, out.logits
+
+
 def streamed_nll(model: TitansLM, batch: torch.Tensor, piece: int) -> torch.Tensor:
     """Summed next-token NLL of each row of [B, L+1], fed ``piece`` tokens at a time."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
     total = torch.zeros(batch.shape[0], dtype=torch.float64)
-    state = None
-    for a in range(0, inputs.shape[1], piece):
-        out = model(inputs[:, a : a + piece], state=state)
-        state = out.state
+    for a, logits in stream_logits(model, inputs, piece):
         nll = F.cross_entropy(
-            out.logits.float().transpose(1, 2), targets[:, a : a + piece], reduction="none"
+            logits.float().transpose(1, 2), targets[:, a : a + piece], reduction="none"
         )
         total += nll.double().sum(1)
     return total

@@ -13,18 +13,13 @@ from __future__ import annotations
 import torch
 
 from titans_train.models import TitansLM
+from titans_train.perplexity import stream_logits
 from titans_train.synthetic import Encode, Example, generate
 
 
-@torch.no_grad()
 def predictions(model: TitansLM, tokens: torch.Tensor, piece: int) -> torch.Tensor:
     """Greedy next-token predictions [B, T] of a batch, fed ``piece`` tokens at a time."""
-    state, preds = None, []
-    for a in range(0, tokens.shape[1], piece):
-        out = model(tokens[:, a : a + piece], state=state)
-        state = out.state
-        preds.append(out.logits.argmax(-1))
-    return torch.cat(preds, dim=1)
+    return torch.cat([logits.argmax(-1) for _, logits in stream_logits(model, tokens, piece)], 1)
 
 
 def score(
