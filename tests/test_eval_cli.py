@@ -48,6 +48,7 @@ def test_perplexity_is_exp_of_mean_token_loss(exported, demo_shards, tmp_path):
     argv = ["--checkpoint", str(path), "--data", str(demo_shards), "--suites", "ppl"]
     argv += ["--lengths", "128,384", "--ppl-tokens", "768", "--piece", "50", "--json", str(out)]
     assert evaluate.main(argv) == 0
+    assert torch.is_grad_enabled()  # the CLI must not switch autograd off for its caller
     got = json.loads(out.read_text())["results"]["ppl"]
     stream = torch.from_numpy(stored_stream(demo_shards, "val")[:769])
     for length in (128, 384):

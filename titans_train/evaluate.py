@@ -162,10 +162,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_grad_enabled(False)
     try:
         source = open_model(args.checkpoint, args.run, args.data)
-        results = run_suites(source, args)
+        with torch.no_grad():
+            results = run_suites(source, args)
     except (CheckpointError, DataError, FileNotFoundError, ValueError) as e:
         print(f"titans-eval: error: {e}", file=sys.stderr)
         return 2
