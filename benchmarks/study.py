@@ -6,7 +6,8 @@
    passkey and MQAR examples (synthetic.py) whose facts lie beyond the receptive field of the
    sliding window (depth x window tokens), each exactly seq_len tokens so it packs into one sample.
 2. Models: MAC, MAG, MAL, LMM and Transformer++ with sliding-window attention, one width and
-   depth, the SwiGLU width of each chosen so all have the same parameter count as MAC.
+   depth, the SwiGLU width of each chosen so all have the same parameter count as MAC; and, as a
+   control, Transformer++ with full attention.
 3. Training: the real trainer (2 processes, ZeRO-2), the same steps, batch and data order for
    every model, so the same tokens.
 4. Evaluation: ``titans-eval`` on each final checkpoint: perplexity with carried state, the four
@@ -32,7 +33,17 @@ from data_pipelines import demo, tokenize  # noqa: E402
 from titans_train.models import ModelConfig, TitansLM  # noqa: E402
 from titans_train.synthetic import generate  # noqa: E402
 
-VARIANTS = ("mac", "mag", "mal", "lmm", "transformer")
+# name -> (model.variant, overrides of MODEL). The last is a control, not a contender: the same
+# Transformer++ with unrestricted attention tells "cannot reach the fact" (SWA beyond its window)
+# apart from "never learned to retrieve at all" in this budget.
+VARIANTS = {
+    "mac": ("mac", {}),
+    "mag": ("mag", {}),
+    "mal": ("mal", {}),
+    "lmm": ("lmm", {}),
+    "transformer": ("transformer", {}),
+    "full-attention": ("transformer", {"window": None}),
+}
 # The tiny preset's shape with a short window, so "beyond the window" fits in a 256-token sample.
 MODEL = dict(
     vocab_size=320, dim=64, depth=2, heads=4, window=32, segment_len=32, chunk_size=16,
@@ -41,11 +52,13 @@ MODEL = dict(
 SUITES = "ppl,passkey,number,uuid,mqar"
 
 
-def match_ffn(variant: str, target: int) -> tuple[int, int]:
-    """The SwiGLU width (a multiple of 8) that brings ``variant`` closest to ``target`` params."""
+def match_ffn(name: str, target: int) -> tuple[int, int]:
+    """The SwiGLU width (a multiple of 8) that brings model ``name`` closest to ``target``."""
+    variant, extra = VARIANTS[name]
     best = None
     for hidden in range(8, 1024, 8):
-        n = TitansLM(ModelConfig(variant=variant, ffn_hidden=hidden, **MODEL)).num_params()
+        cfg = ModelConfig(**{**MODEL, **extra}, variant=variant, ffn_hidden=hidden)
+        n = TitansLM(cfg).num_params()
         if best is None or abs(n - target) < abs(best[1] - target):
             best = (hidden, n)
         if n > target:
@@ -92,10 +105,11 @@ def env() -> dict[str, str]:
     )
 
 
-def train(variant: str, ffn: int, data: tuple[Path, Path], run_dir: Path, args) -> float:
+def train(name: str, ffn: int, data: tuple[Path, Path], run_dir: Path, args) -> float:
     if (run_dir / "checkpoints" / "latest").is_file():
         return 0.0  # already trained (the study resumes where it stopped)
-    overrides = [f"model.{k}={v}" for k, v in MODEL.items()]
+    variant, extra = VARIANTS[name]
+    overrides = [f"model.{k}={'null' if v is None else v}" for k, v in {**MODEL, **extra}.items()]
     overrides += [
         f"model.variant={variant}",
         f"model.ffn_hidden={ffn}",
@@ -103,7 +117,7 @@ def train(variant: str, ffn: int, data: tuple[Path, Path], run_dir: Path, args) 
         f"data.train=[{data[0]},{data[1]}]",
         f"data.weights=[{1 - args.recall_share},{args.recall_share}]",
         f"run_dir={run_dir}",
-        f"name=study-{variant}",
+        f"name=study-{name}",
         f"train.seq_len={args.seq_len}",
         "train.global_batch=8",
         "train.micro_batch=4",
@@ -156,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--recall-share", type=float, default=0.75)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--suites", default=SUITES)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="names from VARIANTS")
     args = ap.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -165,6 +179,13 @@ def main(argv: list[str] | None = None) -> None:
     target = TitansLM(ModelConfig(variant="mac", **MODEL)).num_params()
     T = args.seq_len
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "models": {}}
+    previous = out / "study.json"
+    if previous.is_file():  # a resumed or extended study: keep the models already done
+        old = json.loads(previous.read_text())
+        same = {k: v for k, v in old["args"].items() if k != "variants"}
+        if same == {k: v for k, v in report["args"].items() if k != "variants"}:
+            report["models"] = old["models"]
+            t0 -= old["seconds"]
     for variant in args.variants.split(","):
         ffn, params = match_ffn(variant, target)
         run_dir = out / variant

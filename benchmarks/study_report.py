@@ -13,6 +13,7 @@ NAMES = {
     "mal": "MAL",
     "lmm": "LMM",
     "transformer": "Transformer++ (SWA)",
+    "full-attention": "Transformer++, full attention (control)",
 }
 # What follows this heading in results.md is written by hand and kept when the page is redrawn.
 NOTES = "## What we see, and why"
