@@ -41,6 +41,9 @@ setup(
         "console_scripts": [
             "titans-train=titans_train.cli:main",
             "titans-data=data_pipelines.cli:main",
+            "titans-eval=titans_train.evaluate:main",
+            "titans-generate=titans_train.generate:main",
+            "titans-export=titans_train.export:main",
         ]
     },
 )

@@ -72,6 +72,13 @@ class TitansLM(nn.Module):
             if getattr(block, "mem_queries", None) is not None:
                 nn.init.normal_(block.mem_queries)
 
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32) -> TitansLM:
+        """Load a ``titans-export`` directory (safetensors + config.json); no DeepSpeed needed."""
+        from .pretrained import load_pretrained
+
+        return load_pretrained(path, dtype)
+
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:

@@ -1,0 +1,213 @@
+"""A small, reproducible study: do Titans variants recall facts beyond the attention window?
+
+    python benchmarks/study.py --docs docs      # ~40 min on 2 CPU cores; results in runs/study
+
+1. Data: the embedded corpus (stdlib sources, byte tokenizer) and a recall training set of
+   passkey and MQAR examples (synthetic.py) whose facts lie beyond the receptive field of the
+   sliding window (depth x window tokens), each exactly seq_len tokens so it packs into one sample.
+2. Models: MAC, MAG, MAL, LMM and Transformer++ with sliding-window attention, one width and
+   depth, the SwiGLU width of each chosen so all have the same parameter count as MAC; and, as a
+   control, Transformer++ with full attention.
+3. Training: the real trainer (2 processes, ZeRO-2), the same steps, batch and data order for
+   every model, so the same tokens.
+4. Evaluation: ``titans-eval`` on each final checkpoint: perplexity with carried state, the four
+   recall suites at the training length and beyond with the needles far from the query, and an
+   in-window control (needles right before the query).
+5. ``docs/results.md`` with the table, loss and recall plots and this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data_pipelines import demo, tokenize  # noqa: E402
+from titans_train.models import ModelConfig, TitansLM  # noqa: E402
+from titans_train.synthetic import generate  # noqa: E402
+
+# name -> (model.variant, overrides of MODEL). The last is a control, not a contender: the same
+# Transformer++ with unrestricted attention tells "cannot reach the fact" (SWA beyond its window)
+# apart from "never learned to retrieve at all" in this budget.
+VARIANTS = {
+    "mac": ("mac", {}),
+    "mag": ("mag", {}),
+    "mal": ("mal", {}),
+    "lmm": ("lmm", {}),
+    "transformer": ("transformer", {}),
+    "full-attention": ("transformer", {"window": None}),
+}
+# The tiny preset's shape with a short window, so "beyond the window" fits in a 256-token sample.
+MODEL = dict(
+    vocab_size=320, dim=64, depth=2, heads=4, window=32, segment_len=32, chunk_size=16,
+    num_persistent=4, memory_depth=2,
+)  # fmt: skip
+SUITES = "ppl,passkey,number,uuid,mqar"
+
+
+def match_ffn(name: str, target: int) -> tuple[int, int]:
+    """The SwiGLU width (a multiple of 8) that brings model ``name`` closest to ``target``."""
+    variant, extra = VARIANTS[name]
+    best = None
+    for hidden in range(8, 1024, 8):
+        cfg = ModelConfig(**{**MODEL, **extra}, variant=variant, ffn_hidden=hidden)
+        n = TitansLM(cfg).num_params()
+        if best is None or abs(n - target) < abs(best[1] - target):
+            best = (hidden, n)
+        if n > target:
+            break
+    return best
+
+
+def recall_documents(seq_len: int, count: int, seed: int) -> list[str]:
+    """Passkey and MQAR examples of exactly seq_len bytes; facts beyond depth x window."""
+
+    def enc(s: str) -> list[int]:
+        return list(s.encode())
+
+    half = count // 2
+    docs = generate("passkey", seq_len, half, enc, seed=seed, depth=(0.0, 0.4))
+    docs += generate("mqar", seq_len, count - half, enc, seed=seed, depth=(0.0, 0.3), pairs=4)
+    return [bytes(d.tokens).decode() for d in docs]
+
+
+def build_data(out: Path, seq_len: int, recall_docs: int) -> tuple[Path, Path]:
+    corpus = out / "data" / "corpus"
+    demo.build_demo(str(corpus), seq_len=seq_len, max_mb=4.0, progress=False)
+    recall = out / "data" / "recall"
+    if not (recall / "manifest.json").is_file():
+        source = out / "data" / "recall.jsonl"
+        with open(source, "w") as f:
+            for text in recall_documents(seq_len, recall_docs, seed=1):
+                f.write(json.dumps({"text": text}) + "\n")
+        cfg = tokenize.TokenizeConfig(
+            sources=[str(source)], out=str(recall), seq_len=seq_len, samples_per_shard=256,
+            val_fraction=0.05, seed=0, progress=False,
+        )  # fmt: skip
+        tokenize.run(cfg)
+    return corpus, recall
+
+
+def env() -> dict[str, str]:
+    return dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        WANDB_MODE="disabled",
+        PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    )
+
+
+def train(name: str, ffn: int, data: tuple[Path, Path], run_dir: Path, args) -> float:
+    if (run_dir / "checkpoints" / "latest").is_file():
+        return 0.0  # already trained (the study resumes where it stopped)
+    variant, extra = VARIANTS[name]
+    overrides = [f"model.{k}={'null' if v is None else v}" for k, v in {**MODEL, **extra}.items()]
+    overrides += [
+        f"model.variant={variant}",
+        f"model.ffn_hidden={ffn}",
+        f"model.memory_max_lr={args.memory_max_lr}",
+        f"data.train=[{data[0]},{data[1]}]",
+        f"data.weights=[{1 - args.recall_share},{args.recall_share}]",
+        f"run_dir={run_dir}",
+        f"name=study-{name}",
+        f"train.seq_len={args.seq_len}",
+        "train.global_batch=8",
+        "train.micro_batch=4",
+        f"train.max_steps={args.steps}",
+        f"train.eval_interval={args.steps}",
+        "train.eval_batches=8",
+        f"optim.lr={args.lr}",
+        f"optim.min_lr={args.lr / 10}",
+        "optim.warmup_steps=50",
+        f"checkpoint.interval={args.steps}",
+        "tracking.mode=disabled",
+        "tracking.log_interval=10",
+    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "titans_train.cli", "--config", "configs/experiments/tiny_mac.yaml"]
+    t0 = time.perf_counter()
+    log = run_dir.with_suffix(".train.log")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        subprocess.run(cmd + overrides, cwd=ROOT, env=env(), stdout=f, stderr=f, check=True)
+    return time.perf_counter() - t0
+
+
+def evaluate(run_dir: Path, data: Path, out: Path, lengths: str, depth: str, args) -> dict:
+    if not out.is_file():
+        cmd = [sys.executable, "-m", "titans_train.evaluate", "--checkpoint", str(run_dir)]
+        cmd += ["--data", str(data), "--lengths", lengths, "--suites", args.suites]
+        cmd += ["--samples", str(args.samples), "--depth", depth, "--pairs", "4"]
+        cmd += ["--ppl-tokens", str(4 * 1024), "--json", str(out)]
+        subprocess.run(cmd, cwd=ROOT, env=env(), check=True, capture_output=True, text=True)
+    return json.loads(out.read_text())
+
+
+def losses(run_dir: Path) -> tuple[list[int], list[float], float | None]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    vals = [r["loss"] for r in rows if "loss" in r]
+    val = [r["val/loss"] for r in rows if "val/loss" in r]
+    return steps, vals, val[-1] if val else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "study")
+    ap.add_argument("--docs", type=Path, default=None, help="write results.md and plots here")
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--memory-max-lr", type=float, default=0.1)
+    ap.add_argument("--recall-share", type=float, default=0.75)
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--suites", default=SUITES)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="names from VARIANTS")
+    args = ap.parse_args(argv)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    data = build_data(out, args.seq_len, recall_docs=max(2000, args.steps * 8))
+    target = TitansLM(ModelConfig(variant="mac", **MODEL)).num_params()
+    T = args.seq_len
+    report = {"args": {k: str(v) for k, v in vars(args).items()}, "models": {}}
+    previous = out / "study.json"
+    if previous.is_file():  # a resumed or extended study: keep the models already done
+        old = json.loads(previous.read_text())
+        same = {k: v for k, v in old["args"].items() if k != "variants"}
+        if same == {k: v for k, v in report["args"].items() if k != "variants"}:
+            report["models"] = old["models"]
+            t0 -= old["seconds"]
+    for variant in args.variants.split(","):
+        ffn, params = match_ffn(variant, target)
+        run_dir = out / variant
+        seconds = train(variant, ffn, data, run_dir, args)
+        far = evaluate(run_dir, data[0], out / f"{variant}.far.json", f"{T},{2 * T},{4 * T}",
+                       "0,0.5", args)  # fmt: skip
+        near = evaluate(run_dir, data[0], out / f"{variant}.near.json", str(T), "1,1", args)
+        steps, train_loss, val_loss = losses(run_dir)
+        report["models"][variant] = {
+            "ffn_hidden": ffn, "params": params, "train_seconds": seconds, "val_loss": val_loss,
+            "loss_steps": steps, "loss": train_loss, "far": far["results"],
+            "near": near["results"],
+        }  # fmt: skip
+        print(f"{variant}: {params} params, trained in {seconds:.0f} s", flush=True)
+    report["seconds"] = time.perf_counter() - t0
+    (out / "study.json").write_text(json.dumps(report, indent=1))
+    if args.docs:
+        from study_report import write_report
+
+        write_report(report, args.docs, " ".join(["python", "benchmarks/study.py", *sys.argv[1:]]))
+    print(f"done in {report['seconds'] / 60:.1f} min: {out / 'study.json'}")
+
+
+if __name__ == "__main__":
+    main()

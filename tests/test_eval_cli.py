@@ -1,0 +1,99 @@
+"""titans-eval perplexity, titans-generate and from_pretrained on an exported (randomly initialised)
+tiny model: fast, no DeepSpeed. Checkpoints of every ZeRO stage: test_eval_export.py."""
+
+import json
+import math
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from titans_train import evaluate, generate
+from titans_train.data import ShardManifest
+from titans_train.models import ModelConfig, TitansLM
+from titans_train.models.pretrained import save_pretrained
+
+
+@pytest.fixture(scope="module")
+def exported(demo_shards, tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        variant="mag", vocab_size=320, dim=32, depth=2, heads=4, window=24, chunk_size=8,
+        num_persistent=2,
+    )  # fmt: skip
+    model = TitansLM(cfg)
+    tokenizer = ShardManifest.load(demo_shards).data["tokenizer"]
+    out = tmp_path_factory.mktemp("export")
+    save_pretrained(model, out, {"tokenizer": tokenizer})
+    return out, model.eval()
+
+
+def stored_stream(manifest_dir, split: str) -> np.ndarray:
+    """The split's tokens read straight from the tar files, shard by shard, member by member."""
+    m = ShardManifest.load(manifest_dir)
+    parts = []
+    for shard in m.shards(split):
+        with tarfile.open(manifest_dir / shard.name) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".tokens.u16"):
+                    parts.append(np.frombuffer(tar.extractfile(member).read(), dtype="<u2"))
+    return np.concatenate(parts).astype(np.int64)
+
+
+def test_perplexity_is_exp_of_mean_token_loss(exported, demo_shards, tmp_path):
+    path, model = exported
+    out = tmp_path / "eval.json"
+    argv = ["--checkpoint", str(path), "--data", str(demo_shards), "--suites", "ppl"]
+    argv += ["--lengths", "128,384", "--ppl-tokens", "768", "--piece", "50", "--json", str(out)]
+    assert evaluate.main(argv) == 0
+    assert torch.is_grad_enabled()  # the CLI must not switch autograd off for its caller
+    got = json.loads(out.read_text())["results"]["ppl"]
+    stream = torch.from_numpy(stored_stream(demo_shards, "val")[:769])
+    for length in (128, 384):
+        # Direct: each window in one call, the mean token loss over all 768 targets.
+        losses = []
+        for a in range(0, 768, length):
+            w = stream[a : a + length + 1][None]
+            with torch.no_grad():
+                logits = model(w[:, :-1]).logits
+            losses.append(F.cross_entropy(logits[0], w[0, 1:], reduction="none"))
+        mean = torch.cat(losses).double().mean().item()
+        r = got[str(length)]
+        assert r["tokens"] == 768 and r["split"] == "val"
+        assert r["ppl"] == pytest.approx(math.exp(mean), rel=1e-5)
+
+
+def test_generation_with_and_without_cache_gives_the_same_tokens(exported, tmp_path, capsys):
+    path, _ = exported
+    prompt = "def parse(text):\n    return [line.strip() for line in text.splitlines()]\n" * 2
+    assert len(prompt) > 3 * 24  # longer than the attention window: the state carries it
+    runs = {}
+    for name, extra in (("cached", []), ("uncached", ["--no-cache"])):
+        out = tmp_path / f"{name}.json"
+        argv = ["--checkpoint", str(path), "--prompt", prompt, "--max-new-tokens", "12"]
+        argv += ["--temperature", "0.9", "--top-k", "40", "--seed", "5", "--prefill-chunk", "20"]
+        assert generate.main(argv + ["--json", str(out)] + extra) == 0
+        runs[name] = json.loads(out.read_text())
+    assert runs["cached"]["ids"] == runs["uncached"]["ids"]
+    assert len(runs["cached"]["ids"]) == 12 and runs["cached"]["tokens_per_second"] > 0
+    err = capsys.readouterr().err
+    assert "new tokens/s" in err and "cached state" in err and "no cache" in err
+
+
+def test_from_pretrained_reproduces_and_rejects_a_mismatch(exported, tmp_path):
+    path, model = exported
+    loaded = TitansLM.from_pretrained(str(path))
+    x = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+    config = json.loads((path / "config.json").read_text())
+    config["model"]["dim"] = 48
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"bad/model.safetensors does not match .*config.json"):
+        TitansLM.from_pretrained(str(bad))
+    assert generate.main(["--checkpoint", str(tmp_path / "none"), "--prompt", "x"]) == 2

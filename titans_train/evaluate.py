@@ -1,0 +1,183 @@
+"""``titans-eval``: perplexity at several context lengths and long-context recall of a checkpoint.
+
+    titans-eval --checkpoint runs/tiny-mac [--lengths 256,512,1024] [--suites ppl,sniah,mqar]
+                [--data MANIFEST] [--json results.json] [--wandb]
+
+``--checkpoint`` takes a ``step_XXXXXXXX`` directory, a run directory or its ``checkpoints/``
+(newest complete checkpoint), ``latest`` with ``--run``, or a ``titans-export`` directory.
+Suites: ``ppl`` (validation perplexity, perplexity.py), ``passkey``, ``number``, ``uuid``
+(``sniah`` = all three) and ``mqar`` (synthetic.py, scored by recall.py). Prints one table
+(a row per suite, a column per length), writes the same numbers as JSON and, with ``--wandb``,
+into the training run's W&B summary (see docs/evaluation.md for why not its history).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from titans_train.checkpoint import CheckpointError
+from titans_train.data.errors import DataError
+from titans_train.load import ModelSource, describe, dump_json, open_model
+from titans_train.perplexity import perplexity, stream_tokens
+from titans_train.recall import recall_suite
+from titans_train.synthetic import SUITES
+
+SNIAH = ("passkey", "number", "uuid")
+
+
+def parse_suites(text: str) -> list[str]:
+    out: list[str] = []
+    for name in text.split(","):
+        name = name.strip()
+        expanded = SNIAH if name == "sniah" else (name,)
+        for s in expanded:
+            if s != "ppl" and s not in SUITES:
+                raise ValueError(f"unknown suite {s!r}: use ppl, sniah, {', '.join(SUITES)}")
+            if s not in out:
+                out.append(s)
+    return out
+
+
+def parse_ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def run_suites(source: ModelSource, args: argparse.Namespace) -> dict[str, dict[int, dict]]:
+    model, results = source.model, {}
+    trained = source.trainer_state.get("config", {}).get("train", {}).get("seq_len")
+    piece = args.piece or trained or 512
+    torch.manual_seed(0)
+    for suite in args.suites:
+        t0 = time.perf_counter()
+        if suite == "ppl":
+            manifests = [args.data] if args.data else source.data_manifests()
+            if not manifests:
+                raise DataError(f"{source.path}: no data recorded; pass --data MANIFEST")
+            n_tokens = args.ppl_tokens or 4 * max(args.lengths)
+            stream, split = stream_tokens(manifests[0], n_tokens + 1, vocab_size=2**32)
+            results["ppl"] = perplexity(model, stream, args.lengths, n_tokens, piece, args.batch)
+            for r in results["ppl"].values():
+                r["split"] = split
+        else:
+            tok = source.tokenizer()
+            results[suite] = recall_suite(
+                model,
+                suite,
+                args.lengths,
+                lambda s, tok=tok: tok.encode_batch([s])[0].tolist(),
+                args.samples,
+                piece,
+                seed=args.seed,
+                depth=args.depth,
+                pairs=args.pairs,
+                batch_size=args.batch,
+            )
+        print(f"{suite}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return results
+
+
+def format_table(results: dict[str, dict[int, dict]], lengths: list[int]) -> str:
+    """ppl rows show perplexity; recall rows exact-match accuracy in % (token accuracy)."""
+    head = ["suite".ljust(14)] + [f"{n:>13}" for n in lengths]
+    lines = ["".join(head)]
+    for suite, per_len in results.items():
+        cells = []
+        for n in lengths:
+            r = per_len.get(n)
+            if r is None:
+                cells.append(f"{'-':>13}")
+            elif suite == "ppl":
+                cells.append(f"{r['ppl']:>13.3f}")
+            else:
+                cells.append(f"{100 * r['accuracy']:>6.1f} ({100 * r['token_accuracy']:3.0f})")
+        label = "ppl" if suite == "ppl" else f"{suite} acc%"
+        lines.append(label.ljust(14) + "".join(cells))
+    return "\n".join(lines)
+
+
+def flat_metrics(results: dict[str, dict[int, dict]]) -> dict[str, float]:
+    """eval/ppl@512, eval/passkey@512, eval/passkey_tokens@512, ... for W&B."""
+    out = {}
+    for suite, per_len in results.items():
+        for n, r in per_len.items():
+            if suite == "ppl":
+                out[f"eval/ppl@{n}"] = r["ppl"]
+            else:
+                out[f"eval/{suite}@{n}"] = r["accuracy"]
+                out[f"eval/{suite}_tokens@{n}"] = r["token_accuracy"]
+    return out
+
+
+def log_to_wandb(source: ModelSource, results: dict) -> str:
+    """Into the summary of the run that trained the checkpoint (history would collide with the
+    trainer's steps: W&B drops rows below its current step, and rows beyond it would make a
+    later resume of training lose its own)."""
+    from titans_train.tracking import Tracker, TrackingConfig
+
+    run_id = source.trainer_state.get("wandb_run_id")
+    if not run_id:
+        raise CheckpointError(f"{source.path}: --wandb needs a training checkpoint with a run id")
+    config = source.trainer_state["config"]
+    run_dir = source.path.parent.parent
+    tracker = Tracker(
+        TrackingConfig(**config.get("tracking", {})),
+        run_dir=run_dir,
+        run_name=config.get("name", run_dir.name),
+        config=config,
+        rank=0,
+        run_id=run_id,
+    )
+    tracker.summary({**flat_metrics(results), "eval/checkpoint_step": source.step})
+    tracker.finish()
+    return f"W&B run {run_id} ({tracker.mode}) {tracker.run_path or ''}"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="titans-eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="checkpoint, run dir, latest, or export")
+    ap.add_argument("--run", help="run directory for --checkpoint latest")
+    ap.add_argument("--data", help="shard manifest for ppl (default: the run's val data)")
+    ap.add_argument("--lengths", type=parse_ints, default=[512, 1024, 2048, 4096])
+    ap.add_argument("--suites", type=parse_suites, default=parse_suites("ppl,sniah,mqar"))
+    ap.add_argument("--samples", type=int, default=50, help="examples per recall suite/length")
+    ap.add_argument("--ppl-tokens", type=int, help="scored tokens per length (4 x longest)")
+    ap.add_argument("--piece", type=int, help="tokens per forward (default: training seq_len)")
+    ap.add_argument("--batch", type=int, default=4, help="sequences per forward")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic suites")
+    ap.add_argument(
+        "--depth",
+        type=lambda s: tuple(float(x) for x in s.split(",")),
+        default=(0.0, 1.0),
+        help="needle depth range as fractions, e.g. 0,0.5",
+    )
+    ap.add_argument("--pairs", type=int, default=8, help="MQAR key:value pairs")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--wandb", action="store_true", help="log into the checkpoint's W&B run")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        source = open_model(args.checkpoint, args.run, args.data)
+        with torch.no_grad():
+            results = run_suites(source, args)
+    except (CheckpointError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"titans-eval: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(results, args.lengths))
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k not in ("json", "wandb")}
+        dump_json({"model": describe(source), "settings": settings, "results": results}, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.wandb:
+        print(log_to_wandb(source, results), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
