@@ -44,9 +44,9 @@ VARIANTS = {
     "transformer": ("transformer", {}),
     "full-attention": ("transformer", {"window": None}),
 }
-# The tiny preset's shape with a short window, so "beyond the window" fits in a 256-token sample.
+# The tiny preset's shape with a short window, so "beyond the window" fits in a 128-token sample.
 MODEL = dict(
-    vocab_size=320, dim=64, depth=2, heads=4, window=32, segment_len=32, chunk_size=16,
+    vocab_size=320, dim=64, depth=2, heads=4, window=16, segment_len=16, chunk_size=16,
     num_persistent=4, memory_depth=2,
 )  # fmt: skip
 SUITES = "ppl,passkey,number,uuid,mqar"
@@ -72,9 +72,11 @@ def recall_documents(seq_len: int, count: int, seed: int) -> list[str]:
     def enc(s: str) -> list[int]:
         return list(s.encode())
 
-    half = count // 2
-    docs = generate("passkey", seq_len, half, enc, seed=seed, depth=(0.0, 0.4))
-    docs += generate("mqar", seq_len, count - half, enc, seed=seed, depth=(0.0, 0.3), pairs=4)
+    # Mostly passkey: in probes at this size full attention learned it in ~1,800 steps of 16
+    # sequences, while MQAR was not learned in 2,000 steps by any model (docs/results.md).
+    n_pk = count * 4 // 5
+    docs = generate("passkey", seq_len, n_pk, enc, seed=seed, depth=(0.0, 0.4))
+    docs += generate("mqar", seq_len, count - n_pk, enc, seed=seed, depth=(0.0, 0.3), pairs=4)
     return [bytes(d.tokens).decode() for d in docs]
 
 
@@ -119,8 +121,8 @@ def train(name: str, ffn: int, data: tuple[Path, Path], run_dir: Path, args) -> 
         f"run_dir={run_dir}",
         f"name=study-{name}",
         f"train.seq_len={args.seq_len}",
-        "train.global_batch=8",
-        "train.micro_batch=4",
+        "train.global_batch=16",
+        "train.micro_batch=8",
         f"train.max_steps={args.steps}",
         f"train.eval_interval={args.steps}",
         "train.eval_batches=8",
@@ -163,11 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "study")
     ap.add_argument("--docs", type=Path, default=None, help="write results.md and plots here")
-    ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=2200)
+    ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--memory-max-lr", type=float, default=0.1)
-    ap.add_argument("--recall-share", type=float, default=0.75)
+    ap.add_argument("--recall-share", type=float, default=0.9)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--suites", default=SUITES)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="names from VARIANTS")

@@ -97,13 +97,13 @@ def write_report(report: dict, docs: Path, command: str) -> Path:
 Made by `{command}` in {report["seconds"] / 60:.0f} minutes on 2 shared CPU cores
 (the raw numbers: `runs/study/study.json`; `python benchmarks/study_report.py` redraws this page).
 
-Setup: byte tokenizer; every model 2 blocks × width 64, 4 heads, sliding window 32 (MAC segment
-32), chunk 16, 4 persistent tokens, memory depth 2, SwiGLU width set per variant for equal
-parameters; {a["steps"]} steps × 8 sequences × {a["seq_len"]} tokens on the same data in the
+Setup: byte tokenizer; every model 2 blocks × width 64, 4 heads, sliding window 16 (MAC segment
+16), chunk 16, 4 persistent tokens, memory depth 2, SwiGLU width set per variant for equal
+parameters; {a["steps"]} steps × 16 sequences × {a["seq_len"]} tokens on the same data in the
 same order (embedded corpus mixed {a["recall_share"]} with passkey + MQAR examples whose facts lie
 beyond the window), lr {a["lr"]}, memory max lr {a["memory_max_lr"]}, 2 processes, ZeRO-2.
 Evaluation: `titans-eval`, {a["samples"]} examples per suite and length. *far*: needles at depth
-0–0.5 of the haystack (always more than 2 × 32 tokens, the SWA model's receptive field, before
+0–0.5 of the haystack (always more than 2 × 16 tokens, the SWA model's receptive field, before
 the answer); *near*: needles right before the query (depth 1, inside the receptive field).
 Cells: exact-match accuracy % (answer tokens predicted %).
 

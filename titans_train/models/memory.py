@@ -115,7 +115,11 @@ class NeuralMemory(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
-        nn.init.normal_(self.w_qkv, std=std)
+        # Unit-scale q/k/v (like nn.Linear's default), not the LM's 0.02: the memory's targets v
+        # must be comparable to its output M(k) = k + LN(MLP(k)), which is O(1). With v ~ 0.05
+        # its first writes only shrink the output, and in-context copying was learned ~2x slower
+        # (docs/memory.md, "Value scale").
+        nn.init.normal_(self.w_qkv, std=1 / math.sqrt(self.dim))
         nn.init.uniform_(
             self.conv, -1 / math.sqrt(self.conv.shape[-1]), 1 / math.sqrt(self.conv.shape[-1])
         )
