@@ -49,7 +49,7 @@ MODEL = dict(
     vocab_size=320, dim=64, depth=2, heads=4, window=16, segment_len=16, chunk_size=16,
     num_persistent=4, memory_depth=2,
 )  # fmt: skip
-SUITES = "ppl,passkey,number,uuid,mqar"
+SUITES = "ppl,passkey,number,mqar"  # uuid needs more than 128 tokens
 
 
 def match_ffn(name: str, target: int) -> tuple[int, int]:
