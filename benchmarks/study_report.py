@@ -68,14 +68,17 @@ def plots(report: dict, docs: Path) -> list[str]:
     fig.savefig(docs / "study_loss.png", dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(RECALL), figsize=(4 * len(RECALL), 3.6), sharey=True)
-    for ax, suite in zip(axes, RECALL):
+    suites = [s for s in RECALL if any(s in m["far"] for m in models.values())]
+    fig, axes = plt.subplots(1, len(suites), figsize=(4 * len(suites), 3.6), sharey=True)
+    for ax, suite in zip(axes, suites):
         for v, m in models.items():
             per = m["far"].get(suite, {})
             xs = sorted(int(n) for n in per)
-            ax.plot(xs, [100 * per[str(n)]["token_accuracy"] for n in xs], "o-", label=v)
+            acc = [100 * per[str(n)]["token_accuracy"] for n in xs]
+            ax.plot(xs, acc, "o-", label=NAMES.get(v, v))
         ax.set(title=f"{suite}: far needles", xlabel="context length", xscale="log")
         ax.set_xticks(xs, [str(x) for x in xs])
+        ax.minorticks_off()
     axes[0].set_ylabel("answer tokens predicted (%)")
     axes[-1].legend()
     fig.tight_layout()
@@ -95,16 +98,18 @@ def write_report(report: dict, docs: Path, command: str) -> Path:
     text = f"""# Results: a small study of recall beyond the attention window
 
 Made by `{command}` in {report["seconds"] / 60:.0f} minutes on 2 shared CPU cores
-(the raw numbers: `runs/study/study.json`; `python benchmarks/study_report.py` redraws this page).
+(the raw numbers: `runs/study/study.json`, copied to `docs/results.json`;
+`python benchmarks/study_report.py` redraws this page).
 
 Setup: byte tokenizer; every model 2 blocks × width 64, 4 heads, sliding window 16 (MAC segment
 16), chunk 16, 4 persistent tokens, memory depth 2, SwiGLU width set per variant for equal
 parameters; {a["steps"]} steps × 16 sequences × {a["seq_len"]} tokens on the same data in the
-same order (embedded corpus mixed {a["recall_share"]} with passkey + MQAR examples whose facts lie
-beyond the window), lr {a["lr"]}, memory max lr {a["memory_max_lr"]}, 2 processes, ZeRO-2.
+same order (embedded corpus weight {1 - float(a["recall_share"]):.2g}; passkey (4/5) + MQAR (1/5)
+examples weight {a["recall_share"]}, whose facts lie beyond the window), lr {a["lr"]},
+memory max lr {a["memory_max_lr"]}, 2 processes, ZeRO-2.
 Evaluation: `titans-eval`, {a["samples"]} examples per suite and length. *far*: needles at depth
 0–0.5 of the haystack (always more than 2 × 16 tokens, the SWA model's receptive field, before
-the answer); *near*: needles right before the query (depth 1, inside the receptive field).
+the answer); *near*: the needle right after the haystack, just before the query (depth 1).
 Cells: exact-match accuracy % (answer tokens predicted %).
 
 {table(report)}

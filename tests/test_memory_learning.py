@@ -38,7 +38,8 @@ def copy_loss_after_training(steps: int, n: int = 8, vocab: int = 32) -> float:
 
 @pytest.mark.slow
 def test_lmm_learns_to_copy_in_context():
-    # Chance is ln 32 = 3.47 nats; the memory alone must get well below it. With the old 0.02
-    # init of W_QKV this was 2.3 after 800 steps; with unit-scale values ~1.3.
-    loss = copy_loss_after_training(steps=800)
-    assert loss < 0.55 * math.log(32), f"copy loss {loss:.3f} after 800 steps"
+    # Chance is ln 32 = 3.47 nats. Measured (1 thread): 0.35 after 1,000 steps; with the old 0.02
+    # init of W_QKV 2.52. The threshold sits between, with room for thread-count differences in
+    # when the copy is discovered (after 800 steps it was 0.83 with 1 thread, ~2 with 2).
+    loss = copy_loss_after_training(steps=1000)
+    assert loss < 1.5, f"copy loss {loss:.3f} nats after 1000 steps (chance {math.log(32):.2f})"

@@ -8,7 +8,6 @@ from reference import naive_memory
 from titans_train.models.memory_math import memory_scan, segsum
 
 
-
 @pytest.fixture(autouse=True)
 def float64():
     """fp64 for this module only: a module-level set_default_dtype would leak into every test
