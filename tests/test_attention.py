@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from titans_train.models import attention
 from titans_train.models.attention import Causal, KeyGroup, Visible, attend, select_backend
 from titans_train.models.attention_flash import make_flash_kernel
 from titans_train.models.attention_merge import (
@@ -271,6 +272,20 @@ def test_rows_without_keys_are_zero_with_finite_grads(run):
 
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 def test_sdpa_matches_naive_forward_and_grads(name):
+    q, q_nope, groups = make(name)
+    out, grads = forward_and_grads(sdpa, q, q_nope, groups)
+    ref, ref_grads = forward_and_grads(naive_attend, q, q_nope, groups)
+    assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r)
+
+
+@pytest.mark.parametrize("block", [1, 2, 5])
+@pytest.mark.parametrize("name", [n for n, (_, spec) in PATTERNS.items() if any(
+    isinstance(r, Causal) and r.window for r, _ in spec)])  # fmt: skip
+def test_sdpa_window_blocks_match_naive_forward_and_grads(name, block, monkeypatch):
+    """The block-local SDPA path (sliding windows over long sequences) against the reference."""
+    monkeypatch.setattr(attention, "SDPA_BLOCK", block)
     q, q_nope, groups = make(name)
     out, grads = forward_and_grads(sdpa, q, q_nope, groups)
     ref, ref_grads = forward_and_grads(naive_attend, q, q_nope, groups)

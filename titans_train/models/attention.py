@@ -90,7 +90,45 @@ def _check(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None) -> None:
             raise ValueError(f"q_nope must have q's shape {tuple(q.shape)}")
 
 
+# Query block of the windowed SDPA path: a dense mask over all keys is [T, S], quadratic in T;
+# blocks of this many queries against only the keys their windows reach make it O(T * (block+W)).
+SDPA_BLOCK = 256
+
+
 def _sdpa_attend(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None) -> Tensor:
+    causal = [g.rule for g in groups if isinstance(g.rule, Causal)]
+    if q.shape[-2] > SDPA_BLOCK and causal and all(r.window is not None for r in causal):
+        return _sdpa_blocks(q, groups, q_nope, SDPA_BLOCK)
+    return _sdpa_dense(q, groups, q_nope)
+
+
+def _sdpa_blocks(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None, block: int) -> Tensor:
+    """Sliding windows block by block: the same softmax, since the keys left out of a block are
+    masked for all of its queries anyway. Visible groups (persistent tokens) go to every block."""
+    outs = []
+    for t0 in range(0, q.shape[-2], block):
+        t1 = min(q.shape[-2], t0 + block)
+        sub = []
+        for g in groups:
+            r = g.rule
+            if isinstance(r, Causal):  # keys kp with qp0 - W < kp <= qp1 can be visible
+                qp0, qp1 = r.q_start + t0, r.q_start + t1 - 1
+                s0 = min(max(0, qp0 - r.window + 1 - r.k_start), g.k.shape[-2])
+                s1 = max(s0, min(g.k.shape[-2], qp1 - r.k_start + 1))
+                if s1 == s0:
+                    continue
+                rule = Causal(qp0, r.k_start + s0, r.window, r.segment)
+                g = KeyGroup(g.k[..., s0:s1, :], g.v[..., s0:s1, :], rule)
+            sub.append(g)
+        qb = q[..., t0:t1, :]
+        if not sub:  # no key visible to any query of the block: output 0, as in the dense path
+            outs.append(qb.new_zeros(*qb.shape[:-1], groups[0].v.shape[-1]))
+            continue
+        outs.append(_sdpa_dense(qb, sub, None if q_nope is None else q_nope[..., t0:t1, :]))
+    return torch.cat(outs, dim=-2)
+
+
+def _sdpa_dense(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None) -> Tensor:
     scale = q.shape[-1] ** -0.5  # the real head dim, also when q is widened to [q | q_nope]
     if len(groups) == 1:
         g, r = groups[0], groups[0].rule
