@@ -167,15 +167,20 @@ def find_latest(root: Path) -> Path | None:
     return None
 
 
+def follow_latest(path: Path) -> Path:
+    """A ``latest`` file -> the checkpoint directory it names; any other path as it is."""
+    if path.name == "latest" and path.is_file():
+        return path.parent / path.read_text().strip()
+    return path
+
+
 def resolve_resume(setting: str, root: Path) -> Path | None:
     """``auto`` -> newest complete checkpoint under root (or None); ``never`` -> None; or a path."""
     if setting == "never":
         return None
     if setting == "auto":
         return find_latest(root)
-    path = Path(setting)
-    if path.name == "latest" and path.is_file():
-        path = path.parent / path.read_text().strip()
+    path = follow_latest(Path(setting))
     reason = incomplete_reason(path) if path.is_dir() else "no such checkpoint directory"
     if reason:
         raise CheckpointError(f"cannot resume from {path}: {reason}")

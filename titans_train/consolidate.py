@@ -18,6 +18,7 @@ import torch
 from titans_train.checkpoint import (
     CheckpointError,
     find_latest,
+    follow_latest,
     incomplete_reason,
     load_trainer_state,
 )
@@ -33,10 +34,8 @@ def resolve_checkpoint(spec: str | Path, run: str | Path | None = None) -> Path:
         if run is None:
             raise CheckpointError("--checkpoint latest needs --run RUN_DIR (e.g. runs/tiny-mac)")
         spec = Path(run)
-    path = Path(spec)
-    if path.name == "latest" and path.is_file():
-        path = path.parent / path.read_text().strip()
-    elif path.is_dir() and not (path / "trainer_state.json").exists():
+    path = follow_latest(Path(spec))
+    if path.is_dir() and not (path / "trainer_state.json").exists():
         root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         found = find_latest(root)
         if found is None:
@@ -58,23 +57,22 @@ def trainer_config(path: Path) -> dict:
         raise CheckpointError(f"{path}/trainer_state.json has no readable config ({e})") from e
 
 
-def model_config(path: Path) -> ModelConfig:
+def model_config(config: dict, path: Path) -> ModelConfig:
     try:
-        return ModelConfig(**trainer_config(path)["model"])
+        return ModelConfig(**config["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}/trainer_state.json: bad model config ({e})") from e
 
 
-def _stage(path: Path) -> int:
-    stage = trainer_config(path).get("zero", {}).get("stage")
+def _stage(config: dict, path: Path) -> int:
+    stage = config.get("zero", {}).get("stage")
     if stage not in (0, 1, 2, 3):
         raise CheckpointError(f"{path}/trainer_state.json: zero.stage {stage!r} is not 0-3")
     return stage
 
 
-def consolidated_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 state dict of the model saved in checkpoint ``path`` (any ZeRO stage)."""
-    stage = _stage(path)
+def consolidated_weights(path: Path, stage: int) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict of the model saved by ZeRO-``stage`` in checkpoint ``path``."""
     try:
         if stage == 0:
             states = torch.load(path / MODEL_STATES, map_location="cpu", weights_only=False)
@@ -115,8 +113,9 @@ def check_weights(weights: dict[str, torch.Tensor], model: TitansLM, where: Path
 
 def load_checkpoint_model(path: Path) -> TitansLM:
     """The checkpoint's model in fp32, eval mode, without building a DeepSpeed engine."""
-    model = TitansLM(model_config(path))
-    weights = consolidated_weights(path)
+    config = trainer_config(path)
+    model = TitansLM(model_config(config, path))
+    weights = consolidated_weights(path, _stage(config, path))
     if model.cfg.tie_embeddings and "head.weight" not in weights and "embed.weight" in weights:
         weights["head.weight"] = weights["embed.weight"]  # one tensor, saved once
     check_weights(weights, model, path)
