@@ -102,9 +102,8 @@ def perplexity(
         if length > n_tokens:
             raise ValueError(f"length {length} is longer than the {n_tokens} scored tokens")
         w = windows(stream, length, n_tokens)
-        nll = torch.cat(
-            [streamed_nll(model, w[i : i + batch_size], piece) for i in range(0, len(w), batch_size)]
-        )
+        starts = range(0, len(w), batch_size)
+        nll = torch.cat([streamed_nll(model, w[i : i + batch_size], piece) for i in starts])
         count = w.shape[0] * length
         loss = nll.sum().item() / count
         half = 1.96 * (nll / length).std().item() / math.sqrt(len(nll)) if len(nll) > 1 else 0.0

@@ -135,8 +135,8 @@ def train(cfg: Config, denv: DistEnv, preemption: Preemption) -> dict:
             denv,
             f"{point.path} is at step {point.step}: the run already reached its {max_steps} "
             f"steps, nothing to train. To continue it, raise train.max_steps (e.g. "
-            f"train.max_steps={2 * max_steps}; with make: TRAIN_ARGS=\"train.max_steps="
-            f"{2 * max_steps}\"), or start a new run with name=<new-name>.",
+            f'train.max_steps={2 * max_steps}; with make: TRAIN_ARGS="train.max_steps='
+            f'{2 * max_steps}"), or start a new run with name=<new-name>.',
         )
         return {"step": point.step, "tokens": point.state["tokens"]}
     train_state.prepare(point, denv)  # the universal conversion, when the world size changed
