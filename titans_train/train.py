@@ -41,7 +41,12 @@ from titans_train.distributed import (
 from titans_train.engine import build_engine
 from titans_train.metrics import StepMeter, peak_flops_per_device
 from titans_train.models import TitansLM
-from titans_train.preemption import REQUEUE_EXIT, Preemption, exit_for_requeue
+from titans_train.preemption import (
+    REQUEUE_EXIT,
+    Preemption,
+    exit_for_requeue,
+    thin_margin_warning,
+)
 from titans_train.tracking import Tracker, format_metrics
 
 
@@ -173,9 +178,14 @@ def train(cfg: Config, denv: DistEnv, preemption: Preemption) -> dict:
     timeout = cfg.launch.startup_timeout
 
     def checkpoint() -> Path:
+        t0 = time.perf_counter()
         with timeout_for(cfg.launch.startup_timeout, restore=timeout):
             path = train_state.save(cfg, engine, loader, denv, step, tokens, tracker.run_id)
         log0(denv, f"step {step}: checkpoint {path}")
+        if preemption.seconds_left() is not None:  # under a SLURM time limit
+            warning = thin_margin_warning(time.perf_counter() - t0, cfg.launch.walltime_margin)
+            if warning:
+                log0(denv, warning)
         return path
 
     skipped_in_a_row, last, saved_step, stopped = 0, {}, step, None
