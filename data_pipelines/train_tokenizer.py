@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -40,6 +41,7 @@ def train_tokenizer(
     docs = iter_documents(expand_sources(sources), text_field)
     tok.train_from_iterator(tqdm(docs, desc="read", unit="doc", disable=not progress), trainer)
     text = tok.to_str(pretty=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)  # as tokenize does for its --out
     write_atomically(out, lambda f: f.write(text.encode("utf-8")))
     return out
 

@@ -119,7 +119,12 @@ def test_doc_starts_mark_every_document_start(tmp_path):
 def test_round_trip_trained_bpe(tmp_path):
     sources, docs = corpus(str(tmp_path / "in"))
     tok_path = train_tokenizer(
-        sources, str(tmp_path / "tok.json"), vocab_size=300, text_field="body", progress=False
+        # --out in a folder that does not exist yet (it once failed on the temp file).
+        sources,
+        str(tmp_path / "new" / "tok.json"),
+        vocab_size=300,
+        text_field="body",
+        progress=False,
     )
     out = str(tmp_path / "out")
     manifest = build(

@@ -42,6 +42,12 @@ def stored_stream(manifest_dir, split: str) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64)
 
 
+def test_exported_weights_follow_the_umask_like_the_other_files(exported):
+    out, _ = exported
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes
+
+
 def test_perplexity_is_exp_of_mean_token_loss(exported, demo_shards, tmp_path):
     path, model = exported
     out = tmp_path / "eval.json"
@@ -63,6 +69,28 @@ def test_perplexity_is_exp_of_mean_token_loss(exported, demo_shards, tmp_path):
         r = got[str(length)]
         assert r["tokens"] == 768 and r["split"] == "val"
         assert r["ppl"] == pytest.approx(math.exp(mean), rel=1e-5)
+
+
+def test_default_perplexity_scores_the_split_and_gives_an_interval(exported, demo_shards, capsys):
+    # The default once scored 4 x the longest length (a few windows: 22.5 against training's
+    # val/ppl 8.9); now up to DEFAULT_PPL_TOKENS, capped at the split, with a 95 % interval.
+    path, _ = exported
+    argv = ["--checkpoint", str(path), "--data", str(demo_shards), "--suites", "ppl"]
+    assert evaluate.main([*argv, "--lengths", "128"]) == 0
+    held = len(stored_stream(demo_shards, "val")) - 1
+    captured = capsys.readouterr()
+    expected = min(evaluate.DEFAULT_PPL_TOKENS, held) // 128 * 128
+    assert f"over {expected} val tokens" in captured.err
+    table = captured.out.splitlines()
+    assert table[0].startswith("length") and table[2].strip().startswith("95 % interval")
+    low, high = (float(x) for x in table[2].split()[-1].split("-"))
+    assert low < float(table[1].split()[-1]) < high
+
+
+def test_an_unknown_suite_is_named(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--checkpoint", "x", "--suites", "ppl,bogus"])
+    assert "unknown suite 'bogus'" in capsys.readouterr().err
 
 
 def test_generation_with_and_without_cache_gives_the_same_tokens(exported, tmp_path, capsys):

@@ -93,3 +93,13 @@ def test_children_ignore_stop_signals():
         """
     )
     assert proc.stdout.strip() == str(signal.SIG_IGN)
+
+
+def test_a_save_longer_than_half_the_walltime_margin_is_warned_about():
+    from titans_train.preemption import thin_margin_warning
+
+    assert thin_margin_warning(save_seconds=40, margin=300) is None
+    assert thin_margin_warning(save_seconds=200, margin=0) is None  # no guard, nothing to say
+    warning = thin_margin_warning(save_seconds=200, margin=300)
+    assert "took 200 s" in warning and "launch.walltime_margin=300" in warning
+    assert "e.g. to 600" in warning

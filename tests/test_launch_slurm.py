@@ -72,14 +72,16 @@ def test_preempted_job_requeues_and_resumes(slurm, demo_shards, launch_reference
 
 
 def test_walltime_guard_stops_before_the_end(slurm, demo_shards, tmp_path):
-    """No signal: the job's time limit is cut to 2 minutes mid-run, which leaves less than the
-    150 s margin, so the guard (polling every second) checkpoints, stops and requeues. The
-    requeued attempt starts with less than the margin left and fails instead of looping."""
+    """No signal: the job's time limit is cut to 6 minutes mid-run, which leaves less than the
+    400 s margin, so the guard (polling every second) checkpoints, stops and requeues. The
+    requeued attempt starts with less than the margin left and fails instead of looping.
+    The guard fires at once, and the save and requeue have 6 minutes minus the time to step 2
+    before SLURM's limit (with a 2-minute limit, a slow save under load lost the requeue)."""
     run_dir = tmp_path / "run"
-    margin = ("launch.walltime_margin=150", "launch.walltime_poll=1")
+    margin = ("launch.walltime_margin=400", "launch.walltime_poll=1")
     job = submit(slurm, demo_shards, run_dir, *margin, sbatch=("--signal=B:USR1@5",))
     wait_for_step(run_dir, 2)
-    slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=2")
+    slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=6")
     state = slurm.wait_state(job, DONE, timeout=600)
     log = job_log(slurm, job)
     stopped = [line for line in log.splitlines() if line.startswith("stopping at step")]

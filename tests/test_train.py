@@ -102,6 +102,15 @@ def test_checkpoint_from_another_model_is_refused(demo_shards, finished_run, tmp
     proc = train(demo_shards, run, 8, "model.dim=96", check=False)
     assert proc.returncode != 0
     assert "different model or data config" in proc.stderr and "model.dim: 64 -> 96" in proc.stderr
+    assert "name=<new-name>" in proc.stderr  # a new run first; force only for a deliberate change
+    assert "titans_train/train_state.py" not in proc.stderr  # a handled error: no traceback
+
+
+def test_a_finished_run_says_so_instead_of_training_nothing(demo_shards, finished_run, tmp_path):
+    run = copy_run(finished_run, tmp_path / "run")
+    proc = train(demo_shards, run, 6, "checkpoint.interval=3")
+    assert "already reached its 6 steps" in proc.stderr and "train.max_steps=12" in proc.stderr
+    assert "resumed from" not in proc.stderr  # stopped before the engine was built
 
 
 def test_corrupt_checkpoint_names_the_path(demo_shards, finished_run, tmp_path):

@@ -48,6 +48,14 @@ def stream_tokens(manifest: str, n_tokens: int, split: str = "val", vocab_size: 
     )
 
 
+def available_tokens(manifest: str, split: str = "val") -> int:
+    """Tokens ``stream_tokens`` can read from a split (the train split when there is no such
+    split), from the manifest alone."""
+    m = ShardManifest.load(manifest)
+    shards = m.shards(split) or m.shards("train")
+    return sum(s.samples for s in shards) * m.sample_tokens
+
+
 def windows(stream: np.ndarray, length: int, n_tokens: int) -> torch.Tensor:
     """[n_tokens // length, length + 1] windows whose targets tile stream[1 : n_tokens + 1]."""
     count = n_tokens // length
@@ -85,20 +93,24 @@ def perplexity(
     piece: int,
     batch_size: int = 4,
 ) -> dict[int, dict]:
-    """{length: {"ppl", "loss", "tokens", "windows"}} over the same ``n_tokens`` targets."""
+    """{length: {"ppl", "ppl_low", "ppl_high", "loss", "tokens", "windows"}} over the same
+    ``n_tokens`` targets. The 95 % interval treats windows as independent draws of the mean loss
+    (normal approximation, exp'd): neighbouring windows share documents, so it is a little narrow.
+    """
     results = {}
     for length in lengths:
         if length > n_tokens:
             raise ValueError(f"length {length} is longer than the {n_tokens} scored tokens")
         w = windows(stream, length, n_tokens)
-        nll = sum(
-            streamed_nll(model, w[i : i + batch_size], piece).sum().item()
-            for i in range(0, len(w), batch_size)
-        )
+        starts = range(0, len(w), batch_size)
+        nll = torch.cat([streamed_nll(model, w[i : i + batch_size], piece) for i in starts])
         count = w.shape[0] * length
-        loss = nll / count
+        loss = nll.sum().item() / count
+        half = 1.96 * (nll / length).std().item() / math.sqrt(len(nll)) if len(nll) > 1 else 0.0
         results[length] = {
             "ppl": math.exp(min(loss, 50.0)),
+            "ppl_low": math.exp(min(loss - half, 50.0)),
+            "ppl_high": math.exp(min(loss + half, 50.0)),
             "loss": loss,
             "tokens": count,
             "windows": w.shape[0],

@@ -66,6 +66,19 @@ class WalltimeGuard:
         return left is not None and left < self.margin
 
 
+def thin_margin_warning(save_seconds: float, margin: float) -> str | None:
+    """A warning when a checkpoint save takes more than half of ``launch.walltime_margin``: the
+    guard's stop must save and requeue before SLURM's limit, and saves slow down under load."""
+    if margin <= 0 or 2 * save_seconds <= margin:
+        return None
+    return (
+        f"warning: this checkpoint save took {save_seconds:.0f} s, more than half of "
+        f"launch.walltime_margin={margin:.0f} s; a wall-time stop may not finish its checkpoint "
+        f"and requeue before the time limit. Raise launch.walltime_margin (e.g. to "
+        f"{max(2 * margin, 3 * save_seconds):.0f})."
+    )
+
+
 def allocation_end(job_id: str) -> float | None:
     """Unix time at which SLURM ends the job, or None (no time limit, or squeue failed).
 

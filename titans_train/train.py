@@ -41,7 +41,12 @@ from titans_train.distributed import (
 from titans_train.engine import build_engine
 from titans_train.metrics import StepMeter, peak_flops_per_device
 from titans_train.models import TitansLM
-from titans_train.preemption import REQUEUE_EXIT, Preemption, exit_for_requeue
+from titans_train.preemption import (
+    REQUEUE_EXIT,
+    Preemption,
+    exit_for_requeue,
+    thin_margin_warning,
+)
 from titans_train.tracking import Tracker, format_metrics
 
 
@@ -126,6 +131,19 @@ def train(cfg: Config, denv: DistEnv, preemption: Preemption) -> dict:
     point = train_state.find_resume_point(cfg, denv.world_size)
     for message in point.messages:
         log0(denv, message)
+    tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
+    max_steps = cfg.train.max_steps
+    if cfg.train.max_tokens:
+        max_steps = min(max_steps, math.ceil(cfg.train.max_tokens / tokens_per_step))
+    if point.path and point.step >= max_steps:  # before the engine: nothing left to pay for
+        log0(
+            denv,
+            f"{point.path} is at step {point.step}: the run already reached its {max_steps} "
+            f"steps, nothing to train. To continue it, raise train.max_steps (e.g. "
+            f'train.max_steps={2 * max_steps}; with make: TRAIN_ARGS="train.max_steps='
+            f'{2 * max_steps}"), or start a new run with name=<new-name>.',
+        )
+        return {"step": point.step, "tokens": point.state["tokens"]}
     train_state.prepare(point, denv)  # the universal conversion, when the world size changed
 
     model = TitansLM(cfg.model)
@@ -151,10 +169,6 @@ def train(cfg: Config, denv: DistEnv, preemption: Preemption) -> dict:
     peak, peak_source = peak_flops_per_device(cfg.train.peak_tflops)
     meter = StepMeter(cfg.model, cfg.train.seq_len, denv.world_size, peak)
     log0(denv, f"{model.num_params() / 1e6:.2f}M parameters; MFU against {peak_source}")
-    tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
-    max_steps = cfg.train.max_steps
-    if cfg.train.max_tokens:
-        max_steps = min(max_steps, math.ceil(cfg.train.max_tokens / tokens_per_step))
     # A progress bar on a terminal; in a log file (SLURM) one plain line per logged step.
     interactive = denv.is_main and sys.stderr.isatty()
     bar = tqdm(
@@ -164,9 +178,14 @@ def train(cfg: Config, denv: DistEnv, preemption: Preemption) -> dict:
     timeout = cfg.launch.startup_timeout
 
     def checkpoint() -> Path:
+        t0 = time.perf_counter()
         with timeout_for(cfg.launch.startup_timeout, restore=timeout):
             path = train_state.save(cfg, engine, loader, denv, step, tokens, tracker.run_id)
         log0(denv, f"step {step}: checkpoint {path}")
+        if preemption.seconds_left() is not None:  # under a SLURM time limit
+            warning = thin_margin_warning(time.perf_counter() - t0, cfg.launch.walltime_margin)
+            if warning:
+                log0(denv, warning)
         return path
 
     skipped_in_a_row, last, saved_step, stopped = 0, {}, step, None
@@ -302,7 +321,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"config error: {e}")
     try:
         result = train(cfg, denv, preemption)
-    except (ckpt.CheckpointError, RuntimeError) as e:
+    except ckpt.CheckpointError as e:  # handled: the message says what to do, no traceback
+        log0(denv, f"error: {e}")
+        sys.exit(1)
+    except RuntimeError as e:
         log0(denv, f"error: {e}")
         raise
     finally:

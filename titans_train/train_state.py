@@ -55,9 +55,11 @@ def find_resume_point(cfg: Config, world_size: int) -> ResumePoint:
     protected, other = ckpt.config_diff(state["config"], to_dict(cfg))
     if protected and not cfg.checkpoint.force:
         raise ckpt.CheckpointError(
-            f"{path} was trained with a different model or data config; resuming would not "
-            "continue the same run. Changed:\n  " + "\n  ".join(protected) + "\n"
-            "Pass checkpoint.force=true to resume anyway, or checkpoint.resume=never."
+            f"run {cfg.name!r} ({cfg.run_path}) already holds a checkpoint of a different model "
+            f"or data config ({path.name}). Changed:\n  " + "\n  ".join(protected) + "\n"
+            "For a new experiment give it its own run: name=<new-name>. To start this run over: "
+            "checkpoint.resume=never. Only for a deliberate change to this run in progress: "
+            "checkpoint.force=true."
         )
     messages += [f"config changed since the checkpoint: {line}" for line in protected + other]
     universal = state["world_size"] != world_size and cfg.zero.stage > 0

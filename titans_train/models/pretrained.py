@@ -7,6 +7,7 @@ Reading one needs torch and safetensors only (no DeepSpeed, no trainer): this is
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -26,6 +27,11 @@ def save_pretrained(model: TitansLM, out_dir: str | Path, extra: dict | None = N
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_model(model.float(), str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
+    # safetensors creates its file 0600; every other file follows the umask (0644 by default,
+    # 0600 under a private umask), so the weights do too.
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(out / WEIGHTS_FILE, 0o666 & ~mask)
     config = {"format": FORMAT, "version": VERSION, "model": model.cfg.to_dict(), **(extra or {})}
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
     return out
