@@ -468,3 +468,38 @@ def test_visible_group_requires_q_nope():
     q, _, groups = make("swa_persistent", grad=False)
     with pytest.raises(ValueError, match="q_nope"):
         attend(q, groups)
+
+
+# ---- flex: one compiled graph across MAC segments ----
+
+
+def test_flex_compiles_once_across_mac_segments():
+    """MAC attends segment by segment with absolute positions. A mask over absolute positions is
+    a new dynamo guard per segment (and flex falls back to eager after recompile_limit graphs);
+    masks over segment-relative positions compile once for all full segments."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    import torch._dynamo
+
+    from titans_train.models.attention_flex import flex_attend
+    from titans_train.models.attention_rules import key_layout
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    C, n_p = 8, 3
+    gen = torch.Generator().manual_seed(0)
+    for i in range(10):
+        pos = i * C
+        q, q_nope = (torch.randn(B, H, C, D, generator=gen) for _ in range(2))
+        groups = [KeyGroup(torch.randn(B, H, n_p, D), torch.randn(B, H, n_p, D), Visible())]
+        for _ in range(2):  # h and the segment, both causal within the segment
+            kv = (torch.randn(B, H, C, D, generator=gen) for _ in range(2))
+            groups.append(KeyGroup(*kv, Causal(q_start=pos, k_start=pos, segment=C)))
+        out = flex_attend(q, groups, q_nope, key_layout(groups), compile_backend=counting_backend)
+        assert_close(out, sdpa(q, groups, q_nope), tol=1e-5)
+    torch._dynamo.reset()
+    assert len(graphs) <= 2, f"{len(graphs)} graphs for 10 MAC segments of one layout"
