@@ -67,12 +67,17 @@ def relative_rule(rule: Rule) -> Rule:
 
 def flex_unusable_reason(q: Tensor, needs_grad: bool) -> str | None:
     """Why flex_attention cannot run here, or None if it can."""
+    return flex_unusable_reason_for(q.device, needs_grad)
+
+
+def flex_unusable_reason_for(device: torch.device, needs_grad: bool) -> str | None:
+    """Why flex_attention cannot run on this device, or None if it can."""
     imported = _flex_import()
     if isinstance(imported, str):
         return imported
-    if needs_grad and not q.is_cuda:
+    if needs_grad and device.type != "cuda":
         return (
-            f"flex_attention is forward-only on {q.device.type} (FlexAttention does not support "
+            f"flex_attention is forward-only on {device.type} (FlexAttention does not support "
             "backward on CPU); use backend='sdpa' for training on CPU"
         )
     return None
