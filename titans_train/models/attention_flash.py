@@ -42,9 +42,13 @@ from torch import Tensor
 from titans_train.models.attention_merge import BandKernel, BlockPrimitive, piecewise_primitive
 
 
+def _params_ordered(fn: Callable) -> list[str]:
+    # torch custom ops (flash-attn >= 2.6.3) hide the real signature behind CustomOpDef._init_fn.
+    return list(inspect.signature(getattr(fn, "_init_fn", fn)).parameters)
+
+
 def _params(fn: Callable) -> set[str]:
-    # torch custom ops (flash-attn >= 2.7) hide the real signature behind CustomOpDef._init_fn.
-    return set(inspect.signature(getattr(fn, "_init_fn", fn)).parameters)
+    return set(_params_ordered(fn))
 
 
 log = logging.getLogger(__name__)
@@ -59,17 +63,12 @@ def signature_style(fwd: Callable, bwd: Callable) -> str | None:
     fwd_params, bwd_params = _params(fwd), _params(bwd)
     if not (fwd_params >= _FA2_FWD and bwd_params >= _FA2_BWD):
         return None
-    bwd_names = list(_params_ordered(bwd))
-    if bwd_names[6:9] != ["dq", "dk", "dv"]:  # we pass them positionally
+    if _params_ordered(bwd)[6:9] != ["dq", "dk", "dv"]:  # we pass them positionally
         return None
     for style in ("window_size_left", "window_size"):
         if style in fwd_params and style in bwd_params:
             return style
     return None
-
-
-def _params_ordered(fn: Callable) -> list[str]:
-    return list(inspect.signature(getattr(fn, "_init_fn", fn)).parameters)
 
 
 def make_flash_kernel(fwd: Callable, bwd: Callable) -> BandKernel:
