@@ -55,7 +55,8 @@ def wait_for_step(run_dir: Path, step: int, proc=None, timeout: float = 300) -> 
     deadline = time.monotonic() + timeout
     while True:
         if path.exists():
-            steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line]
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+            steps = [r["step"] for r in rows if "step" in r]  # header lines have no step
             if steps and max(steps) >= step:
                 return
         if proc is not None and proc.poll() is not None:

@@ -8,12 +8,9 @@ import torch
 
 from titans_train.models import attention
 from titans_train.models.attention import Causal, KeyGroup, Visible, attend, select_backend
-from titans_train.models.attention_flash import make_flash_kernel
 from titans_train.models.attention_merge import (
-    MATH_BAND_KERNEL,
     MATH_PRIMITIVE,
     merge_attend,
-    piecewise_primitive,
     plan_pieces,
 )
 
@@ -368,82 +365,8 @@ def test_plan_pieces_reproduce_every_rule_with_flash_windows():
         assert got == want, (rule, n_q, n_k)
 
 
-# ---- the flash adapter's calling conventions, with stand-ins for the CUDA kernels ----
-
-
-def _fake_flash_fwd(q, k, v, scale, left, right):
-    """flash-attn forward semantics on CPU: [B, T, H, d] layout, lse +inf on empty rows."""
-    out, lse = MATH_BAND_KERNEL.forward(*(x.transpose(1, 2) for x in (q, k, v)), left, right, scale)
-    return out.transpose(1, 2).contiguous(), torch.where(torch.isinf(lse), float("inf"), lse)
-
-
-def _fake_flash_bwd(dout, q, k, v, out, lse, dq, dk, dv, scale, left, right):
-    grads = MATH_BAND_KERNEL.backward(
-        *(x.transpose(1, 2) for x in (dout, q, k, v, out)), lse, left, right, scale
-    )
-    for buf, g in zip((dq, dk, dv), grads):
-        buf.copy_(g.transpose(1, 2))  # flash writes into the buffers it is given
-
-
-def fake_flash_26():
-    def fwd(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-            return_softmax):  # fmt: skip
-        assert dropout_p == 0 and not causal and softcap == 0 and alibi_slopes is None
-        out, lse = _fake_flash_fwd(q, k, v, softmax_scale, *window_size)
-        return out, q, k, v, out, lse, None, None
-
-    def bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal,
-            window_size, softcap, alibi_slopes, deterministic, rng_state=None):  # fmt: skip
-        _fake_flash_bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale, *window_size)
-        return dq, dk, dv, None
-
-    return fwd, bwd
-
-
-@torch.library.custom_op("titans_test::fake_flash_fwd", mutates_args=())
-def _fwd_27(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, softmax_scale: float,
-    causal: bool, window_size_left: int, window_size_right: int, softcap: float,
-    alibi_slopes: torch.Tensor | None, return_softmax: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    out, lse = _fake_flash_fwd(q, k, v, softmax_scale, window_size_left, window_size_right)
-    return out, lse, q.new_empty(0), torch.empty(2, dtype=torch.int64)
-
-
-@torch.library.custom_op("titans_test::fake_flash_bwd", mutates_args=("dq", "dk", "dv"))
-def _bwd_27(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    softmax_lse: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
-    dropout_p: float, softmax_scale: float, causal: bool, window_size_left: int,
-    window_size_right: int, softcap: float, alibi_slopes: torch.Tensor | None,
-    deterministic: bool, rng_state: torch.Tensor | None = None,
-) -> torch.Tensor:  # fmt: skip
-    _fake_flash_bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, softmax_scale,
-                    window_size_left, window_size_right)  # fmt: skip
-    return softmax_lse.clone()
-
-
-@pytest.mark.parametrize("api", ["2.6", "2.7+"])
-@pytest.mark.parametrize("name", ["mac_segment", "stream_swa_cache", "empty_rows"])
-def test_flash_adapter_conventions_with_fake_kernels(api, name):
-    fwd, bwd = fake_flash_26() if api == "2.6" else (_fwd_27, _bwd_27)
-    prim = piecewise_primitive(make_flash_kernel(fwd, bwd))
-    q, q_nope, groups = make(name)
-    out, grads = forward_and_grads(lambda *a: merge_attend(*a, prim), q, q_nope, groups)
-    ref, ref_grads = forward_and_grads(sdpa, q, q_nope, groups)
-    assert_close(out, ref)
-    for g, r in zip(grads, ref_grads):
-        assert_close(g, r)
-
-
-@pytest.mark.parametrize("api", ["2.6", "2.7+"])
-def test_flash_adapter_maps_flash_empty_rows_to_minus_inf(api):
-    """flash-attn reports a row with no key as lse = +inf; the merge protocol wants -inf."""
-    fwd, bwd = fake_flash_26() if api == "2.6" else (_fwd_27, _bwd_27)
-    q, k = torch.randn(B, H, 5, D, dtype=F64), torch.randn(B, H, 2, D, dtype=F64)
-    out, lse = make_flash_kernel(fwd, bwd).forward(q, k, k, -1, 0, D**-0.5)  # rows 0-2 empty
-    assert bool((lse[..., :3] == float("-inf")).all()) and bool(torch.isfinite(lse[..., 3:]).all())
-    assert bool((out[:, :, :3] == 0).all())
+# The flash adapter is checked against an independent model of flash-attn's contract in
+# tests/test_flash_contract.py (the old stand-ins here reused our own band kernel).
 
 
 # ---- backend selection ----
@@ -468,3 +391,38 @@ def test_visible_group_requires_q_nope():
     q, _, groups = make("swa_persistent", grad=False)
     with pytest.raises(ValueError, match="q_nope"):
         attend(q, groups)
+
+
+# ---- flex: one compiled graph across MAC segments ----
+
+
+def test_flex_compiles_once_across_mac_segments():
+    """MAC attends segment by segment with absolute positions. A mask over absolute positions is
+    a new dynamo guard per segment (and flex falls back to eager after recompile_limit graphs);
+    masks over segment-relative positions compile once for all full segments."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    import torch._dynamo
+
+    from titans_train.models.attention_flex import flex_attend
+    from titans_train.models.attention_rules import key_layout
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    C, n_p = 8, 3
+    gen = torch.Generator().manual_seed(0)
+    for i in range(10):
+        pos = i * C
+        q, q_nope = (torch.randn(B, H, C, D, generator=gen) for _ in range(2))
+        groups = [KeyGroup(torch.randn(B, H, n_p, D), torch.randn(B, H, n_p, D), Visible())]
+        for _ in range(2):  # h and the segment, both causal within the segment
+            kv = (torch.randn(B, H, C, D, generator=gen) for _ in range(2))
+            groups.append(KeyGroup(*kv, Causal(q_start=pos, k_start=pos, segment=C)))
+        out = flex_attend(q, groups, q_nope, key_layout(groups), compile_backend=counting_backend)
+        assert_close(out, sdpa(q, groups, q_nope), tol=1e-5)
+    torch._dynamo.reset()
+    assert len(graphs) <= 2, f"{len(graphs)} graphs for 10 MAC segments of one layout"

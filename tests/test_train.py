@@ -165,3 +165,15 @@ def test_bf16_offload_and_token_budget(demo_shards, tmp_path):
     assert sorted(off) == [1, 2, 3, 4] and off[4] < off[1]
     train(demo_shards, tmp_path / "budget", 100, f"train.max_tokens={3 * 8 * 128}")
     assert sorted(losses(tmp_path / "budget")) == [1, 2, 3]
+
+
+def test_attention_backend_in_metrics_header_and_wandb_config(finished_run):
+    """Which attention backend ran (and why flash did not) is recorded once per start."""
+    (header, *rows) = metrics(finished_run, headers=True)
+    attn = header["header"]["attention"]
+    assert "step" not in header and header["header"]["start_step"] == 0
+    assert attn["backend"] == "sdpa" and attn["device"] == "cpu" and attn["flash_reason"]
+    assert all("header" not in r for r in rows)
+    (run_dir,) = list((finished_run / "wandb").glob("offline-run-*"))
+    config = run_record(read_records(run_dir))["config"]["update"]
+    assert config["attention_backend"]["backend"] == "sdpa"

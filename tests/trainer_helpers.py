@@ -52,9 +52,11 @@ def train(data, run_dir, steps, *overrides, nproc=2, check=True, timeout=600):
     return torchrun("-m", *args, nproc=nproc, env=env, check=check, timeout=timeout)
 
 
-def metrics(run_dir) -> list[dict]:
+def metrics(run_dir, headers: bool = False) -> list[dict]:
+    """metrics.jsonl's rows; the {"header": ...} line of each (re)start only with ``headers``."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return rows if headers else [r for r in rows if "header" not in r]
 
 
 def losses(run_dir) -> dict[int, float]:

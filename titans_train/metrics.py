@@ -11,8 +11,31 @@ import torch
 from titans_train.models import ModelConfig
 from titans_train.models.flops import flops_per_token
 
-# Dense bf16 peak per device (no sparsity), for MFU on known GPUs.
-GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0}
+# Dense bf16 peak per device (no sparsity; NVIDIA datasheets), for MFU on known GPUs. A key
+# matches when all its words are words of torch.cuda.get_device_name(); the key with the most
+# words wins, so "NVIDIA H100 PCIe" gets the PCIe peak, not the SXM one ("NVIDIA H100 80GB
+# HBM3"), and "L4" does not match "L40S".
+GPU_PEAK_TFLOPS = {
+    "H100": 989.0,  # SXM
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H200": 989.0,  # SXM
+    "H200 NVL": 835.0,
+    "A100": 312.0,  # SXM and PCIe alike
+    "A10G": 125.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+}
+
+
+def gpu_peak_tflops(name: str) -> tuple[str, float] | None:
+    """(table key, dense bf16 TFLOP/s) for a CUDA device name, or None if it is not listed."""
+    words = set(name.replace("-", " ").lower().split())
+    hits = [key for key in GPU_PEAK_TFLOPS if set(key.lower().split()) <= words]
+    if not hits:
+        return None
+    key = max(hits, key=lambda k: len(k.split()))
+    return key, GPU_PEAK_TFLOPS[key]
 
 
 def peak_flops_per_device(override_tflops: float | None = None) -> tuple[float, str]:
@@ -22,9 +45,9 @@ def peak_flops_per_device(override_tflops: float | None = None) -> tuple[float, 
         return override_tflops * 1e12, "config train.peak_tflops"
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        for key, tflops in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12, f"datasheet bf16 peak of {key}"
+        hit = gpu_peak_tflops(name)
+        if hit:
+            return hit[1] * 1e12, f"datasheet bf16 peak of {hit[0]}"
         return 0.0, f"unknown GPU {name!r}: set train.peak_tflops"
     return measured_cpu_flops(), "measured fp32 matmul rate"
 

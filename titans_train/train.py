@@ -41,6 +41,7 @@ from titans_train.distributed import (
 from titans_train.engine import build_engine
 from titans_train.metrics import StepMeter, peak_flops_per_device
 from titans_train.models import TitansLM
+from titans_train.models.attention import attention_backend_report
 from titans_train.preemption import (
     REQUEUE_EXIT,
     Preemption,
@@ -54,6 +55,12 @@ def write_metrics(path, step: int, metrics: dict) -> None:
     """Append one JSON line per logged step to <run>/metrics.jsonl (rank 0): W&B-independent."""
     with open(path, "a") as f:
         f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def write_metrics_header(path, header: dict) -> None:
+    """Open each (re)start's part of metrics.jsonl with {"header": ...} (a line with no "step")."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"header": header}) + "\n")
 
 
 def log0(denv: DistEnv, msg: str) -> None:
@@ -157,11 +164,18 @@ def train(cfg: Config, denv: DistEnv, preemption: Preemption) -> dict:
         if point.state["world_size"] != denv.world_size:
             log0(denv, "world size changed: RNG states not restored (the data order is unaffected)")
         log0(denv, f"resumed from {point.path} at step {step}")
+    param = next(engine.module.parameters())  # the activations' device and dtype
+    attn = attention_backend_report(
+        param.device, param.dtype, cfg.model.attn_backend, cfg.model.head_dim
+    )
+    log0(denv, f"attention backend: {attn['backend']} ({json.dumps(attn)})")
+    if denv.is_main:
+        write_metrics_header(run_dir / "metrics.jsonl", {"start_step": step, "attention": attn})
     tracker = Tracker(
         cfg.tracking,
         run_dir=run_dir,
         run_name=cfg.name,
-        config=to_dict(cfg),
+        config={**to_dict(cfg), "attention_backend": attn},
         rank=denv.rank,
         run_id=run_id,
         resume_step=step if point.path else None,

@@ -18,8 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from titans_train.models.attention_flash import flash_primitive, flash_unusable_reason
-from titans_train.models.attention_flex import flex_attend, flex_unusable_reason
+from titans_train.models.attention_flash import (
+    flash_api,
+    flash_primitive,
+    flash_unusable_reason_for,
+)
+from titans_train.models.attention_flex import (
+    flex_attend,
+    flex_unusable_reason,
+    flex_unusable_reason_for,
+)
 from titans_train.models.attention_merge import merge_attend
 from titans_train.models.attention_rules import (
     Causal,
@@ -30,7 +38,15 @@ from titans_train.models.attention_rules import (
     key_layout,
 )
 
-__all__ = ["BACKENDS", "Causal", "KeyGroup", "Visible", "attend", "select_backend"]
+__all__ = [
+    "BACKENDS",
+    "Causal",
+    "KeyGroup",
+    "Visible",
+    "attend",
+    "attention_backend_report",
+    "select_backend",
+]
 
 BACKENDS = ("flash", "flex", "sdpa")
 
@@ -42,29 +58,72 @@ def _needs_grad(tensors: list[Tensor | None]) -> bool:
 def select_backend(q: Tensor, override: str = "auto") -> str:
     """Name of the backend to use for this query tensor: "flash", "flex" or "sdpa".
 
-    "auto": flash on CUDA with fp16/bf16, a supported head dim and flash-attn importable; else
-    flex on CUDA when available; else sdpa. An explicit backend that cannot run on this
-    device/dtype raises ValueError naming the backend and the reason (never a silent fallback).
+    "auto": flash on CUDA (sm80+) with fp16/bf16, a supported head dim and flash-attn
+    importable; else flex on CUDA when available; else sdpa. An explicit backend that cannot run
+    on this device/dtype raises ValueError naming the backend and the reason (never a silent
+    fallback).
     """
+    return _choose(q.device, q.dtype, q.shape[-1], override, _needs_grad([q]))
+
+
+def _choose(
+    device: torch.device, dtype: torch.dtype, head_dim: int | None, override: str, grad: bool
+) -> str:
     if override not in ("auto", *BACKENDS):
         raise ValueError(f"unknown attention backend {override!r}; expected auto|flash|flex|sdpa")
     if override == "sdpa":
         return "sdpa"
     if override == "flash":
-        reason = flash_unusable_reason(q)
+        reason = flash_unusable_reason_for(device, dtype, head_dim)
         if reason:
             raise ValueError(f"attention backend 'flash' cannot run: {reason}")
         return "flash"
     if override == "flex":
-        reason = flex_unusable_reason(q, needs_grad=_needs_grad([q]))
+        reason = flex_unusable_reason_for(device, needs_grad=grad)
         if reason:
             raise ValueError(f"attention backend 'flex' cannot run: {reason}")
         return "flex"
-    if flash_unusable_reason(q) is None:
+    if flash_unusable_reason_for(device, dtype, head_dim) is None:
         return "flash"
-    if q.is_cuda and flex_unusable_reason(q, needs_grad=False) is None:
+    if device.type == "cuda" and flex_unusable_reason_for(device, needs_grad=False) is None:
         return "flex"
     return "sdpa"
+
+
+def attention_backend_report(
+    device: torch.device | str,
+    dtype: torch.dtype,
+    override: str = "auto",
+    head_dim: int | None = None,
+) -> dict:
+    """What ``attend`` will run for activations of this device/dtype/head dim, and why.
+
+    Keys: backend ("flash" | "flex" | "sdpa", or None when an explicit override cannot run),
+    override, device, dtype, head_dim, flash_available, flash_reason (None when usable; the
+    first obstacle), flash_import_error (why flash_attn itself is unusable, else None),
+    flash_version, flash_signature, and error (the override's refusal, else None). Pure: it
+    allocates nothing and may be logged, put in the W&B config and in metrics.jsonl.
+    """
+    device = torch.device(device)
+    api = flash_api()
+    flash_reason = flash_unusable_reason_for(device, dtype, head_dim)
+    try:
+        backend, error = _choose(device, dtype, head_dim, override, grad=False), None
+    except ValueError as e:
+        backend, error = None, str(e)
+    return {
+        "backend": backend,
+        "override": override,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "head_dim": head_dim,
+        "flash_available": flash_reason is None,
+        "flash_reason": flash_reason,
+        "flash_import_error": api if isinstance(api, str) else None,
+        "flash_version": None if isinstance(api, str) else api.version,
+        "flash_signature": None if isinstance(api, str) else api.style,
+        "error": error,
+    }
 
 
 def _check(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None) -> None:

@@ -5,17 +5,31 @@ The groups are concatenated exactly as for SDPA (``concat_groups``) and the rule
 unfused O(T*S) reference), so we keep one module-level compiled function and cache block masks
 by (layout, shape, device). On CPU flex has no backward ("FlexAttention does not support
 backward on CPU"), so it is forward-only there and runs eagerly (tests use it for parity).
+
+Recompiles: the compiled function is specialised (dynamic=False) and dynamo guards on the
+integers a ``mask_mod`` closes over. MAC attends segment by segment with absolute positions
+(``Causal(q_start=pos, ...)``), so a mask over absolute positions is a new guard per segment and
+dynamo stops compiling after ``recompile_limit`` (8) graphs. We therefore build every mask from
+the *relative* rule (``relative_rule``): equal segment layouts share one block mask and one graph.
 """
 
 from __future__ import annotations
 
 import functools
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from titans_train.models.attention_rules import KeyGroup, Layout, concat_groups, layout_allows
+from titans_train.models.attention_rules import (
+    Causal,
+    KeyGroup,
+    Layout,
+    Rule,
+    concat_groups,
+    layout_allows,
+)
 
 _BLOCK_MASKS: OrderedDict = OrderedDict()
 _MAX_BLOCK_MASKS = 64  # a training run uses a few layouts; generation adds one per length
@@ -31,25 +45,46 @@ def _flex_import():  # -> module or error string
 
 
 @functools.cache
-def _compiled_flex():
-    # One compiled callable for the process; dynamo specialises it per shape as needed.
-    return torch.compile(_flex_import().flex_attention, dynamic=False)
+def _compiled_flex(backend: str | Callable = "inductor") -> Callable:
+    # One compiled callable per compile backend; dynamo specialises it per shape as needed.
+    return torch.compile(_flex_import().flex_attention, dynamic=False, backend=backend)
+
+
+def relative_rule(rule: Rule) -> Rule:
+    """The same visibility with positions shifted to the group's own origin.
+
+    Causal visibility depends only on qp - kp and, with segments, on qp // C == kp // C; both are
+    unchanged when q_start and k_start drop by the same multiple of C (or by any amount when
+    there are no segments). So MAC's per-segment rules Causal(q_start=i*C, k_start=i*C, segment=C)
+    all become Causal(0, 0, segment=C).
+    """
+    if not isinstance(rule, Causal):
+        return rule
+    c = rule.segment
+    shift = rule.k_start if c is None else (min(rule.q_start, rule.k_start) // c) * c
+    return Causal(rule.q_start - shift, rule.k_start - shift, rule.window, c)
 
 
 def flex_unusable_reason(q: Tensor, needs_grad: bool) -> str | None:
     """Why flex_attention cannot run here, or None if it can."""
+    return flex_unusable_reason_for(q.device, needs_grad)
+
+
+def flex_unusable_reason_for(device: torch.device, needs_grad: bool) -> str | None:
+    """Why flex_attention cannot run on this device, or None if it can."""
     imported = _flex_import()
     if isinstance(imported, str):
         return imported
-    if needs_grad and not q.is_cuda:
+    if needs_grad and device.type != "cuda":
         return (
-            f"flex_attention is forward-only on {q.device.type} (FlexAttention does not support "
+            f"flex_attention is forward-only on {device.type} (FlexAttention does not support "
             "backward on CPU); use backend='sdpa' for training on CPU"
         )
     return None
 
 
 def _block_mask(layout: Layout, n_q: int, n_k: int, device: torch.device):
+    layout = tuple((relative_rule(rule), off, n) for rule, off, n in layout)
     key = (layout, n_q, n_k, str(device))
     if key in _BLOCK_MASKS:
         _BLOCK_MASKS.move_to_end(key)
@@ -68,9 +103,22 @@ def _block_mask(layout: Layout, n_q: int, n_k: int, device: torch.device):
     return mask
 
 
-def flex_attend(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None, layout: Layout) -> Tensor:
-    """Attention over all groups in one flex_attention call (rows with no key give zeros)."""
+def flex_attend(
+    q: Tensor,
+    groups: list[KeyGroup],
+    q_nope: Tensor | None,
+    layout: Layout,
+    compile_backend: str | Callable | None = None,
+) -> Tensor:
+    """Attention over all groups in one flex_attention call (rows with no key give zeros).
+
+    compile_backend: None compiles with inductor on CUDA and runs eagerly elsewhere; a dynamo
+    backend (e.g. "eager", or a counting one in tests) compiles with it on any device.
+    """
     qq, kk, vv = concat_groups(q, groups, q_nope)
     mask = _block_mask(layout, qq.shape[-2], kk.shape[-2], q.device)
-    fn = _compiled_flex() if q.is_cuda else _flex_import().flex_attention
+    if compile_backend is not None:
+        fn = _compiled_flex(compile_backend)
+    else:
+        fn = _compiled_flex() if q.is_cuda else _flex_import().flex_attention
     return fn(qq, kk, vv, block_mask=mask, scale=q.shape[-1] ** -0.5)

@@ -23,6 +23,7 @@ the per-token reads (the dual form) are batched matmuls.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -222,6 +223,14 @@ def scan_chunks(
     return (None if q is None else torch.cat(reads, dim=1)), weights, momentum
 
 
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled for this device type; nothing to disable where autocast does not exist
+    (``torch.autocast("meta", enabled=False)`` raises, and the device probe runs on meta)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _CheckpointedChunks(torch.autograd.Function):
     """Activation checkpointing for a group of chunks: the forward runs without autograd and keeps
     only its inputs (M and S at the group start, the group's k/v/q/gates); the backward recomputes
@@ -243,11 +252,14 @@ class _CheckpointedChunks(torch.autograd.Function):
     def backward(ctx, *grads):
         n_layers, chunk, residual_norm, compiled = ctx.meta
         inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
-        with torch.enable_grad():
+        # The recompute and its backward must be the fp32 forward's: backward may run under
+        # autocast (it is thread-local state), which would redo the group in bf16.
+        with torch.enable_grad(), autocast_off(inputs[0].device.type):
             y, w, s = _scan_flat(inputs, n_layers, chunk, residual_norm, compiled)
-        pairs = [(o, g) for o, g in zip((y, *w, *s), grads) if g is not None and o.requires_grad]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            outs = zip((y, *w, *s), grads)
+            pairs = [(o, g) for o, g in outs if g is not None and o.requires_grad]
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         return (None, None, None, None, *(t.grad if t.requires_grad else None for t in inputs))
 
 
