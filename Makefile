@@ -1,6 +1,7 @@
 # Two entry points: `make test` and (with the trainer) `make train`. Both create or reuse
 # a virtualenv and install what they need. Reuse your own environment (for example one
 # with a CUDA torch) with `make test VENV=/path/to/env`: an existing torch is never replaced.
+# GPUs: `make install-gpu` adds flash-attn (docs/gpus.md).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
