@@ -1,6 +1,7 @@
 # Two entry points: `make test` and (with the trainer) `make train`. Both create or reuse
 # a virtualenv and install what they need. Reuse your own environment (for example one
 # with a CUDA torch) with `make test VENV=/path/to/env`: an existing torch is never replaced.
+# GPUs: `make install-gpu` adds flash-attn (docs/gpus.md).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,6 +9,13 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.titans-installed-$(shell cat setup.py requirements/constraints.txt | cksum | cut -d' ' -f1)
+# flash-attn (`make install-gpu`): compiled from source; MAX_JOBS bounds the parallel compiles.
+MAX_JOBS ?= 4
+
+# The venv's own tools win in every recipe (its ninja builds DeepSpeed's C++ ops, the same one
+# an activated venv uses). TORCH_EXTENSIONS_DIR (one cache per environment) is set by
+# titans_train itself on import (titans_train/jit_build.py), so `make` and an activated venv agree.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 export DS_ACCELERATOR ?= cpu
 export WANDB_MODE ?= offline
@@ -19,7 +27,7 @@ NPROC ?= 2
 EXPERIMENT ?= configs/experiments/tiny_mac.yaml
 TRAIN_ARGS ?=
 
-.PHONY: install train test test-fast lint format clean
+.PHONY: install install-gpu check-build-tools train test test-fast lint format clean
 
 ifeq ($(SKIP_INSTALL),1)
 install:
@@ -28,16 +36,40 @@ install: $(STAMP)
 endif
 
 $(STAMP): setup.py requirements/constraints.txt
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || { echo "make: creating the virtualenv $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@echo "make: installing into $(VENV) (about 2 minutes the first time; later runs skip this)"
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null \
-		&& echo "keeping installed torch $$($(PY) -c 'import torch; print(torch.__version__)')" \
-		|| $(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_INDEX)
+		&& echo "make: keeping installed torch $$($(PY) -c 'import torch; print(torch.__version__)')" \
+		|| { echo "make: installing $(TORCH_SPEC) (~1 minute)"; \
+		     $(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_INDEX); }
+	@echo "make: installing titans-train and its requirements (~1 minute)"
 	@$(PY) -m pip install -q -c requirements/constraints.txt -e ".[dev]"
 	@rm -f $(VENV)/.titans-installed-*
 	@touch $@
+	@echo "make: $(VENV) is ready"
 
-train: install
+# flash-attn for CUDA machines (docs/gpus.md): no wheel on PyPI, so pip compiles it against the
+# installed CUDA torch, which its setup.py imports (hence --no-build-isolation).
+install-gpu: install
+	@$(PY) -c "import torch, sys; sys.exit(torch.version.cuda is None)" || { echo \
+		"make install-gpu: torch $$($(PY) -c 'import torch; print(torch.__version__)') in $(VENV) is not a CUDA build; install one first (docs/gpus.md)" >&2; exit 1; }
+	@test -n "$$CUDA_HOME" || command -v nvcc >/dev/null || { echo \
+		"make install-gpu: flash-attn compiles CUDA code: put the CUDA toolkit's nvcc on PATH or set CUDA_HOME (docs/gpus.md)" >&2; exit 1; }
+	@echo "make: compiling flash-attn ($$(grep -v '^#' requirements/gpu.txt)) with MAX_JOBS=$(MAX_JOBS): 10-60 minutes, several GB of RAM per job"
+	$(PY) -m pip install -q setuptools wheel packaging psutil ninja
+	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install --no-build-isolation -r requirements/gpu.txt
+	@$(PY) -c "import flash_attn; print('make: flash-attn', flash_attn.__version__, 'installed')"
+
+# DeepSpeed JIT-compiles C++ at start-up on CPU: it needs a compiler (torch runs $$CXX, else c++)
+# and ninja (DeepSpeed installs it into the venv).
+check-build-tools:
+	@command -v "$${CXX:-c++}" >/dev/null || { echo \
+		"make: no C++ compiler ('$${CXX:-c++}' is not on PATH): DeepSpeed compiles C++ at start-up on CPU. Install g++ (Debian/Ubuntu: apt-get install g++; Fedora/RHEL: dnf install gcc-c++) or set CXX" >&2; exit 1; }
+	@command -v ninja >/dev/null || { echo \
+		"make: no ninja in $(VENV)/bin or on PATH: DeepSpeed builds its C++ ops with it. Run $(PY) -m pip install ninja" >&2; exit 1; }
+
+train: install check-build-tools
 	$(PY) -m data_pipelines.demo --out $(DEMO_DIR) --seq-len 256
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) \
 		-m titans_train.cli --config $(EXPERIMENT) "data.train=[$(DEMO_DIR)]" $(TRAIN_ARGS)
@@ -46,10 +78,10 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: install lint
+test: install lint check-build-tools
 	$(PY) -m pytest -q
 
-test-fast: install
+test-fast: install check-build-tools
 	$(PY) -m pytest -q -m "not slow"
 
 format: install

@@ -21,10 +21,18 @@ INSTALL_REQUIRES = [
     "zstandard>=0.22",
 ]
 
+
+def requirements(name: str) -> list[str]:
+    """The requirement lines of requirements/<name> (comments and blank lines dropped)."""
+    text = Path(__file__).with_name("requirements").joinpath(name).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and line[0] != "#"]
+
+
 EXTRAS = {
     "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "matplotlib>=3.8"],
-    # flash-attn only builds against CUDA; it is picked up automatically when importable.
-    "gpu": ["flash-attn>=2.6"],
+    # flash-attn builds from source against a CUDA torch and needs --no-build-isolation:
+    # use `make install-gpu` (docs/gpus.md). It is picked up automatically when importable.
+    "gpu": requirements("gpu.txt"),
 }
 
 setup(

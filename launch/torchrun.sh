@@ -5,9 +5,11 @@
 #   NNODES=2 MASTER_ADDR=node0 launch/torchrun.sh --config ...      # run once on every node
 #
 # Environment (all optional):
-#   NPROC_PER_NODE    processes on this node. Default: the GPUs of this node (SLURM_GPUS_ON_NODE,
-#                     else nvidia-smi), else its allocated CPUs (SLURM_CPUS_ON_NODE) divided by
-#                     CPUS_PER_PROC (default 1), else 1
+#   NPROC_PER_NODE    processes on this node. Default: the GPUs torch sees in $PYTHON
+#                     (launch/visible_gpus.py: CUDA_VISIBLE_DEVICES and MIG applied; it stops
+#                     with a message if the node has GPUs torch cannot use); without GPUs, the
+#                     allocated CPUs under SLURM (SLURM_CPUS_ON_NODE / CPUS_PER_PROC, default 1),
+#                     else 1 process. The choice and its reason are printed.
 #   NNODES            number of nodes (default 1: torchrun --standalone)
 #   MASTER_ADDR       rendezvous host when NNODES > 1 (the first node; required)
 #   MASTER_PORT       rendezvous port (default 29500 + SLURM_JOB_ID % 2000, else 29500)
@@ -19,6 +21,7 @@
 #   SHUTDOWN_TIMEOUT  seconds torchrun waits for workers after a failure before SIGKILL (30)
 #   PYTHON            interpreter with titans_train installed (default: python3)
 #   TORCHRUN_ARGS     extra torchrun arguments, word-split
+#   DRY_RUN           1: print the torchrun command and exit
 #
 # Signals: SIGUSR1 and SIGTERM sent to this script are forwarded to the training processes,
 # which checkpoint at the next step boundary and stop (titans_train/preemption.py). torchrun's
@@ -38,17 +41,22 @@ RDZV_BACKEND=${RDZV_BACKEND:-c10d}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 
 if [ -z "${NPROC_PER_NODE:-}" ]; then
-    gpus=${SLURM_GPUS_ON_NODE:-}
-    if [ -z "$gpus" ] && command -v nvidia-smi >/dev/null 2>&1; then
-        gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
-    fi
-    if [ "${gpus:-0}" -gt 0 ]; then
+    # torch's own count, in the interpreter the ranks use (nvidia-smi -L ignores
+    # CUDA_VISIBLE_DEVICES and MIG); exit status 2: GPUs that torch cannot use (message printed).
+    gpus=$("$PYTHON" "$root/launch/visible_gpus.py") || exit 1
+    if [ "$gpus" -gt 0 ]; then
         NPROC_PER_NODE=$gpus
+        why="one per GPU that torch sees"
     elif [ -n "${SLURM_CPUS_ON_NODE:-}" ]; then
         NPROC_PER_NODE=$((SLURM_CPUS_ON_NODE / ${CPUS_PER_PROC:-1}))
+        why="no GPU; SLURM_CPUS_ON_NODE=$SLURM_CPUS_ON_NODE / CPUS_PER_PROC=${CPUS_PER_PROC:-1}"
     else
+        # A CPU run's process count must divide the global batch: the core count of an
+        # arbitrary machine rarely does, so ask for it explicitly.
         NPROC_PER_NODE=1
+        why="no GPU and no SLURM allocation: set NPROC_PER_NODE=N for N CPU processes"
     fi
+    echo "torchrun.sh: $NPROC_PER_NODE process(es) on $(hostname) ($why)" >&2
 fi
 
 args=(--nproc-per-node="$NPROC_PER_NODE" --max-restarts="$MAX_RESTARTS")
@@ -81,6 +89,11 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 # torchrun's agent handles these only (its --signals-to-handle; PET_* is how torchrun reads any
 # option from the environment, and older torchruns ignore it); USR1 and TERM stay ignored.
 export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
+
+if [ "${DRY_RUN:-0}" = 1 ]; then
+    echo "$PYTHON -m torch.distributed.run ${args[*]} ${extra[*]} -m titans_train.cli $*"
+    exit 0
+fi
 
 agent=""
 forward() {

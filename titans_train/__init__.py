@@ -1,3 +1,8 @@
 """titans-train: pretraining Titans language models at scale."""
 
+from titans_train import jit_build as _jit_build
+
 __version__ = "0.1.0"
+
+# Before DeepSpeed can JIT-build anything: one extensions cache and one ninja per environment.
+_jit_build.apply_defaults()

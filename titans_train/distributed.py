@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from titans_train.jit_build import announce_pending_build
+
 PROGRESS_KEY = "titans/progress/{rank}"
 
 
@@ -61,6 +63,7 @@ def init_distributed(startup_timeout: float = 1800.0) -> DistEnv:
     import deepspeed
 
     denv = env_from_launcher()
+    announce_pending_build(denv.local_rank)  # DeepSpeed's silent C++ build on CPU
     if torch.cuda.is_available():
         torch.cuda.set_device(denv.local_rank)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
