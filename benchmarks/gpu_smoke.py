@@ -188,13 +188,23 @@ def launch(smoke, data: Path, run_dir: Path, zero: int, steps: int, plan: dict) 
             "text": log.read_text(errors="replace")}  # fmt: skip
 
 
+def read_metrics(run_dir: Path) -> tuple[dict[int, dict], list[dict]]:
+    """metrics.jsonl: step -> row, and the {"header": ...} lines each (re)start writes."""
+    path = run_dir / "metrics.jsonl"
+    lines = (
+        [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+        if path.exists()
+        else []
+    )
+    return {r["step"]: r for r in lines if "loss" in r}, [
+        r["header"] for r in lines if "header" in r
+    ]
+
+
 def check_run(run_dir: Path, first: int, last: int, nan: int | None) -> list[str]:
     """Problems in metrics.jsonl for steps first..last: a missing step, a non-finite loss other
     than the injected one, the injected one not skipped."""
-    path, problems = run_dir / "metrics.jsonl", []
-    rows = {}
-    if path.exists():
-        rows = {r["step"]: r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r}
+    rows, problems = read_metrics(run_dir)[0], []
     for step in range(first, last + 1):
         if step not in rows:
             problems.append(f"step {step} not in metrics.jsonl")
@@ -203,6 +213,24 @@ def check_run(run_dir: Path, first: int, last: int, nan: int | None) -> list[str
     if nan is not None and rows.get(last, {}).get("skipped_steps") != 1:
         problems.append(f"skipped_steps at step {last} is not 1: the NaN step was not skipped")
     return problems
+
+
+def check_backend(smoke, run_dir: Path) -> tuple[list[dict], list[str]]:
+    """The attention backend each (re)start reports in its metrics.jsonl header, against the one
+    select_backend picks for the tiny model's heads in the training dtype."""
+    import torch
+
+    from titans_train.models import load_model_config
+    from titans_train.models.attention import select_backend
+
+    cfg = load_model_config(ROOT / "configs" / "model" / "tiny.yaml")
+    dtype = torch.float32 if smoke.dry_run else torch.bfloat16
+    want = select_backend(
+        torch.empty(1, cfg.heads, 1, cfg.head_dim, device=smoke.device, dtype=dtype)
+    )
+    headers = read_metrics(run_dir)[1]
+    got = [h["attention"].get("backend") for h in headers if isinstance(h.get("attention"), dict)]
+    return headers, [f"trainer attention backend {b}, expected {want}" for b in got if b != want]
 
 
 def train_resume_eval(smoke, data: Path, zero: int, plan: dict) -> dict:
@@ -222,8 +250,9 @@ def train_resume_eval(smoke, data: Path, zero: int, plan: dict) -> dict:
         problems += [f"{name}: {p}" for p in check_run(run_dir, first, max_steps, nan)]
         if name == "resume" and f"resumed from {run_dir}" not in res["text"]:
             problems.append(f"resume: no 'resumed from ... at step {steps}' in {res['log']}")
-    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
-    row["checkpoints"] = ckpts
+    row["checkpoints"] = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    row["headers"], backend_problems = check_backend(smoke, run_dir)
+    problems += backend_problems
     if not problems:
         row["eval"], eval_problems = evaluate(run_dir)
         problems += eval_problems

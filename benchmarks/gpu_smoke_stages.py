@@ -359,7 +359,7 @@ def throughput_stage(smoke: Smoke) -> dict:
     from titans_train.models import load_model_config
 
     preset = "tiny" if smoke.dry_run else "mac_170m"
-    lengths, iters = ((64, 128), 1) if smoke.dry_run else ((2048, 4096), 3)
+    lengths, iters = ((64, 128), 1) if smoke.dry_run else ((2048, 4096), 2)
     rows, failures = {}, []
     with dry_run_compile(smoke.dry_run):
         for backend, overrides in MEMORY_BACKENDS.items():
