@@ -81,5 +81,7 @@ def test_the_trainer_check_names_what_went_wrong(tmp_path):
     assert check_run(tmp_path, 1, 4, nan=3) == [
         "skipped_steps at step 4 is not 1: the NaN step was not skipped"
     ]
+    write([(1, 5.0, 0), (2, 4.0, 0), (3, 4.1, 1), (4, 3.9, 1)])  # the injection did not happen
+    assert check_run(tmp_path, 1, 4, nan=3) == ["step 3: loss 4.1"]
     write([(5, 3.8, 1), (6, 3.7, 1)])  # the resumed part: no injection
     assert check_run(tmp_path, 5, 6, nan=None) == []
