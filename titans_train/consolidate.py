@@ -71,12 +71,49 @@ def _stage(config: dict, path: Path) -> int:
     return stage
 
 
-def consolidated_weights(path: Path, stage: int) -> dict[str, torch.Tensor]:
-    """Full fp32 state dict of the model saved by ZeRO-``stage`` in checkpoint ``path``."""
+def stage0_master_weights(states: dict, model: TitansLM) -> dict[str, torch.Tensor] | None:
+    """A bf16 stage-0 checkpoint's fp32 master weights, or None when it has none (fp32 runs).
+
+    Under bf16 at stage 0 the module holds bf16 copies; DeepSpeed's FP16_Optimizer keeps the fp32
+    masters as one flat tensor per parameter group (``fp32_groups_flat``), laid out in the order
+    of the groups engine.param_groups builds (empty groups dropped, as DeepSpeed drops them).
+    """
+    flats = (states.get("optimizer") or {}).get("fp32_groups_flat")
+    if not flats:
+        return None
+    from titans_train.engine import param_groups
+
+    names: dict[int, list[str]] = {}  # tied weights: every name of the one parameter
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    groups = [g["params"] for g in param_groups(model, 0.0) if g["params"]]
+    sizes = [sum(p.numel() for p in g) for g in groups]
+    if sizes != [f.numel() for f in flats]:
+        raise ValueError(
+            f"fp32 master weights hold groups of {[f.numel() for f in flats]} elements, the "
+            f"model config gives {sizes}"
+        )
+    weights = dict(states["module"])  # buffers and frozen parameters have no master copy
+    for group, flat in zip(groups, flats):
+        offset = 0
+        for p in group:
+            for name in names[id(p)]:
+                if name in weights or name == names[id(p)][0]:
+                    weights[name] = flat[offset : offset + p.numel()].view(p.shape)
+            offset += p.numel()
+    return weights
+
+
+def consolidated_weights(
+    path: Path, stage: int, model: TitansLM | None = None
+) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict of the model saved by ZeRO-``stage`` in checkpoint ``path``; at stage
+    0 from the fp32 master copy when there is one (bf16 runs; needs ``model`` for its layout)."""
     try:
         if stage == 0:
             states = torch.load(path / MODEL_STATES, map_location="cpu", weights_only=False)
-            weights = states["module"]
+            masters = stage0_master_weights(states, model) if model is not None else None
+            weights = masters if masters is not None else states["module"]
         else:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -115,7 +152,7 @@ def load_checkpoint_model(path: Path) -> TitansLM:
     """The checkpoint's model in fp32, eval mode, without building a DeepSpeed engine."""
     config = trainer_config(path)
     model = TitansLM(model_config(config, path))
-    weights = consolidated_weights(path, _stage(config, path))
+    weights = consolidated_weights(path, _stage(config, path), model)
     if model.cfg.tie_embeddings and "head.weight" not in weights and "embed.weight" in weights:
         weights["head.weight"] = weights["embed.weight"]  # one tensor, saved once
     check_weights(weights, model, path)

@@ -10,6 +10,7 @@ no calls into sub-module weights from outside), so DeepSpeed ZeRO-3 can gather t
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -19,6 +20,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .memory_math import chunk_coeffs, chunk_step, layer_coeffs, memory_scan, mlp_forward
+
+
+def autocast_off(device: torch.device):
+    """The inner loop runs in fp32 whatever autocast says; a device type without autocast (meta,
+    used by the device probe) has none to turn off, and ``torch.autocast("meta")`` raises."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -188,7 +197,7 @@ class NeuralMemory(nn.Module):
             q = F.normalize(upcast(q), dim=-1)
             weights = state.weights if state and state.weights else self._initial(B)[0]
             momentum = state.momentum if state else None
-            with torch.autocast(x.device.type, enabled=False):
+            with autocast_off(x.device):
                 y = mlp_forward(weights, q, self.residual_norm)[0]
             pos = state.pos if state else 0
             return self._merge(y, B).to(x.dtype), MemoryState(weights, momentum, None, tail, pos)
@@ -213,7 +222,7 @@ class NeuralMemory(nn.Module):
             gates = tuple(torch.cat([b, t], 1) for b, t in zip(state.buffer[2:], gates))
             q = torch.cat([q.new_zeros(q.shape[0], r, q.shape[2]), q], 1)
 
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device):
             y, weights, momentum = memory_scan(
                 weights,
                 momentum,

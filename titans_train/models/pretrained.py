@@ -21,11 +21,17 @@ FORMAT = "titans-train"
 VERSION = 1
 
 
-def save_pretrained(model: TitansLM, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write the weights (fp32, shared tensors such as tied embeddings stored once) and config."""
+def save_pretrained(
+    model: TitansLM,
+    out_dir: str | Path,
+    extra: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write the weights (in ``dtype``, on the CPU; shared tensors such as tied embeddings stored
+    once) and config."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_model(model.float(), str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
+    save_model(model.to("cpu", dtype), str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
     config = {"format": FORMAT, "version": VERSION, "model": model.cfg.to_dict(), **(extra or {})}
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
     return out
