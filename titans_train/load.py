@@ -43,12 +43,16 @@ def resolve_device(spec: str | None) -> torch.device:
         return device()
     try:
         dev = torch.device(spec)
-    except RuntimeError as e:
-        raise ValueError(f"--device {spec!r}: not a device ({e})") from e
+    except RuntimeError:
+        raise ValueError(f"--device {spec}: not a device (cpu, cuda, cuda:N, ...)") from None
     if dev.type == "cuda" and not (
         torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()
     ):
         raise ValueError(f"--device {spec}: no such CUDA device here")
+    try:
+        torch.empty(0, device=dev)
+    except Exception as e:  # other device types: torch raises several kinds when absent
+        raise ValueError(f"--device {spec}: not usable here ({type(e).__name__}: {e})") from e
     return dev
 
 
