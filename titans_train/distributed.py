@@ -22,12 +22,15 @@ Checkpoint saves run under the long timeout again (rank 0 fsyncs while the other
 
 Progress: every rank writes its step and phase to the rendezvous store (two small writes per
 step). When a collective fails or times out, the message names this rank and the ranks that were
-behind it, read back from the store: gloo's own message names neither.
+behind it, read back from the store: gloo's own message names neither. On a GPU that holds for the
+collectives that run over gloo (the per-step stop check among them); a timed-out NCCL collective
+is ended by NCCL's watchdog instead, which aborts the process (docs/devices.md: what it prints).
 """
 
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 import socket
 from contextlib import contextmanager
@@ -94,6 +97,10 @@ def init_distributed(startup_timeout: float = 1800.0) -> DistEnv:
     import deepspeed
 
     denv = env_from_launcher()
+    # NCCL's watchdog ends a rank that timed out with SIGABRT, so no Python handler (and none of
+    # failure_message) runs; faulthandler still prints every thread's Python stack on the way.
+    if not faulthandler.is_enabled():
+        faulthandler.enable(all_threads=True)
     acc = accelerator()
     if acc.device_name() != "cpu":
         acc.set_device(denv.local_rank)
