@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from trainer_helpers import EXPERIMENT
 
 from titans_train import checkpoint as ckpt
 from titans_train.config import Config, to_dict
@@ -119,3 +120,18 @@ def test_stage0_bf16_export_reads_the_fp32_masters(process_group, tmp_path):
     assert torch.equal(flat, masters)
     rounded = [n for n, p in exported.items() if not torch.equal(p, module[n].float())]
     assert rounded, "the export equals the bf16 module: the masters were not read"
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("zero.grad_accum_dtype=fp16", "zero.grad_accum_dtype: 'fp16' is not fp32 or bf16"),
+        ("zero.communication_dtype=float32", "zero.communication_dtype: 'float32' is not"),
+        ("train.tf32=maybe", "train.tf32"),
+    ],
+)
+def test_bad_precision_keys_are_config_errors(override, key):
+    from titans_train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=key):
+        load_config(EXPERIMENT, [override])

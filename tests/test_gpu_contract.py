@@ -146,3 +146,17 @@ def test_init_distributed_follows_the_accelerator(cuda_claimed, monkeypatch, tmp
 )
 def test_process_group_backend(device_type, comm, expected):
     assert distributed.process_group_backend(device_type, comm) == expected
+
+
+def test_tf32_switch(monkeypatch):
+    """On CUDA train.tf32 sets the flag, and torch's legacy getters (inductor reads them) keep
+    working; on the CPU accelerator it changes nothing."""
+    distributed.set_tf32(True)
+    assert not torch.backends.cuda.matmul.allow_tf32
+    monkeypatch.setattr(distributed, "device_type", lambda: "cuda")
+    try:
+        distributed.set_tf32(True)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        distributed.set_tf32(False)
+    assert torch.get_float32_matmul_precision() == "highest"

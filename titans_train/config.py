@@ -76,9 +76,7 @@ class TrainConfig:
     eval_batches: int = 8  # validation steps per evaluation; 0 = the whole val split
     max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
     peak_tflops: float | None = None  # per device, for MFU; None = known GPU table / measured CPU
-    tf32: bool = (
-        False  # fp32 matmuls (the memory's inner loop) in TF32 on Ampere+ (docs/devices.md)
-    )
+    tf32: bool = False  # fp32 matmuls (memory inner loop) in TF32 on Ampere+ (docs/devices.md)
 
 
 @dataclass
