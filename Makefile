@@ -17,13 +17,17 @@ MAX_JOBS ?= 4
 # titans_train itself on import (titans_train/jit_build.py), so `make` and an activated venv agree.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-export DS_ACCELERATOR ?= cpu
+# DS_ACCELERATOR is left to titans_train, which sets it from torch's device when unset
+# (distributed.default_ds_accelerator): `make train` on a GPU host trains on its GPUs.
 export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED := 1
 
 # `make train`: the embedded demo corpus -> shards -> a tiny MAC on NPROC CPU processes (ZeRO-2).
 DEMO_DIR ?= runs/data/demo
-NPROC ?= 2
+# 2 CPU processes; on a GPU host 1, 2 or 4 GPUs (the demo's global batch of 8 must divide).
+# Recursively expanded: evaluated in the recipe, after `install` made the venv.
+NPROC ?= $(shell n=$$($(PY) launch/visible_gpus.py 2>/dev/null || echo 0); \
+	if [ "$$n" -ge 4 ]; then echo 4; elif [ "$$n" -ge 1 ]; then echo $$(( n >= 2 ? 2 : 1 )); else echo 2; fi)
 EXPERIMENT ?= configs/experiments/tiny_mac.yaml
 TRAIN_ARGS ?=
 

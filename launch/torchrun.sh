@@ -86,6 +86,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # a restarted rank can read a dead rank's address (pytorch #135712; seen here as gloo's
 # "connectFullMesh failed ... Connection refused" after --max-restarts).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+# NCCL: a timed-out collective makes the watchdog abort the waiting ranks; their flight recorders
+# dump the last collectives first (`torchfrtrace DIR` names the rank that never joined; docs/devices.md).
+export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
+export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-${TMPDIR:-/tmp}/titans-nccl-$RDZV_ID/rank_}
+mkdir -p "$(dirname "$TORCH_NCCL_DEBUG_INFO_TEMP_FILE")"
 # torchrun's agent handles these only (its --signals-to-handle; PET_* is how torchrun reads any
 # option from the environment, and older torchruns ignore it); USR1 and TERM stay ignored.
 export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT

@@ -1,6 +1,13 @@
 import os
 
 # Set before torch/deepspeed/wandb are imported by any test module.
+# CPU tests run on the CPU on a GPU host too: the GPUs are hidden from torch (and from every
+# subprocess), so torch and DeepSpeed's accelerator (DS_ACCELERATOR=cpu) agree. Tests meant for a
+# GPU run with TITANS_TEST_GPU=1, which keeps the GPUs visible and makes DeepSpeed default to CUDA.
+if os.environ.get("TITANS_TEST_GPU") == "1":
+    os.environ.setdefault("DS_ACCELERATOR", "cuda")
+else:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

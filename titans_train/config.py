@@ -59,6 +59,9 @@ class ZeroConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     activation_checkpointing: bool = False  # recompute each block in backward
     param_persistence_threshold: int | None = None  # ZeRO-3: params smaller than this stay whole
+    # Under bf16: dtype of accumulated gradients and of their all-reduce/reduce-scatter (engine.py)
+    grad_accum_dtype: str = "fp32"  # fp32 | bf16 (stage 0 always accumulates in bf16)
+    communication_dtype: str = "fp32"  # fp32 | bf16
 
 
 @dataclass
@@ -73,6 +76,7 @@ class TrainConfig:
     eval_batches: int = 8  # validation steps per evaluation; 0 = the whole val split
     max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
     peak_tflops: float | None = None  # per device, for MFU; None = known GPU table / measured CPU
+    tf32: bool = False  # fp32 matmuls (memory inner loop) in TF32 on Ampere+ (docs/devices.md)
 
 
 @dataclass
@@ -210,6 +214,9 @@ def validate(cfg: Config, source: str | Path = "config", world_size: int | None 
         bad("zero.precision", f"{z.precision!r} is not auto, fp32 or bf16")
     if z.offload_optimizer and z.stage == 0:
         bad("zero.offload_optimizer", "needs zero.stage >= 1")
+    for key in ("grad_accum_dtype", "communication_dtype"):
+        if getattr(z, key) not in ("fp32", "bf16"):
+            bad(f"zero.{key}", f"{getattr(z, key)!r} is not fp32 or bf16")
     la = cfg.launch
     if min(la.startup_timeout, la.timeout) <= 0 or la.walltime_margin < 0 or la.walltime_poll <= 0:
         bad("launch", "timeouts and walltime_poll must be > 0, walltime_margin >= 0")

@@ -71,12 +71,82 @@ def _stage(config: dict, path: Path) -> int:
     return stage
 
 
-def consolidated_weights(path: Path, stage: int) -> dict[str, torch.Tensor]:
-    """Full fp32 state dict of the model saved by ZeRO-``stage`` in checkpoint ``path``."""
+def stage0_master_weights(states: dict, model: TitansLM) -> dict[str, torch.Tensor] | None:
+    """A bf16 stage-0 checkpoint's fp32 master weights, or None when it has none (fp32 runs).
+
+    Under bf16 at stage 0 the module holds bf16 copies; DeepSpeed's fp16/bf16 optimizer wrapper
+    keeps the fp32 masters per parameter group, in the order of the groups engine.param_groups
+    builds (empty groups dropped, as DeepSpeed drops them): one tensor per parameter
+    (``fp32_groups``, FP16_UnfusedOptimizer, used with our torch AdamW) or one flat tensor
+    (``fp32_groups_flat``, FP16_Optimizer, used with a fused Adam).
+    """
+    opt = states.get("optimizer") or {}
+    per_param = opt.get("fp32_groups") if isinstance(opt, dict) else None
+    flats = opt.get("fp32_groups_flat") if isinstance(opt, dict) else None
+    if per_param:
+        flats = [torch.cat([t.detach().flatten() for t in group]) for group in per_param]
+    if not flats:
+        return None
+    from titans_train.engine import param_groups
+
+    names: dict[int, list[str]] = {}  # tied weights: every name of the one parameter
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    groups = [g["params"] for g in param_groups(model, 0.0) if g["params"]]
+    sizes = [sum(p.numel() for p in g) for g in groups]
+    if sizes != [f.numel() for f in flats]:
+        raise ValueError(
+            f"fp32 master weights hold groups of {[f.numel() for f in flats]} elements, the "
+            f"model config gives {sizes}"
+        )
+    weights = dict(states["module"])  # buffers and frozen parameters have no master copy
+    for group, flat in zip(groups, flats):
+        offset = 0
+        for p in group:
+            for name in names[id(p)]:
+                if name in weights or name == names[id(p)][0]:
+                    weights[name] = flat[offset : offset + p.numel()].view(p.shape)
+            offset += p.numel()
+    return weights
+
+
+def bf16_optimizer_weights(path: Path, model: TitansLM) -> dict[str, torch.Tensor] | None:
+    """fp32 weights of a checkpoint written by DeepSpeed's BF16_Optimizer (ZeRO-1 under bf16 with
+    fp32 gradient accumulation, engine.py), or None when there are no such files.
+
+    DeepSpeed's zero_to_fp32 refuses these files ("is not a zero checkpoint"). Each rank's file
+    holds its slice of every group's flat fp32 partition and, per parameter, where its fragment
+    sits in that slice (``param_slice_mappings``); a parameter is its fragments in rank order.
+    """
+    files = list(path.glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    if not files:
+        return None
+    files.sort(key=lambda f: int(f.name.split("_")[4]))
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for file in files:
+        sd = torch.load(file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        if "single_partition_of_fp32_groups" not in sd:
+            return None  # a ZeRO optimizer's bf16 files: zero_to_fp32 reads those
+        groups = zip(sd["single_partition_of_fp32_groups"], sd["param_slice_mappings"])
+        for partition, mapping in groups:
+            for name, frag in mapping.items():
+                pieces.setdefault(name, []).append(partition[frag.start : frag.start + frag.numel])
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    return {n: torch.cat(parts).view(shapes[n]) for n, parts in pieces.items() if n in shapes}
+
+
+def consolidated_weights(
+    path: Path, stage: int, model: TitansLM | None = None
+) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict of the model saved by ZeRO-``stage`` in checkpoint ``path``; at stage
+    0 from the fp32 master copy when there is one (bf16 runs; needs ``model`` for its layout)."""
     try:
         if stage == 0:
             states = torch.load(path / MODEL_STATES, map_location="cpu", weights_only=False)
-            weights = states["module"]
+            masters = stage0_master_weights(states, model) if model is not None else None
+            weights = masters if masters is not None else states["module"]
+        elif stage == 1 and model is not None and (found := bf16_optimizer_weights(path, model)):
+            weights = found
         else:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -115,7 +185,7 @@ def load_checkpoint_model(path: Path) -> TitansLM:
     """The checkpoint's model in fp32, eval mode, without building a DeepSpeed engine."""
     config = trainer_config(path)
     model = TitansLM(model_config(config, path))
-    weights = consolidated_weights(path, _stage(config, path))
+    weights = consolidated_weights(path, _stage(config, path), model)
     if model.cfg.tie_embeddings and "head.weight" not in weights and "embed.weight" in weights:
         weights["head.weight"] = weights["embed.weight"]  # one tensor, saved once
     check_weights(weights, model, path)

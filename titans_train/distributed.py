@@ -1,6 +1,19 @@
 """Process-group setup from torchrun or SLURM environments (gloo on CPU, NCCL on CUDA), its
 timeouts, and failure messages that name the rank.
 
+Device and backend: one source of truth, DeepSpeed's accelerator (``DS_ACCELERATOR``, else what
+DeepSpeed detects). ``device()`` is where the trainer puts batches and where DeepSpeed puts the
+model; ``DS_ACCELERATOR=cpu`` means CPU and gloo even on a host with GPUs.
+
+The group on a GPU is ``"cpu:gloo,cuda:nccl"`` (torch's own default for a group serving both
+devices), not plain ``"nccl"``: NCCL serves CUDA tensors only, and the trainer's host-side
+collectives (the preemption flags, the logged loss, the validation totals, checkpoint bookkeeping)
+hold CPU tensors. Those values live on the host anyway (signals, Python floats), so gloo is their
+natural transport and they never touch the CUDA stream; gradients still go over NCCL. Any CPU
+collective added later works instead of failing at step 1. The cost is one gloo connection per
+group: across nodes gloo must reach the peers (``GLOO_SOCKET_IFNAME`` when the host name resolves
+to a loopback address).
+
 Timeouts: start-up (imports, JIT builds, compiles, checkpoint loads, the first steps) can take
 many minutes on a busy cluster, so the group starts with ``launch.startup_timeout``. After
 ``launch.timeout_after_steps`` steps every group is switched to the shorter ``launch.timeout``, so
@@ -9,12 +22,15 @@ Checkpoint saves run under the long timeout again (rank 0 fsyncs while the other
 
 Progress: every rank writes its step and phase to the rendezvous store (two small writes per
 step). When a collective fails or times out, the message names this rank and the ranks that were
-behind it, read back from the store: gloo's own message names neither.
+behind it, read back from the store: gloo's own message names neither. On a GPU that holds for the
+collectives that run over gloo (the per-step stop check among them); a timed-out NCCL collective
+is ended by NCCL's watchdog instead, which aborts the process (docs/devices.md: what it prints).
 """
 
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 import socket
 from contextlib import contextmanager
@@ -58,15 +74,51 @@ def env_from_launcher() -> DistEnv:
     return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]))
 
 
+def default_ds_accelerator(environ=os.environ) -> str:
+    """``DS_ACCELERATOR`` when it is set; else set it to what DeepSpeed would auto-detect (cuda
+    when torch sees a GPU, else cpu). Same choice, but DeepSpeed's detection logs a warning on
+    stdout, ahead of ``titans-generate``'s text; setting it first keeps stdout for results.
+    Called on import of titans_train, before anything imports DeepSpeed."""
+    if not environ.get("DS_ACCELERATOR"):
+        gpu = torch.cuda.device_count() > 0 and torch.cuda.is_available()
+        environ["DS_ACCELERATOR"] = "cuda" if gpu else "cpu"
+    return environ["DS_ACCELERATOR"]
+
+
+def accelerator():
+    """DeepSpeed's accelerator: the one object that says which device this process trains on."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator()
+
+
+def device_type() -> str:
+    """'cuda', 'cpu' (or another DeepSpeed accelerator's name)."""
+    return accelerator().device_name()
+
+
+def process_group_backend(device_type: str, comm_backend: str) -> str:
+    """The ``init_process_group`` backend: the accelerator's collective library for its tensors
+    plus gloo for CPU tensors (module docstring: why both)."""
+    if device_type == "cpu" or comm_backend == "gloo":
+        return comm_backend
+    return f"cpu:gloo,{device_type}:{comm_backend}"
+
+
 def init_distributed(startup_timeout: float = 1800.0) -> DistEnv:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on CUDA)."""
+    """Initialise torch.distributed through DeepSpeed on the accelerator's device and backend."""
     import deepspeed
 
     denv = env_from_launcher()
     announce_pending_build(denv.local_rank)  # DeepSpeed's silent C++ build on CPU
-    if torch.cuda.is_available():
-        torch.cuda.set_device(denv.local_rank)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # NCCL's watchdog ends a rank that timed out with SIGABRT, so no Python handler (and none of
+    # failure_message) runs; faulthandler still prints every thread's Python stack on the way.
+    if not faulthandler.is_enabled():
+        faulthandler.enable(all_threads=True)
+    acc = accelerator()
+    if acc.device_name() != "cpu":
+        acc.set_device(denv.local_rank)
+    backend = process_group_backend(acc.device_name(), acc.communication_backend_name())
     deepspeed.init_distributed(
         dist_backend=backend,
         auto_mpi_discovery=False,
@@ -154,7 +206,19 @@ def failure_message(denv: DistEnv, step: int, error: BaseException) -> str:
     return msg
 
 
+def set_tf32(enabled: bool) -> None:
+    """``train.tf32``: fp32 matmuls (the memory's inner loop) in TF32 on CUDA (Ampere+).
+
+    The legacy flag on purpose: once torch 2.13's ``fp32_precision`` API is used, its legacy
+    getters (``torch.get_float32_matmul_precision``, which inductor reads) raise.
+    """
+    if device_type() == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+
+
 def device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """This process's training device, as DeepSpeed's accelerator places the model."""
+    acc = accelerator()
+    if acc.device_name() == "cpu":
+        return torch.device("cpu")
+    return torch.device(acc.current_device_name())

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from titans_train.config import Config
+from titans_train.distributed import accelerator, device_type
 
 # Parameters that are learned states rather than weights: no weight decay.
 NO_DECAY_NAMES = ("persistent", "mem_queries", "init_weights")
@@ -79,8 +80,9 @@ class AdamW(torch.optim.AdamW):
 
 
 def use_bf16(cfg: Config) -> bool:
+    """``auto``: bf16 on an accelerator that supports it (DeepSpeed's view), fp32 on CPU."""
     if cfg.zero.precision == "auto":
-        return torch.cuda.is_available()
+        return device_type() != "cpu" and accelerator().is_bf16_supported()
     return cfg.zero.precision == "bf16"
 
 
@@ -88,7 +90,7 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
     t, z = cfg.train, cfg.zero
     zero: dict = {"stage": z.stage}
     if z.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type() == "cuda"}
     if z.stage == 3 and z.param_persistence_threshold is not None:
         zero["stage3_param_persistence_threshold"] = z.param_persistence_threshold
     ds = {
@@ -107,7 +109,25 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
         ds["checkpoint"] = {"load_universal": True}
     if use_bf16(cfg):
         ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
+        ds.update(reduce_dtypes(cfg))
     return ds
+
+
+def reduce_dtypes(cfg: Config) -> dict:
+    """bf16 runs: gradients accumulated and reduced in fp32 by default (``zero.grad_accum_dtype``,
+    ``zero.communication_dtype``); DeepSpeed's own default is the model dtype, bf16.
+
+    DeepSpeed 0.19.8 honours ``communication_data_type`` at every stage (stage 0 in its
+    all-reduce fallback, 1-2 in stage_1_and_2, 3 in stage3). ``data_types.grad_accum_dtype``
+    fp32 is honoured at stage 1 (its BF16_Optimizer), 2 and 3; at stage 0 a bf16 model with fp32
+    accumulation raises "unsupported mix of model_dtype and grad_accum_dtype", so stage 0 keeps
+    its gradients in bf16 (its FP16_Optimizer still steps fp32 master weights).
+    """
+    z = cfg.zero
+    out: dict = {"communication_data_type": z.communication_dtype}
+    if z.stage > 0:
+        out["data_types"] = {"grad_accum_dtype": z.grad_accum_dtype}
+    return out
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -119,7 +139,7 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
     clip = cfg.optim.grad_clip if cfg.zero.stage == 0 else 0.0
-    return AdamW(groups, max_grad_norm=clip, fused=torch.cuda.is_available(), **kw)
+    return AdamW(groups, max_grad_norm=clip, fused=device_type() == "cuda", **kw)
 
 
 def build_engine(cfg: Config, model: nn.Module, world_size: int, load_universal: bool = False):

@@ -21,7 +21,14 @@ import torch
 
 from titans_train.checkpoint import CheckpointError
 from titans_train.data.errors import DataError
-from titans_train.load import ModelSource, describe, dump_json, open_model
+from titans_train.load import (
+    ModelSource,
+    add_placement_args,
+    describe,
+    dump_json,
+    open_model,
+    place,
+)
 from titans_train.perplexity import available_tokens, perplexity, stream_tokens
 from titans_train.recall import recall_suite
 from titans_train.synthetic import SUITES
@@ -211,6 +218,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pairs", type=int, default=8, help="MQAR key:value pairs")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--wandb", action="store_true", help="log into the checkpoint's W&B run")
+    add_placement_args(ap)
     return ap.parse_args(argv)
 
 
@@ -218,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         source = open_model(args.checkpoint, args.run, args.data)
+        source.model = place(source.model, args.device, args.dtype)
         with torch.no_grad():
             results = run_suites(source, args)
     except (CheckpointError, DataError, FileNotFoundError, ValueError) as e:

@@ -2,8 +2,9 @@
 
     titans-export --checkpoint runs/tiny-mac --out exports/tiny-mac [--data MANIFEST]
 
-writes ``model.safetensors`` (fp32; tied tensors once), ``config.json`` (the model config, the
-tokenizer identity and where the weights came from) and, for a tokenizers-based tokenizer, the
+writes ``model.safetensors`` (fp32, or ``--dtype bf16|fp16``; tied tensors once),
+``config.json`` (the model config, the tokenizer identity and where the weights came from) and,
+for a tokenizers-based tokenizer, the
 ``tokenizer.json`` the shards were made with. ``TitansLM.from_pretrained(out)`` loads it with
 torch and safetensors alone; ``titans-eval`` and ``titans-generate`` accept it as --checkpoint.
 """
@@ -17,12 +18,13 @@ from pathlib import Path
 
 from titans_train.checkpoint import CheckpointError
 from titans_train.data.errors import DataError
-from titans_train.load import TOKENIZER_FILE, ModelSource, open_model
+from titans_train.load import DTYPES, TOKENIZER_FILE, ModelSource, add_placement_args, open_model
 from titans_train.models.pretrained import CONFIG_FILE, save_pretrained
 
 
-def export(source: ModelSource, out: str | Path) -> Path:
-    """Write ``source`` as an exported directory; the tokenizer goes along when one is known."""
+def export(source: ModelSource, out: str | Path, dtype: str = "fp32") -> Path:
+    """Write ``source`` as an exported directory (weights stored in ``dtype``); the tokenizer goes
+    along when one is known."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
         raise FileExistsError(f"{out} exists and is not an exported model; choose another --out")
@@ -36,7 +38,7 @@ def export(source: ModelSource, out: str | Path) -> Path:
             "wandb_run_id": source.trainer_state.get("wandb_run_id"),
         },
     }
-    save_pretrained(source.model, out, extra)
+    save_pretrained(source.model, out, extra, dtype=DTYPES[dtype])
     if identity and identity.get("file"):
         src = source.tokenizer_dir / identity["file"]
         if src.resolve() != (out / TOKENIZER_FILE).resolve():
@@ -51,6 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--run", help="run directory for --checkpoint latest")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--data", help="shard manifest naming the tokenizer (default: the run's)")
+    # No --device: export computes nothing; the weights are cast on the CPU and written.
+    add_placement_args(ap, device=False)
     return ap.parse_args(argv)
 
 
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                 "data paths are not reachable from here); pass --data MANIFEST to include it",
                 file=sys.stderr,
             )
-        out = export(source, args.out)
+        out = export(source, args.out, args.dtype)
     except (CheckpointError, DataError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"titans-export: error: {e}", file=sys.stderr)
         return 2

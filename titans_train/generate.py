@@ -20,7 +20,7 @@ import torch
 
 from titans_train.checkpoint import CheckpointError
 from titans_train.data.errors import DataError
-from titans_train.load import dump_json, open_model
+from titans_train.load import add_placement_args, dump_json, open_model, place
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prefill-chunk", type=int, help="prompt tokens per forward")
     ap.add_argument("--stop-at-eos", action="store_true", help="stop at the tokenizer's EOS")
     ap.add_argument("--json", help="also write ids, text and timings here")
+    add_placement_args(ap)
     return ap.parse_args(argv)
 
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         source = open_model(args.checkpoint, args.run, args.data)
+        source.model = place(source.model, args.device, args.dtype)
         tok = source.tokenizer()
         text = read_prompt(args)
     except (CheckpointError, DataError, FileNotFoundError, ValueError) as e:
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = torch.from_numpy(tok.encode_batch([text])[0].astype("int64"))
     if len(ids) == 0:
         ids = torch.tensor([tok.eos_id])  # an empty prompt starts a new document
+    ids = ids.to(next(source.model.parameters()).device)
     t0 = time.perf_counter()
     out = source.model.generate(
         ids,

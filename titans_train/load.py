@@ -8,10 +8,13 @@ built in; otherwise the ``tokenizer.json`` beside the manifest, checked by sha25
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from data_pipelines.tokenizer import BYTES, TextTokenizer, load_tokenizer
 from titans_train.checkpoint import CheckpointError, load_trainer_state
@@ -22,6 +25,40 @@ from titans_train.models import TitansLM
 from titans_train.models.pretrained import CONFIG_FILE, load_pretrained, read_config
 
 TOKENIZER_FILE = "tokenizer.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_placement_args(ap: argparse.ArgumentParser, device: bool = True) -> None:
+    """--device and --dtype, shared by titans-eval and titans-generate (export: --dtype)."""
+    if device:
+        ap.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the GPU if any)")
+    ap.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights and compute dtype")
+
+
+def resolve_device(spec: str | None) -> torch.device:
+    """``spec``, or DeepSpeed's accelerator's device (the GPU when there is one, else CPU)."""
+    if spec is None:
+        from titans_train.distributed import device
+
+        return device()
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"--device {spec}: not a device (cpu, cuda, cuda:N, ...)") from None
+    if dev.type == "cuda" and not (
+        torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()
+    ):
+        raise ValueError(f"--device {spec}: no such CUDA device here")
+    try:
+        torch.empty(0, device=dev)
+    except Exception as e:  # other device types: torch raises several kinds when absent
+        raise ValueError(f"--device {spec}: not usable here ({type(e).__name__}: {e})") from e
+    return dev
+
+
+def place(model: TitansLM, device: str | None, dtype: str) -> TitansLM:
+    """The model on ``device`` in ``dtype`` (the memory's inner loop upcasts to fp32 itself)."""
+    return model.to(device=resolve_device(device), dtype=DTYPES[dtype])
 
 
 @dataclass

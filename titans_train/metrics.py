@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from titans_train.distributed import device_type
 from titans_train.models import ModelConfig
 from titans_train.models.flops import flops_per_token
 
@@ -43,7 +44,7 @@ def peak_flops_per_device(override_tflops: float | None = None) -> tuple[float, 
     threads, so CPU "MFU" is the share of what this machine's matmuls reach, not of a datasheet."""
     if override_tflops:
         return override_tflops * 1e12, "config train.peak_tflops"
-    if torch.cuda.is_available():
+    if device_type() == "cuda":
         name = torch.cuda.get_device_name()
         hit = gpu_peak_tflops(name)
         if hit:
@@ -64,7 +65,7 @@ def measured_cpu_flops(n: int = 1024, seconds: float = 0.3) -> float:
 
 def peak_memory_gb() -> float:
     """Peak allocated CUDA memory, or the process's peak resident set size on CPU."""
-    if torch.cuda.is_available():
+    if device_type() == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (2**30 if sys.platform == "darwin" else 2**20)

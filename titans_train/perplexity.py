@@ -73,10 +73,16 @@ def stream_logits(model: TitansLM, tokens: torch.Tensor, piece: int) -> Iterator
         yield a, out.logits
 
 
+def model_device(model: TitansLM) -> torch.device:
+    """Where the model's weights are: the tensors the evaluators make go there too."""
+    return next(model.parameters()).device
+
+
 def streamed_nll(model: TitansLM, batch: torch.Tensor, piece: int) -> torch.Tensor:
     """Summed next-token NLL of each row of [B, L+1], fed ``piece`` tokens at a time."""
+    batch = batch.to(model_device(model))
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    total = torch.zeros(batch.shape[0], dtype=torch.float64)
+    total = torch.zeros(batch.shape[0], dtype=torch.float64, device=batch.device)
     for a, logits in stream_logits(model, inputs, piece):
         nll = F.cross_entropy(
             logits.float().transpose(1, 2), targets[:, a : a + piece], reduction="none"

@@ -119,6 +119,7 @@ class Preemption:
         self.received.setdefault(signum, time.time())
 
     def local_flags(self) -> torch.Tensor:
+        # A CPU tensor: host-side flags; on a GPU the group serves CPU over gloo (distributed.py).
         return torch.tensor(
             [
                 signal.SIGUSR1 in self.received,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from titans_train.models import TitansLM
-from titans_train.perplexity import stream_logits
+from titans_train.perplexity import model_device, stream_logits
 from titans_train.synthetic import Encode, Example, generate
 
 
@@ -30,6 +30,7 @@ def score(
     for i in range(0, len(examples), batch_size):
         group = examples[i : i + batch_size]
         tokens = torch.tensor([e.tokens for e in group], dtype=torch.long)
+        tokens = tokens.to(model_device(model))
         pred = predictions(model, tokens, piece)
         for row, ex in enumerate(group):
             for a, b in ex.answers:

@@ -35,6 +35,7 @@ from titans_train.distributed import (
     failure_message,
     init_distributed,
     mark_progress,
+    set_tf32,
     set_timeout,
     timeout_for,
 )
@@ -69,7 +70,8 @@ def log0(denv: DistEnv, msg: str) -> None:
 
 
 def all_mean(values: list[torch.Tensor]) -> float:
-    """Mean over micro-batches and ranks (equal micro-batch sizes everywhere)."""
+    """Mean over micro-batches and ranks (equal micro-batch sizes everywhere). Reduced as a CPU
+    tensor: the group serves CPU tensors over gloo on a GPU too (distributed.py)."""
     x = torch.stack([v.detach().float().cpu() for v in values]).mean()
     if dist.is_initialized():
         dist.all_reduce(x)
@@ -99,7 +101,7 @@ def loaders(cfg: Config, denv: DistEnv) -> tuple[StreamingLoader, dict]:
 def evaluate(engine, cfg: Config, common: dict) -> dict[str, float]:
     """Validation loss and perplexity over ``eval_batches`` global batches of the val split."""
     engine.eval()
-    total, count = torch.zeros(2, dtype=torch.float64), 0
+    total, count = torch.zeros(2, dtype=torch.float64), 0  # CPU: reduced over gloo on a GPU
     with validation_loader(cfg.data.val or cfg.data.train, **common) as val:
         for i, micro_batches in enumerate(val):
             if cfg.train.eval_batches and i >= cfg.train.eval_batches:
@@ -130,6 +132,7 @@ def train(cfg: Config, denv: DistEnv, preemption: Preemption) -> dict:
     """Train to ``max_steps``; returns the last metrics, plus ``stopped`` (the reason) when a
     signal or the wall-time guard ended the run early after a committed checkpoint."""
     torch.manual_seed(cfg.train.seed)
+    set_tf32(cfg.train.tf32)
     run_dir = cfg.run_path
     if denv.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .memory_math import chunk_coeffs, chunk_step, layer_coeffs, memory_scan, mlp_forward
+from .memory_math import (
+    autocast_off,
+    chunk_coeffs,
+    chunk_step,
+    layer_coeffs,
+    memory_scan,
+    mlp_forward,
+)
 
 
 @dataclass
@@ -188,7 +195,7 @@ class NeuralMemory(nn.Module):
             q = F.normalize(upcast(q), dim=-1)
             weights = state.weights if state and state.weights else self._initial(B)[0]
             momentum = state.momentum if state else None
-            with torch.autocast(x.device.type, enabled=False):
+            with autocast_off(x.device.type):
                 y = mlp_forward(weights, q, self.residual_norm)[0]
             pos = state.pos if state else 0
             return self._merge(y, B).to(x.dtype), MemoryState(weights, momentum, None, tail, pos)
@@ -213,7 +220,7 @@ class NeuralMemory(nn.Module):
             gates = tuple(torch.cat([b, t], 1) for b, t in zip(state.buffer[2:], gates))
             q = torch.cat([q.new_zeros(q.shape[0], r, q.shape[2]), q], 1)
 
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             y, weights, momentum = memory_scan(
                 weights,
                 momentum,

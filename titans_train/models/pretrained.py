@@ -22,11 +22,17 @@ FORMAT = "titans-train"
 VERSION = 1
 
 
-def save_pretrained(model: TitansLM, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write the weights (fp32, shared tensors such as tied embeddings stored once) and config."""
+def save_pretrained(
+    model: TitansLM,
+    out_dir: str | Path,
+    extra: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write the weights (in ``dtype``, on the CPU; shared tensors such as tied embeddings stored
+    once) and config."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_model(model.float(), str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
+    save_model(model.to("cpu", dtype), str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
     # safetensors creates its file 0600; every other file follows the umask (0644 by default,
     # 0600 under a private umask), so the weights do too.
     mask = os.umask(0)
