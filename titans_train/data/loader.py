@@ -78,6 +78,19 @@ def _check_manifest(m: ShardManifest, split: str, seq_len: int, vocab_size: int)
             raise DataError(f"shard {shard.name} listed in {m.location} is missing: {url}")
 
 
+def check_sources(
+    sources: Sequence[str], seq_len: int, vocab_size: int, split: str = "train"
+) -> None:
+    """The checks the loader makes, without reading a shard: run before the slow start-up.
+
+    Local manifests only (a URL is checked when the loader opens it): seq_len and vocabulary
+    against the model, and every shard of ``split`` present.
+    """
+    for src in sources:
+        if not (src.startswith("pipe:") or "://" in src):
+            _check_manifest(ShardManifest.load(src), split, seq_len, vocab_size)
+
+
 class StreamingLoader:
     """Reads packed webdataset shards in the global order of `order.GlobalOrder`.
 
