@@ -14,6 +14,7 @@ from __future__ import annotations
 import codecs
 import glob
 import gzip
+import io
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -111,7 +112,7 @@ def _open_binary(path: str) -> BinaryIO:
     if path.endswith(".zst"):
         import zstandard
 
-        return zstandard.open(path, "rb")
+        return io.BufferedReader(zstandard.open(path, "rb"))  # its reader has no readline
     return open(path, "rb")
 
 
