@@ -30,7 +30,12 @@ from data_pipelines.sources import ERRORS, DecodeStats, expand_sources, iter_doc
 from data_pipelines.tokenizer import TextTokenizer, load_tokenizer
 from titans_train import __version__
 from titans_train.data.manifest import FORMAT, MANIFEST_NAME, SPLITS, VERSION
-from titans_train.data.shard_format import DOC_STARTS_FIELD, token_dtype, tokens_field
+from titans_train.data.shard_format import (
+    CRC_MEMBER,
+    DOC_STARTS_FIELD,
+    token_dtype,
+    tokens_field,
+)
 from titans_train.fsutil import write_atomically, write_json_atomically
 
 WORK = ".work"
@@ -272,7 +277,11 @@ def _manifest(cfg, tok, dtype, tasks, infos, splits, totals) -> dict:
         "sample_tokens": cfg.seq_len + 1,
         "dtype": dtype,
         "samples_per_shard": cfg.samples_per_shard,
-        "fields": {"tokens": tokens_field(dtype), "doc_starts": DOC_STARTS_FIELD},
+        "fields": {
+            "tokens": tokens_field(dtype),
+            "doc_starts": DOC_STARTS_FIELD,
+            "crc32": CRC_MEMBER,
+        },
         "splits": splits,
         "totals": totals,
         "config": cfg.result_config(),

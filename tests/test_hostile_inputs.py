@@ -3,18 +3,27 @@ file, key, override, shard or step, and nothing is left half-done."""
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 import subprocess
 import sys
+import tarfile
 import warnings
 from pathlib import Path
 
 import pytest
+import webdataset as wds
+from data_helpers import build, shards_from_corpus
 from distributed import ROOT
 from trainer_helpers import EXPERIMENT, base_overrides, metrics
 from wandb_helpers import clean_env, wandb_home
 
+from data_pipelines.sources import InputError
+from data_pipelines.tokenizer import load_tokenizer
 from titans_train.config import ConfigError, load_config
+from titans_train.data import DataError, StreamingLoader
+from titans_train.data.shard_format import CRC_MEMBER
 
 
 def run_trainer(data, run_dir, steps, *overrides, timeout=600) -> subprocess.CompletedProcess:
@@ -101,8 +110,6 @@ def test_metrics_are_rewound_on_resume_so_every_step_appears_once(demo_shards, t
 
 # -- 11. tokenize: text encodings, bad records, no leftovers -------------------------------------
 def tokenize(tmp_path, *sources, **kwargs):
-    from data_helpers import build
-
     return build(
         str(tmp_path / "out"),
         [str(s) for s in sources],
@@ -114,8 +121,6 @@ def tokenize(tmp_path, *sources, **kwargs):
 
 
 def test_latin1_text_is_refused_naming_file_and_line(tmp_path):
-    from data_pipelines.sources import InputError
-
     src = tmp_path / "latin1.txt"
     src.write_bytes("first line\nna\u00efve caf\u00e9\n".encode("latin-1"))
     with pytest.raises(InputError, match=r"latin1\.txt:2: not valid utf-8 \(byte 0xef"):
@@ -151,8 +156,6 @@ def test_errors_replace_counts_replacements_in_the_manifest(tmp_path, capsys):
     ],
 )
 def test_bad_jsonl_line_names_file_and_line_and_leaves_nothing(tmp_path, line, why):
-    from data_pipelines.sources import InputError
-
     src = tmp_path / "bad.jsonl"
     src.write_bytes(b'{"text": "good document"}\n' + line + b"\n")
     with pytest.raises(InputError, match=why):
@@ -234,8 +237,6 @@ def test_trainer_cli_malformed_override_is_one_line(tmp_path):
 
 
 def test_corrupt_tokenizer_json_names_the_path(tmp_path):
-    from data_pipelines.tokenizer import load_tokenizer
-
     bad = tmp_path / "tokenizer.json"
     for text in ('{"version": "1.0", "model": {"type": "BPE", "vo', "not json at all"):
         bad.write_text(text)
@@ -293,8 +294,6 @@ def test_key_from_the_command_line_is_blamed_on_the_override_not_the_file(demo_s
 
 
 def copy_shards(src: Path, dst: Path) -> Path:
-    import shutil
-
     shutil.copytree(src, dst)
     return dst
 
@@ -328,3 +327,68 @@ def test_data_mismatch_is_found_before_the_engine_starts(demo_shards, tmp_path, 
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith(message.format(m=data / "manifest.json")), proc.stderr[-2000:]
     assert "DeepSpeed" not in proc.stderr and "resolved config" not in proc.stderr
+
+
+# -- 14. corruption inside the id range is caught by a per-sample CRC ----------------------------
+CRC_KW = dict(seq_len=31, vocab_size=257, global_batch=12, micro_batch=12)
+
+
+@pytest.fixture
+def crc_shards(tmp_path):
+    return Path(shards_from_corpus(str(tmp_path), "shards", 36))  # 3 shards of 12 samples
+
+
+def read_all(path, **kw):
+    loader = StreamingLoader(str(path), **CRC_KW, **kw)
+    return [loader.next_step() for _ in range(3)]
+
+
+def token_member(path: Path, sample: int):
+    with tarfile.open(path) as tar:
+        return [m for m in tar.getmembers() if m.name.endswith(".tokens.u16")][sample]
+
+
+def test_flipped_token_bytes_in_range_name_shard_and_sample(crc_shards):
+    path = crc_shards / "train-000001.tar"
+    member = token_member(path, 5)
+    with open(path, "r+b") as f:  # token 2's low byte: 'a'..'z' stays a letter, in range
+        f.seek(member.offset_data + 4)
+        old = f.read(1)
+        f.seek(member.offset_data + 4)
+        f.write(bytes([old[0] ^ 0x01]))
+    with pytest.raises(
+        DataError,
+        match=r"^shard train-000001\.tar \(.*\) sample train-000001-000005 \(#5\): CRC32 mismatch",
+    ):
+        read_all(crc_shards)
+    read_all(crc_shards, check_crc=False)  # what happened before: trained on silently
+
+
+def strip_crc(path: Path) -> None:
+    """Rewrite a shard as packers before the CRC table wrote it."""
+
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, data in members:
+            if m.name != CRC_MEMBER:
+                tar.addfile(m, io.BytesIO(data))
+
+
+def test_old_shards_without_crcs_still_load_but_new_ones_must_have_them(crc_shards):
+    manifest = json.loads((crc_shards / "manifest.json").read_text())
+    assert manifest["fields"]["crc32"] == "__titans__/crc32.u32"
+    strip_crc(crc_shards / "train-000000.tar")
+    with pytest.raises(DataError, match=r"shard train-000000\.tar .*: no __titans__/crc32\.u32"):
+        read_all(crc_shards)
+    del manifest["fields"]["crc32"]  # an old manifest: no CRCs promised
+    (crc_shards / "manifest.json").write_text(json.dumps(manifest))
+    assert sum(len(mb.tokens) for step in read_all(crc_shards) for mb in step) == 36
+
+
+def test_plain_webdataset_readers_do_not_see_the_crc_table(crc_shards):
+    keys = [
+        s["__key__"]
+        for s in wds.WebDataset(str(crc_shards / "train-000000.tar"), shardshuffle=False)
+    ]
+    assert len(keys) == 12 and all(k.startswith("train-000000-") for k in keys)

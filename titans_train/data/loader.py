@@ -115,6 +115,7 @@ class StreamingLoader:
         num_workers: int = 0,
         interleave: int = 8,
         verify: bool = False,
+        check_crc: bool = True,
         max_epochs: int | None = None,
         return_doc_starts: bool = True,
     ):
@@ -146,6 +147,8 @@ class StreamingLoader:
                     m.dtype,
                     vocab_size,
                     verify,
+                    crc=m.sample_crc,
+                    check_crc=check_crc,
                 )
                 for s in m.shards(split)
             ]
