@@ -53,6 +53,21 @@ def test_disk_full_names_enospc_removes_the_partial_step_and_is_not_requeued(dem
     assert not wandb_err, wandb_err  # the W&B run was finished, not left to crash at exit
 
 
+def test_disk_full_is_told_from_other_save_failures(tmp_path):
+    import errno
+
+    from titans_train.train_state import disk_full
+
+    assert disk_full(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
+    wrapped = RuntimeError("saving failed")
+    wrapped.__cause__ = OSError(errno.EDQUOT, "Disk quota exceeded")
+    assert disk_full(wrapped, tmp_path)
+    assert not disk_full(OSError(errno.EIO, "Input/output error"), tmp_path)
+    # torch's short write without an errno counts only when the disk is (nearly) full
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1 vs 2")
+    assert not disk_full(torch_error, tmp_path)  # this disk has room
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 5 MiB tmpfs (root only): room for one tiny checkpoint, not two."""

@@ -170,7 +170,9 @@ def disk_full(error: BaseException, where: Path) -> bool:
     """Whether a failed save ran out of space. torch's C++ writer reports a short write as
     ``unexpected pos`` without an errno, so that case also needs the disk to be (nearly) full."""
     e: BaseException | None = error
-    while e is not None:
+    for _ in range(16):  # the exception chain: what torch or DeepSpeed raised, and its causes
+        if e is None:
+            return False
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         if any(s in str(e) for s in _SHORT_WRITE):
