@@ -18,7 +18,7 @@ import webdataset as wds
 
 from data_pipelines.chunks import load_tokens
 from titans_train.data.order import derive_key, permutation
-from titans_train.data.shard_format import encode_sample, sha256_of
+from titans_train.data.shard_format import crc_record, encode_sample, sha256_of
 from titans_train.fsutil import write_atomically
 
 _DOC_SHUFFLE = 0xD0C5
@@ -117,11 +117,16 @@ def build_shard(task: ShardTask) -> dict:
         cuts = np.searchsorted(sample_of, np.arange(task.samples + 1))
         prefix = f"{task.split}-{task.index:06d}"
 
+        samples = [
+            encode_sample(f"{prefix}-{i:06d}", rows[i], offset_in[cuts[i] : cuts[i + 1]])
+            for i in range(task.samples)
+        ]
+
         def write(f) -> None:
             with wds.TarWriter(f, encoder=False, mtime=0, user="titans", group="titans") as w:
-                for i in range(task.samples):
-                    starts = offset_in[cuts[i] : cuts[i + 1]]
-                    w.write(encode_sample(f"{prefix}-{i:06d}", rows[i], starts))
+                w.write(crc_record(samples))  # first: the reader checks each sample as it comes
+                for sample in samples:
+                    w.write(sample)
 
         write_atomically(path, write)
     return {

@@ -26,11 +26,16 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipelines import chunks, packing
-from data_pipelines.sources import expand_sources, iter_documents
+from data_pipelines.sources import ERRORS, DecodeStats, expand_sources, iter_documents
 from data_pipelines.tokenizer import TextTokenizer, load_tokenizer
 from titans_train import __version__
 from titans_train.data.manifest import FORMAT, MANIFEST_NAME, SPLITS, VERSION
-from titans_train.data.shard_format import DOC_STARTS_FIELD, token_dtype, tokens_field
+from titans_train.data.shard_format import (
+    CRC_MEMBER,
+    DOC_STARTS_FIELD,
+    token_dtype,
+    tokens_field,
+)
 from titans_train.fsutil import write_atomically, write_json_atomically
 
 WORK = ".work"
@@ -58,6 +63,8 @@ class TokenizeConfig:
     val_fraction: float = 0.01
     seed: int = 0
     text_field: str = "text"
+    encoding: str = "utf-8"
+    errors: str = "strict"  # or "replace": undecodable bytes -> U+FFFD, counted in the manifest
     workers: int = 1
     chunk_docs: int = 256
     chunk_mb: float = 1.0
@@ -117,9 +124,11 @@ def _check_job(work: str, job: dict) -> None:
         raise ValueError(f"--resume: the interrupted job in {work} differs in {changed}")
 
 
-def _tokenize_chunks(cfg: TokenizeConfig, work: str, files: list[str], dtype: str, pool) -> int:
+def _tokenize_chunks(
+    cfg: TokenizeConfig, work: str, files: list[str], dtype: str, pool, stats: DecodeStats
+) -> int:
     """Phase 1. Returns the number of chunks; completed ones are skipped without tokenizing."""
-    docs = iter_documents(files, cfg.text_field)
+    docs = iter_documents(files, cfg.text_field, cfg.encoding, cfg.errors, stats)
     groups = chunks.group_documents(docs, cfg.chunk_docs, int(cfg.chunk_mb * 2**20))
     bar = tqdm(desc="tokenize", unit="doc", disable=not cfg.progress)
     count = 0
@@ -180,11 +189,28 @@ def _plan_shards(cfg: TokenizeConfig, work: str, n_chunks: int, tok: TextTokeniz
 
 
 def run(cfg: TokenizeConfig) -> dict:
-    """Run the job; returns the manifest (also when an earlier run already finished it)."""
+    """Run the job; returns the manifest (also when an earlier run already finished it).
+
+    A job this call started that fails on its input (an undecodable byte, a bad record, a
+    missing file) removes its work directory: resuming would need the same inputs anyway.
+    """
+    had_out = os.path.isdir(cfg.out)
+    fresh = cfg.overwrite or not os.path.isdir(os.path.join(cfg.out, WORK))
     work = _prepare_out(cfg)
     if work is None:
         with open(os.path.join(cfg.out, MANIFEST_NAME), encoding="utf-8") as f:
             return json.load(f)
+    try:
+        return _run(cfg, work)
+    except (ValueError, OSError):
+        if fresh and os.path.isdir(work):
+            shutil.rmtree(work, ignore_errors=True)
+            if not had_out and not os.listdir(cfg.out):
+                os.rmdir(cfg.out)
+        raise
+
+
+def _run(cfg: TokenizeConfig, work: str) -> dict:
     tok = load_tokenizer(cfg.tokenizer, cfg.eos_token)
     dtype = token_dtype(tok.vocab_size).name
     files = expand_sources(cfg.sources)
@@ -202,8 +228,9 @@ def run(cfg: TokenizeConfig) -> dict:
         )
     else:
         chunks.init_worker(cfg.tokenizer, cfg.eos_token)
+    stats = DecodeStats()
     try:
-        n_chunks = _tokenize_chunks(cfg, work, files, dtype, pool)
+        n_chunks = _tokenize_chunks(cfg, work, files, dtype, pool, stats)
         tasks, splits, totals = _plan_shards(cfg, work, n_chunks, tok, dtype)
         bar = tqdm(total=len(tasks), desc="pack", unit="shard", disable=not cfg.progress)
         infos = []
@@ -214,6 +241,14 @@ def run(cfg: TokenizeConfig) -> dict:
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+    totals["replaced_characters"] = stats.replaced  # errors="replace": U+FFFD inserted
+    if stats.replaced:
+        first = next(iter(stats.files))
+        print(
+            f"warning: {stats.replaced} undecodable byte sequences replaced with U+FFFD in "
+            f"{len(stats.files)} file(s), e.g. {first} ({stats.files[first]})",
+            file=sys.stderr,
+        )
     manifest = _manifest(cfg, tok, dtype, tasks, infos, splits, totals)
     if tok.path is not None:
         with open(tok.path, "rb") as f:
@@ -242,7 +277,11 @@ def _manifest(cfg, tok, dtype, tasks, infos, splits, totals) -> dict:
         "sample_tokens": cfg.seq_len + 1,
         "dtype": dtype,
         "samples_per_shard": cfg.samples_per_shard,
-        "fields": {"tokens": tokens_field(dtype), "doc_starts": DOC_STARTS_FIELD},
+        "fields": {
+            "tokens": tokens_field(dtype),
+            "doc_starts": DOC_STARTS_FIELD,
+            "crc32": CRC_MEMBER,
+        },
         "splits": splits,
         "totals": totals,
         "config": cfg.result_config(),
@@ -268,6 +307,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_packing_arguments(p, seq_len=1024, samples=1024, val=0.01)
     p.add_argument("--eos-token", help="EOS token of a tokenizer.json (default: a common name)")
     p.add_argument("--text-field", default="text", help="text field of jsonl / parquet records")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of .txt and .jsonl inputs")
+    p.add_argument(
+        "--errors",
+        choices=ERRORS,
+        default="strict",
+        help="undecodable bytes: stop naming file and line (strict), or U+FFFD, counted in the "
+        "manifest (replace)",
+    )
     p.add_argument("--chunk-docs", type=int, default=256, help="documents per work chunk")
     p.add_argument("--chunk-mb", type=float, default=1.0, help="max text MB per work chunk")
     p.add_argument("--resume", action="store_true", help="finish an interrupted job in --out")

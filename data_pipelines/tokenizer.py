@@ -60,7 +60,11 @@ def load_tokenizer(spec: str, eos_token: str | None = None) -> TextTokenizer:
 
     with open(spec, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    hf = Tokenizer.from_file(spec)
+    try:
+        hf = Tokenizer.from_file(spec)
+    except Exception as exn:  # tokenizers raises a bare Exception for any bad file
+        reason = str(exn).splitlines()[0] if str(exn) else type(exn).__name__
+        raise ValueError(f"tokenizer {spec}: not a valid tokenizer.json ({reason})") from None
     names = [eos_token] if eos_token else list(EOS_CANDIDATES)
     found = [(n, hf.token_to_id(n)) for n in names if hf.token_to_id(n) is not None]
     if not found:

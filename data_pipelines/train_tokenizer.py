@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_pipelines.sources import expand_sources, iter_documents
+from data_pipelines.sources import ERRORS, expand_sources, iter_documents
 from titans_train.fsutil import write_atomically
 
 
@@ -24,6 +24,8 @@ def train_tokenizer(
     min_frequency: int = 2,
     eos_token: str = "<|endoftext|>",
     progress: bool = True,
+    encoding: str = "utf-8",
+    errors: str = "strict",
 ) -> str:
     """Train and write `out`; returns its path."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -38,7 +40,7 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    docs = iter_documents(expand_sources(sources), text_field)
+    docs = iter_documents(expand_sources(sources), text_field, encoding, errors)
     tok.train_from_iterator(tqdm(docs, desc="read", unit="doc", disable=not progress), trainer)
     text = tok.to_str(pretty=True)
     Path(out).parent.mkdir(parents=True, exist_ok=True)  # as tokenize does for its --out
@@ -53,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-frequency", type=int, default=2, help="minimum pair count to merge")
     p.add_argument("--eos-token", default="<|endoftext|>", help="the EOS special token")
     p.add_argument("--text-field", default="text", help="text field of jsonl / parquet records")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of .txt and .jsonl inputs")
+    p.add_argument("--errors", choices=ERRORS, default="strict", help="undecodable bytes")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -65,6 +69,8 @@ def run_args(args: argparse.Namespace) -> int:
         min_frequency=args.min_frequency,
         eos_token=args.eos_token,
         progress=args.progress,
+        encoding=args.encoding,
+        errors=args.errors,
     )
     print(f"wrote {path}")
     return 0

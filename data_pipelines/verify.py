@@ -43,6 +43,7 @@ def verify(path: str, vocab_size: int | None = None, progress: bool = True) -> l
             manifest.dtype,
             vocab,
             verify=True,
+            crc=manifest.sample_crc,
         )
         try:
             data = read_shard(ref)

@@ -20,14 +20,14 @@ from titans_train import metrics
     ],
 )
 def test_peak_per_gpu_variant(monkeypatch, name, tflops):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(metrics, "device_type", lambda: "cuda")  # the accelerator decides
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     peak, source = metrics.peak_flops_per_device()
     assert peak == tflops * 1e12, source
 
 
 def test_unknown_gpu_asks_for_the_peak(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(metrics, "device_type", lambda: "cuda")  # the accelerator decides
     monkeypatch.setattr(
         torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce GTX 1080"
     )

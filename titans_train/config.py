@@ -13,14 +13,17 @@ are errors that name the key, raised before anything starts.
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from titans_train.models.config import ModelConfig
-from titans_train.tracking import TrackingConfig
+from titans_train.tracking import TrackingConfig, resolve_mode
 
 PRESET_KINDS = ("model", "data", "zero")
 
@@ -113,6 +116,7 @@ class DebugConfig:
     hang_at_step: int | None = None  # rank `hang_rank` stops responding in this step (data phase)
     hang_rank: int = 0
     record_samples: bool = False  # every rank appends its sample ids to <run>/samples.jsonl
+    enospc_at_step: int | None = None  # this step's checkpoint save fails with ENOSPC
 
 
 @dataclass
@@ -150,14 +154,47 @@ def _preset_path(kind: str, value: str, experiment: Path) -> Path:
     raise ConfigError(f"{experiment}: presets.{kind}={value!r}: no {kind}/{value}.yaml found")
 
 
+OVERRIDE_RE = re.compile(r"^[+~]?[A-Za-z_][\w.\[\]-]*=")
+
+
+def override_keys(overrides: list[str]) -> dict[str, str]:
+    """key -> the ``key=value`` override that set it; a malformed override is a ConfigError."""
+    keys = {}
+    for item in overrides:
+        if not OVERRIDE_RE.match(item):
+            raise ConfigError(
+                f"override {item!r}: overrides are key=value (e.g. train.max_steps=10)"
+            )
+        keys[item.split("=", 1)[0].lstrip("+~")] = item
+    return keys
+
+
+def _load_yaml(path: Path):
+    """OmegaConf.load with a YAML syntax error reported in one line naming the file."""
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Compose and validate the config; raises ConfigError naming the key."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     overrides = list(overrides or [])
+    from_cli = override_keys(overrides)
     try:
-        experiment = OmegaConf.load(path)
+        experiment = _load_yaml(path)
+        for item in overrides:  # one at a time, so a bad value names its override
+            try:
+                OmegaConf.from_dotlist([item])
+            except yaml.YAMLError as e:
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise ConfigError(f"override {item!r}: YAML syntax error: {problem}") from None
         cli = OmegaConf.from_dotlist(overrides)
         presets = dict(experiment.get("presets", {}) or {})
         presets.update(dict(cli.get("presets", {}) or {}))
@@ -165,32 +202,52 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         for kind, value in presets.items():
             if kind not in PRESET_KINDS:
                 raise ConfigError(f"{path}: presets.{kind}: unknown preset kind ({PRESET_KINDS})")
-            preset = OmegaConf.load(_preset_path(kind, str(value), path))
+            preset = _load_yaml(_preset_path(kind, str(value), path))
             merged = OmegaConf.merge(merged, {kind: preset})
         merged = OmegaConf.merge(merged, experiment, cli)
         cfg: Config = OmegaConf.to_object(merged)
     except ConfigError:
         raise
     except (OmegaConfBaseException, ValueError) as e:
-        raise ConfigError(f"{path}: {e}") from e
-    validate(cfg, path)
+        key, first = getattr(e, "full_key", None), str(e).splitlines()[0]
+        if key and key in from_cli:  # the bad value came from the command line
+            raise ConfigError(f"override {from_cli[key]!r}: {first}") from e
+        raise ConfigError(f"{path}: {key + ': ' if key else ''}{first}") from e
+    validate(cfg, path, overrides=overrides)
+    window_set = "model.window" in from_cli or "window" in (experiment.get("model") or {})
+    if cfg.model.variant == "mac" and window_set:  # presets may set it for the other variants
+        warnings.warn(
+            f"model.window={cfg.model.window} has no effect on MAC: its attention spans "
+            f"one segment (model.segment_len={cfg.model.segment_len})",
+            stacklevel=2,
+        )
     return cfg
 
 
-def validate(cfg: Config, source: str | Path = "config", world_size: int | None = None) -> None:
-    """Cross-field checks. ``world_size`` (known at launch) adds the batch divisibility check."""
+def validate(
+    cfg: Config,
+    source: str | Path = "config",
+    world_size: int | None = None,
+    overrides: list[str] | None = None,
+) -> None:
+    """Cross-field checks. ``world_size`` (known at launch) adds the batch divisibility check.
+    A key set by one of ``overrides`` is blamed on that override, not on ``source``."""
+    from_cli = override_keys(list(overrides or []))
 
     def bad(key: str, why: str) -> None:
+        cli = from_cli.get(key) or from_cli.get(key.split("[")[0])
+        if cli:
+            raise ConfigError(f"override {cli!r}: {key}: {why}")
         raise ConfigError(f"{source}: {key}: {why}")
 
     m, t, o, z, c = cfg.model, cfg.train, cfg.optim, cfg.zero, cfg.checkpoint
+    for key in ("seq_len", "global_batch", "micro_batch", "max_steps"):
+        if getattr(t, key) < 1:  # first: the checks below compare other keys with seq_len
+            bad(f"train.{key}", f"{getattr(t, key)} must be >= 1")
     if m.window is not None and m.variant != "mac" and m.window > t.seq_len:
         bad("model.window", f"{m.window} is larger than train.seq_len={t.seq_len}")
     if m.variant == "mac" and m.segment_len > t.seq_len:
         bad("model.segment_len", f"{m.segment_len} is larger than train.seq_len={t.seq_len}")
-    for key in ("seq_len", "global_batch", "micro_batch", "max_steps"):
-        if getattr(t, key) < 1:
-            bad(f"train.{key}", "must be >= 1")
     if t.global_batch % t.micro_batch:
         bad(
             "train.global_batch",
@@ -222,6 +279,12 @@ def validate(cfg: Config, source: str | Path = "config", world_size: int | None 
         bad("launch", "timeouts and walltime_poll must be > 0, walltime_margin >= 0")
     if c.keep_last < 1:
         bad("checkpoint.keep_last", "must be >= 1")
+    if c.interval < 0:
+        bad("checkpoint.interval", f"{c.interval} must be >= 0 (0 = only at the end)")
+    try:
+        resolve_mode(cfg.tracking.mode, {})  # here, not once the engine is built
+    except ValueError:
+        bad("tracking.mode", f"{cfg.tracking.mode!r} is not one of online, offline, disabled")
     if c.resume not in ("auto", "never") and not Path(c.resume).exists():
         bad("checkpoint.resume", f"{c.resume!r} is not auto, never, or an existing checkpoint")
     if not cfg.data.train:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -76,4 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("overrides", nargs="*", help="key=value overrides of model fields")
     ap.add_argument("--seq-len", type=int, default=4096, help="sequence length for FLOPs")
     args = ap.parse_args(argv)
-    print(describe(args.config, args.overrides, args.seq_len))
+    try:
+        print(describe(args.config, args.overrides, args.seq_len))
+    except (OSError, ValueError) as e:  # a missing file, a bad key or value (named in e)
+        print(f"titans-train describe: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)

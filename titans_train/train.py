@@ -27,7 +27,7 @@ from tqdm import tqdm
 from titans_train import checkpoint as ckpt
 from titans_train import train_state
 from titans_train.config import Config, ConfigError, load_config, to_dict, to_yaml, validate
-from titans_train.data import StreamingLoader, validation_loader
+from titans_train.data import DataError, StreamingLoader, check_sources, validation_loader
 from titans_train.distributed import (
     DistEnv,
     device,
@@ -40,6 +40,7 @@ from titans_train.distributed import (
     timeout_for,
 )
 from titans_train.engine import build_engine
+from titans_train.fsutil import write_text_atomically
 from titans_train.metrics import StepMeter, peak_flops_per_device
 from titans_train.models import TitansLM
 from titans_train.models.attention import attention_backend_report
@@ -62,6 +63,27 @@ def write_metrics_header(path, header: dict) -> None:
     """Open each (re)start's part of metrics.jsonl with {"header": ...} (a line with no "step")."""
     with open(path, "a") as f:
         f.write(json.dumps({"header": header}) + "\n")
+
+
+def rewind_metrics(path: Path, step: int) -> int:
+    """Resume: drop the rows logged after ``step`` (they are trained again), atomically.
+    Rows without a step (headers) stay; a torn last line goes. Returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    if dropped:
+        write_text_atomically(str(path), "".join(kept))
+    return dropped
 
 
 def log0(denv: DistEnv, msg: str) -> None:
@@ -155,6 +177,8 @@ def train(cfg: Config, denv: DistEnv, preemption: Preemption) -> dict:
         )
         return {"step": point.step, "tokens": point.state["tokens"]}
     train_state.prepare(point, denv)  # the universal conversion, when the world size changed
+    if denv.is_main and (dropped := rewind_metrics(run_dir / "metrics.jsonl", point.step)):
+        log0(denv, f"metrics.jsonl: dropped {dropped} rows after step {point.step} (rewound)")
 
     model = TitansLM(cfg.model)
     model.activation_checkpointing = cfg.zero.activation_checkpointing
@@ -293,6 +317,9 @@ def train(cfg: Config, denv: DistEnv, preemption: Preemption) -> dict:
                 )
             if step > saved_step:
                 checkpoint()
+    except train_state.DiskFullError:
+        tracker.finish(train_state.DISK_FULL_EXIT)  # quietly: no W&B crash report at exit
+        raise
     except Exception as e:
         tqdm.write(failure_message(denv, step + 1, e), file=sys.stderr)
         raise
@@ -328,16 +355,23 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    try:  # before the slow start-up: seq_len, vocabulary and every shard present (local data)
+        check_sources(cfg.data.train, cfg.train.seq_len, cfg.model.vocab_size)
+    except DataError as e:
+        sys.exit(f"data error: {e}")
     denv = env_from_launcher()
     # Before the slow start-up: a signal that arrives while DeepSpeed initialises is kept.
     preemption = Preemption(denv.rank, cfg.launch.walltime_margin, cfg.launch.walltime_poll)
     denv = init_distributed(cfg.launch.startup_timeout)
     try:
-        validate(cfg, args.config, world_size=denv.world_size)
+        validate(cfg, args.config, world_size=denv.world_size, overrides=args.overrides)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     try:
         result = train(cfg, denv, preemption)
+    except train_state.DiskFullError as e:
+        print(f"rank {denv.rank}: error: {e}", file=sys.stderr)
+        sys.exit(train_state.DISK_FULL_EXIT)
     except ckpt.CheckpointError as e:  # handled: the message says what to do, no traceback
         log0(denv, f"error: {e}")
         sys.exit(1)

@@ -13,6 +13,7 @@ tests/test_launch_torchrun.py checks that the loss continues the uninterrupted c
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -29,6 +30,14 @@ from titans_train.distributed import DistEnv
 from titans_train.preemption import ignore_stop_signals
 
 UNIVERSAL = "universal"
+# The exit status of a run stopped by a full disk: EX_IOERR, never preemption.REQUEUE_EXIT, so
+# no batch script requeues a job that would only fill the disk again.
+DISK_FULL_EXIT = 74
+_SHORT_WRITE = ("No space left", "unexpected pos", "file write failed")  # torch's C++ writer
+
+
+class DiskFullError(ckpt.CheckpointError):
+    """A checkpoint save ran out of space; the message names the step and the directory."""
 
 
 @dataclass
@@ -145,8 +154,65 @@ def save(cfg: Config, engine, loader, denv: DistEnv, step: int, tokens: int, run
         "world_size": denv.world_size,
         "skipped_steps": int(engine.skipped_steps),
     }
-    path = ckpt.save(engine, root, step, state)
+    if cfg.debug.enospc_at_step == step:
+        engine = _FullDisk(engine)
+    try:
+        path = ckpt.save(engine, root, step, state)
+    except Exception as e:
+        if not disk_full(e, root):
+            raise
+        raise _disk_full_error(e, ckpt.step_dir(root, step), step) from e
     if denv.is_main:
         for old in ckpt.apply_retention(root, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every):
             print(f"retention: removed {old}", file=sys.stderr)
     return path
+
+
+def disk_full(error: BaseException, where: Path) -> bool:
+    """Whether a failed save ran out of space. torch's C++ writer reports a short write as
+    ``unexpected pos`` without an errno, so that case also needs the disk to be (nearly) full."""
+    e: BaseException | None = error
+    for _ in range(16):  # the exception chain: what torch or DeepSpeed raised, and its causes
+        if e is None:
+            return False
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(s in str(e) for s in _SHORT_WRITE):
+            try:
+                return shutil.disk_usage(where).free < 64 << 20
+            except OSError:
+                return False
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _disk_full_error(error: BaseException, path: Path, step: int) -> DiskFullError:
+    """Remove the partial (uncommitted) step directory and say so, in one line."""
+    removed = ""
+    if path.is_dir() and not (path / ckpt.MARKER).exists():
+        shutil.rmtree(path, ignore_errors=True)
+        removed = f"; removed the partial {path.name}"
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free now"
+    except OSError:
+        free = "free space unknown"
+    cause = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+    return DiskFullError(
+        f"disk full (ENOSPC) saving the step-{step} checkpoint to {path} ({cause}){removed}; "
+        f"{free}. Free space or lower checkpoint.keep_last, then resume from the newest "
+        "complete checkpoint (this is not requeued)"
+    )
+
+
+class _FullDisk:
+    """debug.enospc_at_step: the engine's files are written, then the disk is 'full'."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def save_checkpoint(self, save_dir: str, tag: str, **kwargs):
+        self._engine.save_checkpoint(save_dir, tag=tag, **kwargs)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(save_dir) / tag))

@@ -78,6 +78,19 @@ def _check_manifest(m: ShardManifest, split: str, seq_len: int, vocab_size: int)
             raise DataError(f"shard {shard.name} listed in {m.location} is missing: {url}")
 
 
+def check_sources(
+    sources: Sequence[str], seq_len: int, vocab_size: int, split: str = "train"
+) -> None:
+    """The checks the loader makes, without reading a shard: run before the slow start-up.
+
+    Local manifests only (a URL is checked when the loader opens it): seq_len and vocabulary
+    against the model, and every shard of ``split`` present.
+    """
+    for src in sources:
+        if not (src.startswith("pipe:") or "://" in src):
+            _check_manifest(ShardManifest.load(src), split, seq_len, vocab_size)
+
+
 class StreamingLoader:
     """Reads packed webdataset shards in the global order of `order.GlobalOrder`.
 
@@ -102,6 +115,7 @@ class StreamingLoader:
         num_workers: int = 0,
         interleave: int = 8,
         verify: bool = False,
+        check_crc: bool = True,
         max_epochs: int | None = None,
         return_doc_starts: bool = True,
     ):
@@ -133,6 +147,8 @@ class StreamingLoader:
                     m.dtype,
                     vocab_size,
                     verify,
+                    crc=m.sample_crc,
+                    check_crc=check_crc,
                 )
                 for s in m.shards(split)
             ]

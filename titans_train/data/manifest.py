@@ -131,6 +131,11 @@ class ShardManifest:
         return self.data["tokenizer"]["eos_id"]
 
     @property
+    def sample_crc(self) -> bool:
+        """The shards carry a per-sample CRC32 table (shard_format.py)."""
+        return bool(self.data.get("fields", {}).get("crc32"))
+
+    @property
     def samples_per_shard(self) -> int:
         return self.data["samples_per_shard"]
 

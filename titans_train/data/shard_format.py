@@ -5,11 +5,20 @@ ids as raw little-endian integers, and `<key>.doc_starts.u32`, the positions in 
 a document begins, left out when there are none (tar spends 1 KiB per member). Raw integers
 decode with one `np.frombuffer`; the manifest holds the dtype. TarWriter writes members in
 sorted order, so doc_starts precedes tokens and a cut-off shard cannot lose it unnoticed.
+
+Integrity: the first member of a shard, `__titans__/crc32.u32`, holds one CRC32 per sample (of
+its tokens bytes, then its doc_starts bytes), checked as each sample is read, so a flipped byte
+that keeps ids in range is caught by default at a measured cost (docs/benchmarks.md). webdataset
+readers skip `__...__/` members, so plain pipelines see the same samples as before. Shards
+without it (older ones) still load, unchecked, unless their manifest lists the field.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+import tarfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +27,22 @@ import webdataset as wds
 from titans_train.data.errors import DataError
 
 DOC_STARTS_FIELD = "doc_starts.u32"
+CRC_KEY, CRC_EXT = "__titans__/crc32", "u32"
+CRC_MEMBER = f"{CRC_KEY}.{CRC_EXT}"
 _CHUNK = 1 << 22
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key/extension split
+
+
+def sample_crc(sample: dict) -> int:
+    """CRC32 of a sample's tokens bytes followed by its doc_starts bytes."""
+    raw = next(v for k, v in sample.items() if k.startswith("tokens."))
+    return zlib.crc32(sample.get(DOC_STARTS_FIELD, b""), zlib.crc32(raw))
+
+
+def crc_record(samples: list[dict]) -> dict:
+    """The member dict of the per-sample CRC table, written before the samples."""
+    crcs = np.array([sample_crc(s) for s in samples], dtype="<u4")
+    return {"__key__": CRC_KEY, CRC_EXT: crcs.tobytes()}
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -53,6 +77,8 @@ class ShardRef:
     dtype: str
     vocab_size: int
     verify: bool = False
+    crc: bool = False  # the manifest promises a CRC table (a missing one is an error)
+    check_crc: bool = True  # check each sample against the table when the shard has one
 
 
 @dataclass
@@ -69,11 +95,6 @@ class ShardData:
         return self.starts[self.starts_ptr[row] : self.starts_ptr[row + 1]]
 
 
-def _passthrough(src):
-    """Node/worker splitter that keeps every URL: the global order already chose this shard."""
-    yield from src
-
-
 def sha256_of(url: str) -> str:
     digest = hashlib.sha256()
     with wds.gopen(url, "rb") as stream:
@@ -83,15 +104,25 @@ def sha256_of(url: str) -> str:
 
 
 def _samples(ref: ShardRef):
-    dataset = wds.WebDataset(
-        [ref.url],
-        shardshuffle=False,
-        nodesplitter=_passthrough,
-        workersplitter=_passthrough,
-        seed=0,
-        empty_check=False,
-    )
-    return iter(dataset)
+    """The shard's records in order, grouped by key as webdataset groups them, but including
+    the `__titans__/` member that webdataset's own reader skips."""
+    with wds.gopen(ref.url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        record: dict | None = None
+        for info in tar:
+            match = _KEY_EXT.match(info.name) if info.isreg() else None
+            if match is None:
+                continue
+            key, ext = match.groups()
+            data = tar.extractfile(info).read()
+            tar.members = []  # streaming: keep no TarInfo list
+            if record is not None and record["__key__"] != key:
+                yield record
+                record = None
+            if record is None:
+                record = {"__key__": key}
+            record[ext] = data
+        if record is not None:
+            yield record
 
 
 def read_shard(ref: ShardRef) -> ShardData:
@@ -110,9 +141,14 @@ def read_shard(ref: ShardRef) -> ShardData:
     tokens = np.empty((ref.samples, ref.sample_tokens), dtype=dtype)
     keys: list[str] = []
     starts: list[bytes] = []
-    count, key = 0, None
+    count, key, crcs = 0, None, None
     try:
         for sample in _samples(ref):
+            if sample["__key__"] == CRC_KEY:
+                crcs = np.frombuffer(sample[CRC_EXT], dtype="<u4") if ref.check_crc else None
+                continue
+            if ref.crc and ref.check_crc and crcs is None:
+                raise DataError(f"{where}: no {CRC_MEMBER} before its first sample")
             key = sample["__key__"]
             what = f"{where} sample {key} (#{count})"
             raw = sample.get(field)
@@ -125,6 +161,8 @@ def read_shard(ref: ShardRef) -> ShardData:
                 )
             if count >= ref.samples:
                 raise DataError(f"{where}: more than the {ref.samples} samples the manifest lists")
+            if crcs is not None:
+                _check_crc(what, sample, crcs, count)
             tokens[count] = np.frombuffer(raw, dtype=dtype)
             starts.append(sample.get(DOC_STARTS_FIELD, b""))
             keys.append(key)
@@ -157,3 +195,14 @@ def _check_ids(ref: ShardRef, where: str, tokens: np.ndarray, keys: list[str]) -
         f"{where} sample {keys[row]} (#{row}) position {col}: token id {int(tokens[row, col])} "
         f">= vocab_size {ref.vocab_size}"
     )
+
+
+def _check_crc(what: str, sample: dict, crcs: np.ndarray, index: int) -> None:
+    if index >= len(crcs):
+        raise DataError(f"{what}: no entry in {CRC_MEMBER} ({len(crcs)} entries)")
+    actual = sample_crc(sample)
+    if actual != int(crcs[index]):
+        raise DataError(
+            f"{what}: CRC32 mismatch (stored {int(crcs[index]):08x}, read {actual:08x}): its "
+            "bytes changed after packing; rebuild or re-copy the shard"
+        )
