@@ -112,7 +112,7 @@ def test_metrics_are_rewound_on_resume_so_every_step_appears_once(demo_shards, t
         demo_shards, run, 4, *common, f"checkpoint.resume={run / 'checkpoints' / 'step_00000002'}"
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    rows = metrics(run)
+    rows = metrics(run, headers=True)
     assert rows[0] == {"header": {"attempt": 0}}
     train_steps = [r["step"] for r in rows if "loss" in r]
     val_steps = [r["step"] for r in rows if "val/loss" in r]
