@@ -13,6 +13,8 @@ are errors that name the key, raised before anything starts.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from titans_train.models.config import ModelConfig
-from titans_train.tracking import TrackingConfig
+from titans_train.tracking import TrackingConfig, scrub_secrets
 
 PRESET_KINDS = ("model", "data", "zero")
 
@@ -82,6 +84,11 @@ class CheckpointConfig:
     keep_every: int | None = None  # also keep every checkpoint whose step is a multiple of this
     resume: str = "auto"  # auto | never | PATH (a step_XXXXXXXX directory)
     force: bool = False  # resume even when the model or data config changed
+    checksum: str = (
+        "blake2b"  # per-file checksum in COMPLETE, verified on resume: blake2b|xxh3|none
+    )
+    private: bool = False  # run directory 0700, files 0600 (umask 077 for the whole process)
+    break_lock: bool = False  # take the run-directory lock even if another host's run holds it
 
 
 @dataclass
@@ -179,6 +186,9 @@ def validate(cfg: Config, source: str | Path = "config", world_size: int | None 
     def bad(key: str, why: str) -> None:
         raise ConfigError(f"{source}: {key}: {why}")
 
+    for key, value in _floats(cfg):
+        if not math.isfinite(value):
+            bad(key, f"must be a finite number, got {value}")
     m, t, o, z, c = cfg.model, cfg.train, cfg.optim, cfg.zero, cfg.checkpoint
     if m.window is not None and m.variant != "mac" and m.window > t.seq_len:
         bad("model.window", f"{m.window} is larger than train.seq_len={t.seq_len}")
@@ -213,6 +223,8 @@ def validate(cfg: Config, source: str | Path = "config", world_size: int | None 
     la = cfg.launch
     if min(la.startup_timeout, la.timeout) <= 0 or la.walltime_margin < 0 or la.walltime_poll <= 0:
         bad("launch", "timeouts and walltime_poll must be > 0, walltime_margin >= 0")
+    if c.checksum not in ("blake2b", "xxh3", "none"):
+        bad("checkpoint.checksum", f"{c.checksum!r} is not blake2b, xxh3 or none")
     if c.keep_last < 1:
         bad("checkpoint.keep_last", "must be >= 1")
     if c.resume not in ("auto", "never") and not Path(c.resume).exists():
@@ -228,6 +240,28 @@ def validate(cfg: Config, source: str | Path = "config", world_size: int | None 
         if not (p / "manifest.json").is_file() and not (p.is_file() and p.suffix == ".json"):
             key = f"data.train[{i}]" if i < len(cfg.data.train) else "data.val"
             bad(key, f"no manifest.json at {src}")
+
+
+def _floats(obj, prefix: str = ""):
+    """(key, value) for every float in the config tree, lists included (e.g. data.weights[1])."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from _floats(getattr(obj, f.name), f"{prefix}{f.name}.")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _floats(v, f"{prefix[:-1]}[{i}].")
+    elif isinstance(obj, float):
+        yield prefix[:-1], obj
+
+
+def public_dict(cfg: Config) -> dict:
+    """The config as every writer records it (config.yaml, trainer_state.json, the log, W&B):
+    credentials redacted by tracking.scrub_secrets, the one rule."""
+    return scrub_secrets(to_dict(cfg))
+
+
+def public_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(public_dict(cfg))
 
 
 def to_yaml(cfg: Config) -> str:

@@ -71,16 +71,40 @@ def _stage(config: dict, path: Path) -> int:
     return stage
 
 
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Every ``torch.load`` inside runs with ``weights_only=True`` (DeepSpeed's zero_to_fp32
+    passes ``weights_only=False``), allowing only the three plain DeepSpeed records its optimizer
+    files hold: a checkpoint handed to titans-export / titans-eval cannot run code."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    real = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return real(*args, **kwargs)
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = real
+
+
 def consolidated_weights(path: Path, stage: int) -> dict[str, torch.Tensor]:
     """Full fp32 state dict of the model saved by ZeRO-``stage`` in checkpoint ``path``."""
     try:
         if stage == 0:
-            states = torch.load(path / MODEL_STATES, map_location="cpu", weights_only=False)
+            states = torch.load(path / MODEL_STATES, map_location="cpu", weights_only=True)
             weights = states["module"]
         else:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            with contextlib.redirect_stdout(io.StringIO()):  # it prints every tensor it merges
+            # it prints every tensor it merges, and unpickles: make its loads weights-only
+            with contextlib.redirect_stdout(io.StringIO()), _weights_only_loads():
                 weights = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), path.name)
     except Exception as e:  # torch.load and zero_to_fp32 raise many kinds on corrupt files
         raise CheckpointError(

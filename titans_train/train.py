@@ -26,7 +26,14 @@ from tqdm import tqdm
 
 from titans_train import checkpoint as ckpt
 from titans_train import train_state
-from titans_train.config import Config, ConfigError, load_config, to_dict, to_yaml, validate
+from titans_train.config import (
+    Config,
+    ConfigError,
+    load_config,
+    public_dict,
+    public_yaml,
+    validate,
+)
 from titans_train.data import StreamingLoader, validation_loader
 from titans_train.distributed import (
     DistEnv,
@@ -42,6 +49,7 @@ from titans_train.engine import build_engine
 from titans_train.metrics import StepMeter, peak_flops_per_device
 from titans_train.models import TitansLM
 from titans_train.preemption import REQUEUE_EXIT, Preemption, exit_for_requeue
+from titans_train.run_lock import RunLockError, take_run_lock
 from titans_train.tracking import Tracker, format_metrics
 
 
@@ -121,9 +129,9 @@ def train(cfg: Config, denv: DistEnv, preemption: Preemption) -> dict:
     run_dir = cfg.run_path
     if denv.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        log0(denv, f"resolved config:\n{to_yaml(cfg)}")
-    point = train_state.find_resume_point(cfg, denv.world_size)
+        (run_dir / "config.yaml").write_text(public_yaml(cfg))
+        log0(denv, f"resolved config:\n{public_yaml(cfg)}")
+    point = train_state.find_resume_point(cfg, denv)
     for message in point.messages:
         log0(denv, message)
     train_state.prepare(point, denv)  # the universal conversion, when the world size changed
@@ -143,7 +151,7 @@ def train(cfg: Config, denv: DistEnv, preemption: Preemption) -> dict:
         cfg.tracking,
         run_dir=run_dir,
         run_name=cfg.name,
-        config=to_dict(cfg),
+        config=public_dict(cfg),
         rank=denv.rank,
         run_id=run_id,
         resume_step=step if point.path else None,
@@ -271,7 +279,8 @@ def train(cfg: Config, denv: DistEnv, preemption: Preemption) -> dict:
     tracker.finish()
     log0(denv, f"done: {step} steps, {tokens} tokens")
     log0(denv, f"  run dir:     {run_dir} (config.yaml, metrics.jsonl)")
-    log0(denv, f"  checkpoints: {ckpt.find_latest(run_dir / 'checkpoints') or 'none'}")
+    newest = ckpt.find_latest(run_dir / "checkpoints", checksums=False)
+    log0(denv, f"  checkpoints: {newest or 'none'}")
     if tracker.run_path:
         log0(denv, f"  W&B files:   {tracker.run_path} (wandb sync {tracker.run_path})")
     return {"step": step, "tokens": tokens, **last}
@@ -292,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    if cfg.checkpoint.private:
+        os.umask(0o077)  # before any file or directory of the run exists (docs/checkpoints.md)
     denv = env_from_launcher()
     # Before the slow start-up: a signal that arrives while DeepSpeed initialises is kept.
     preemption = Preemption(denv.rank, cfg.launch.walltime_margin, cfg.launch.walltime_poll)
@@ -300,12 +311,23 @@ def main(argv: list[str] | None = None) -> None:
         validate(cfg, args.config, world_size=denv.world_size)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    lock = None
     try:
+        lock = take_run_lock(
+            cfg.run_path, denv.is_main, cfg.checkpoint.break_lock, cfg.checkpoint.private
+        )
+        for note in lock.notes if lock else ():
+            log0(denv, note)
         result = train(cfg, denv, preemption)
+    except RunLockError as e:
+        log0(denv, f"error: {e}")
+        sys.exit(1)
     except (ckpt.CheckpointError, RuntimeError) as e:
         log0(denv, f"error: {e}")
         raise
     finally:
+        if lock is not None:
+            lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
     if "stopped" in result:
