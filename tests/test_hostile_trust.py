@@ -52,10 +52,9 @@ def cli(data, run_dir, steps, *overrides, env=None, popen=False, timeout=300):
     )
     cmd = [sys.executable, "-m", "titans_train.cli", "--config", str(EXPERIMENT)]
     cmd += base_overrides(data, run_dir, steps) + ["train.global_batch=2", *overrides]
-    if popen:
-        return subprocess.Popen(
-            cmd, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+    if popen:  # output to a file: a full pipe would block the process
+        log = open(Path(run_dir).parent / "popen.log", "w")  # noqa: SIM115 (closed by the OS)
+        return subprocess.Popen(cmd, env=full, stdout=log, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=timeout)
 
 
@@ -292,12 +291,11 @@ def test_second_run_in_a_locked_dir_is_refused_and_a_dead_holder_is_taken_over(
         while time.time() < deadline:  # until the first run holds the lock and trains
             if (run / "metrics.jsonl").exists():
                 break
-            assert holder.poll() is None, holder.stderr.read()[-3000:]
+            assert holder.poll() is None, (tmp_path / "popen.log").read_text()[-3000:]
             time.sleep(0.5)
-        record = json.loads((run / run_lock.LOCK_NAME).read_text())
-        assert record["pid"] == holder.pid
         proc = cli(demo_shards, run, 3)
         assert proc.returncode == 1
+        assert json.loads((run / run_lock.LOCK_NAME).read_text())["pid"] == holder.pid
         assert (
             f"run directory {run} is locked by host {socket.gethostname()} pid {holder.pid}"
             in proc.stderr

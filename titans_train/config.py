@@ -84,9 +84,7 @@ class CheckpointConfig:
     keep_every: int | None = None  # also keep every checkpoint whose step is a multiple of this
     resume: str = "auto"  # auto | never | PATH (a step_XXXXXXXX directory)
     force: bool = False  # resume even when the model or data config changed
-    checksum: str = (
-        "blake2b"  # per-file checksum in COMPLETE, verified on resume: blake2b|xxh3|none
-    )
+    checksum: str = "auto"  # per file in COMPLETE: auto (xxh3, else blake2b)|xxh3|blake2b|none
     private: bool = False  # run directory 0700, files 0600 (umask 077 for the whole process)
     break_lock: bool = False  # take the run-directory lock even if another host's run holds it
 
@@ -223,8 +221,8 @@ def validate(cfg: Config, source: str | Path = "config", world_size: int | None 
     la = cfg.launch
     if min(la.startup_timeout, la.timeout) <= 0 or la.walltime_margin < 0 or la.walltime_poll <= 0:
         bad("launch", "timeouts and walltime_poll must be > 0, walltime_margin >= 0")
-    if c.checksum not in ("blake2b", "xxh3", "none"):
-        bad("checkpoint.checksum", f"{c.checksum!r} is not blake2b, xxh3 or none")
+    if c.checksum not in ("auto", "xxh3", "blake2b", "none"):
+        bad("checkpoint.checksum", f"{c.checksum!r} is not auto, xxh3, blake2b or none")
     if c.keep_last < 1:
         bad("checkpoint.keep_last", "must be >= 1")
     if c.resume not in ("auto", "never") and not Path(c.resume).exists():

@@ -103,7 +103,10 @@ def _check_rng(point: ResumePoint, force: bool) -> None:
     """Refuse RNG states that are not plain data before anything else is loaded."""
     where = point.path / ckpt.STATE
     try:
-        for rank, state in enumerate(point.state["rng"]):
+        states = point.state.get("rng")
+        if not isinstance(states, list) or len(states) != point.state["world_size"]:
+            raise ckpt.CheckpointError(f"{where}: rng: expected one state per rank")
+        for rank, state in enumerate(states):
             try:
                 rng_codec.decode(state)
             except rng_codec.RngStateError as e:
