@@ -310,6 +310,22 @@ def test_second_run_in_a_locked_dir_is_refused_and_a_dead_holder_is_taken_over(
     assert json.loads((run / run_lock.LOCK_NAME).read_text())["released"] is True
 
 
+@pytest.mark.slow
+def test_lock_is_released_by_a_preemption_stop_and_the_requeue_takes_it(demo_shards, tmp_path):
+    run = tmp_path / "run"
+    first = cli(demo_shards, run, 200, "checkpoint.interval=100", popen=True)
+    deadline = time.time() + 240
+    while not (run / "metrics.jsonl").exists() and time.time() < deadline:
+        assert first.poll() is None, (tmp_path / "popen.log").read_text()[-3000:]
+        time.sleep(0.5)
+    first.send_signal(signal.SIGUSR1)
+    assert first.wait(timeout=240) == 85, (tmp_path / "popen.log").read_text()[-3000:]
+    record = json.loads((run / run_lock.LOCK_NAME).read_text())
+    assert record["pid"] == first.pid and record["released"] is True
+    proc = ok(cli(demo_shards, run, 3, "checkpoint.interval=100"))  # the requeued job
+    assert "resumed from" in proc.stderr and "taking over" not in proc.stderr
+
+
 def dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
