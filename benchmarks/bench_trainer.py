@@ -231,6 +231,7 @@ def child_checkpoint(data: str, work: str, stage: int, rounds: int) -> None:
     bare_step(engine, synthetic(cfg, denv.world_size))
     root = Path(work) / f"ckpt-z{stage}"
     raw = Path(work) / f"raw-z{stage}-rank{denv.rank}"
+    nosum = Path(work) / f"ckpt-z{stage}-nosum"
 
     def timed(fn) -> float:  # collective: from all ranks ready to all ranks done
         dist.barrier()
@@ -249,7 +250,7 @@ def child_checkpoint(data: str, work: str, stage: int, rounds: int) -> None:
                     f.flush()
                     os.fsync(f.fileno())
         if fsync:
-            ckpt._fsync(raw)
+            ckpt.fsync_path(str(raw))
 
     def raw_read() -> None:
         for f in sorted(raw.iterdir()):
@@ -260,8 +261,10 @@ def child_checkpoint(data: str, work: str, stage: int, rounds: int) -> None:
         dist.barrier()
         if denv.is_main:
             shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(nosum, ignore_errors=True)
         path = ckpt.step_dir(root, r + 1)
-        t_save = timed(partial(ckpt.save, engine, root, r + 1, state))
+        t_save = timed(partial(ckpt.save, engine, root, r + 1, state))  # checksum=auto: xxh3
+        t_nosum = timed(partial(ckpt.save, engine, nosum, r + 1, state, checksum="none"))
         t_load = timed(partial(engine.load_checkpoint, str(root), tag=path.name))
         # DeepSpeed's own save alone (no fsync, no trainer state, no marker): our protocol's cost
         t_ds = timed(partial(engine.save_checkpoint, str(root), tag="ds", save_latest=False))
@@ -275,6 +278,12 @@ def child_checkpoint(data: str, work: str, stage: int, rounds: int) -> None:
         row = dict(bench="checkpoint", stage=stage, round=r, bytes=total, files=len(files))
         row.update(save_s=t_save, load_s=t_load, deepspeed_save_s=t_ds)
         row.update(raw_write_fsync_s=t_fsync, raw_write_s=t_nofsync, raw_read_s=t_read)
+        row.update(save_no_checksum_s=t_nosum)
+        for algorithm in ("blake2b", "xxh3"):  # rank 0 hashes every file at commit (warm cache)
+            t0 = time.perf_counter()
+            for f in files:
+                ckpt.file_digest(f, algorithm)
+            row[f"{algorithm}_s"] = time.perf_counter() - t0
         emit(denv, row)
     shutil.rmtree(raw, ignore_errors=True)
 
@@ -329,6 +338,9 @@ def summarize(rows: list[dict]) -> list[dict]:
         mb = ck[0]["bytes"] / 1e6
         keys = (
             "save_s",
+            "save_no_checksum_s",
+            "blake2b_s",
+            "xxh3_s",
             "deepspeed_save_s",
             "raw_write_fsync_s",
             "raw_write_s",
@@ -341,6 +353,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         row.update(save_vs_raw_fsync=t["raw_write_fsync_s"] / t["save_s"])
         row.update(save_vs_raw=t["raw_write_s"] / t["save_s"])
         row.update(load_vs_raw_read=t["raw_read_s"] / t["load_s"])
+        row.update(blake2b_share_of_save=t["blake2b_s"] / t["save_s"])
+        row.update(xxh3_share_of_save=t["xxh3_s"] / t["save_s"])
         out.append(row)
     return out
 

@@ -93,6 +93,13 @@ def bad_copy(runs, tmp_path):
     return dst
 
 
+def drop_checksums(path):
+    """COMPLETE as a checkpoint from before checksums has it: sizes only."""
+    marker = json.loads((path / "COMPLETE").read_text())
+    marker.pop("digests", None)
+    (path / "COMPLETE").write_text(json.dumps(marker))
+
+
 def eval_error(capsys, *argv) -> str:
     assert evaluate.main(["--suites", "ppl", "--lengths", "128", *argv]) == 2
     return capsys.readouterr().err
@@ -113,7 +120,10 @@ def test_bad_checkpoints_name_the_path_and_the_problem(runs, demo_shards, tmp_pa
 
     corrupt = bad_copy(runs, tmp_path / "c")
     weights = corrupt / "mp_rank_00_model_states.pt"
-    weights.write_bytes(b"\x00" * weights.stat().st_size)  # same size: COMPLETE cannot tell
+    weights.write_bytes(b"\x00" * weights.stat().st_size)  # same size: the checksum tells
+    err = eval_error(capsys, "--checkpoint", str(corrupt))
+    assert f"{corrupt} is unusable: checksum mismatch in file mp_rank_00_model_states.pt" in err
+    drop_checksums(corrupt)  # as written before checksums: only loading can tell
     assert f"cannot read the ZeRO-0 weights of {corrupt}" in eval_error(
         capsys, "--checkpoint", str(corrupt)
     )
@@ -123,6 +133,7 @@ def test_bad_checkpoints_name_the_path_and_the_problem(runs, demo_shards, tmp_pa
     text = state.read_text()
     assert '"dim": 64' in text
     state.write_text(text.replace('"dim": 64', '"dim": 32'))  # same size
+    drop_checksums(mismatched)
     err = eval_error(capsys, "--checkpoint", str(mismatched))
     assert f"{mismatched}: weights do not match the model config in trainer_state.json" in err
     assert "embed.weight: checkpoint [320, 64] vs config [320, 32]" in err

@@ -117,7 +117,10 @@ def test_corrupt_checkpoint_names_the_path(demo_shards, finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path / "run")
     newest = run / "checkpoints" / "step_00000006"
     victim = next(newest.glob("*model_states.pt"))
-    victim.write_bytes(b"\x00" * victim.stat().st_size)  # same size: only loading can tell
+    victim.write_bytes(b"\x00" * victim.stat().st_size)  # same size
+    marker = json.loads((newest / "COMPLETE").read_text())
+    marker.pop("digests")  # as written before checksums: only loading can tell
+    (newest / "COMPLETE").write_text(json.dumps(marker))
     proc = train(demo_shards, run, 8, check=False)
     assert proc.returncode != 0
     assert f"loading {newest} failed" in proc.stderr

@@ -2,29 +2,29 @@
 
 Layout: ``<run>/checkpoints/step_XXXXXXXX/`` holds DeepSpeed's engine files (model, optimizer,
 scheduler), ``trainer_state.json`` (step, tokens, data position, every rank's RNG, W&B run id,
-resolved config, git sha, world size) and, written last, ``COMPLETE``: the size of every file.
+resolved config, git sha, world size) and, written last, ``COMPLETE``: the size and checksum of
+every file.
 ``<run>/checkpoints/latest`` names the newest committed checkpoint and is replaced atomically.
 
-A checkpoint counts only if COMPLETE exists and every file it lists has its recorded size, so a
-save cut short (preemption, a killed rank, a full disk) is skipped by auto-resume with a warning.
+A checkpoint counts only if COMPLETE exists and every file it lists has its recorded size and
+checksum, so a save cut short (preemption, a killed rank, a full disk) or a file damaged later is
+skipped by auto-resume with a warning naming the file.
 """
 
 from __future__ import annotations
 
-import base64
-import io
+import hashlib
 import json
-import random
 import re
 import shutil
 import subprocess
+import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
 import torch.distributed as dist
 
+from titans_train import rng_state as rng_codec
 from titans_train.fsutil import fsync_path, write_text_atomically
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -58,36 +58,65 @@ def git_sha() -> str | None:
 
 # -- RNG ------------------------------------------------------------------------------------------
 def rng_state() -> dict:
-    """This process's RNG states (torch CPU/CUDA, numpy, python) as JSON-able strings."""
-    buf = io.BytesIO()
-    torch.save(
-        {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-        },
-        buf,
-    )
-    return {"format": "torch.save+base64", "data": base64.b64encode(buf.getvalue()).decode()}
+    """This process's RNG states as plain JSON (rng_state.py): nothing in it is ever unpickled."""
+    return rng_codec.capture()
 
 
-def set_rng_state(state: dict) -> None:
-    s = torch.load(io.BytesIO(base64.b64decode(state["data"])), weights_only=False)
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+def set_rng_state(state: dict, where: str = "trainer_state.json") -> None:
+    """Restore a stored RNG state; CheckpointError naming ``where`` if it is unsafe or invalid."""
+    try:
+        rng_codec.restore(rng_codec.decode(state))
+    except rng_codec.RngStateError as e:
+        raise CheckpointError(f"{where}: RNG state cannot be restored: {e}") from e
+
+
+# -- checksums -----------------------------------------------------------------------------------
+CHECKSUMS = ("auto", "xxh3", "blake2b", "none")
+
+
+def resolve_checksum(setting: str) -> str:
+    """``auto`` -> xxh3 when the xxhash package imports (wandb depends on it), else blake2b:
+    xxh3 adds about a tenth to a save, blake2b doubles it (docs/benchmarks.md)."""
+    if setting != "auto":
+        return setting
+    try:
+        import xxhash  # noqa: F401
+    except ImportError:
+        return "blake2b"
+    return "xxh3"
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    """Hex digest of a file, read in 4 MiB blocks."""
+    if algorithm == "xxh3":
+        import xxhash  # optional: checkpoint.checksum=xxh3 needs it installed
+
+        h = xxhash.xxh3_128()
+    elif algorithm == "blake2b":
+        h = hashlib.blake2b(digest_size=32)
+    else:
+        raise CheckpointError(f"unknown checksum {algorithm!r} (one of {', '.join(CHECKSUMS)})")
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
 
 
 # -- save ----------------------------------------------------------------------------------------
-def save(engine, root: Path, step: int, trainer_state: dict) -> Path:
-    """Collective: every rank calls it. Returns the committed checkpoint directory."""
+def save(engine, root: Path, step: int, trainer_state: dict, checksum: str = "auto") -> Path:
+    """Collective: every rank calls it. Returns the committed checkpoint directory.
+
+    ``checksum`` (auto, xxh3, blake2b or none) is recorded in COMPLETE for every file, so damage
+    that keeps a file's size is caught on resume.
+    """
+    checksum = resolve_checksum(checksum)
     root = Path(root)
     path = step_dir(root, step)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0 and path.exists():  # a leftover from a save that never committed
+    # A leftover of this run directory's own lineage (a save that never committed, or one that
+    # failed its checksum and was skipped by the resume): the lock and the resume rules make
+    # every step directory here this run's (docs/checkpoints.md).
+    if rank == 0 and path.exists():
         shutil.rmtree(path)
     _barrier()
     engine.save_checkpoint(str(root), tag=path.name, save_latest=False)
@@ -98,13 +127,19 @@ def save(engine, root: Path, step: int, trainer_state: dict) -> Path:
         rngs = [rng_state()]
     _barrier()  # every rank's engine files are written
     if rank == 0:
-        state = dict(trainer_state, rng=rngs, git_sha=git_sha(), version=1)
+        state = dict(trainer_state, rng=rngs, git_sha=git_sha(), version=2)
         write_text_atomically(path / STATE, json.dumps(state, indent=1))
-        files = {}
+        files, digests = {}, {}
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
             fsync_path(f)
-            files[str(f.relative_to(path))] = f.stat().st_size
-        write_text_atomically(path / MARKER, json.dumps({"step": step, "files": files}, indent=1))
+            name = str(f.relative_to(path))
+            files[name] = f.stat().st_size
+            if checksum != "none":
+                digests[name] = file_digest(f, checksum)
+        marker = {"step": step, "files": files}
+        if digests:
+            marker.update(checksum=checksum, digests=digests)
+        write_text_atomically(path / MARKER, json.dumps(marker, indent=1))
         write_text_atomically(root / "latest", path.name + "\n")
     _barrier()
     return path
@@ -116,14 +151,20 @@ def _barrier() -> None:
 
 
 # -- find and verify -----------------------------------------------------------------------------
-def incomplete_reason(path: Path) -> str | None:
-    """Why a checkpoint directory cannot be resumed from, or None if it is complete."""
+def incomplete_reason(path: Path, checksums: bool = True) -> str | None:
+    """Why a checkpoint directory cannot be resumed from, or None if it is complete.
+
+    With ``checksums`` every file recorded with a digest is read and hashed again (a mismatch
+    names the file); checkpoints from before checksums are checked by size only.
+    """
     marker = path / MARKER
     if not marker.is_file():
         return f"no {MARKER} marker (the save did not finish)"
     try:
-        files = json.loads(marker.read_text())["files"]
-    except (OSError, ValueError, KeyError) as e:
+        record = json.loads(marker.read_text())
+        files, digests = record["files"], record.get("digests") or {}
+        algorithm = record.get("checksum", "none")
+    except (OSError, ValueError, KeyError, TypeError) as e:
         return f"unreadable {MARKER} marker ({e})"
     for name, size in files.items():
         f = path / name
@@ -131,11 +172,28 @@ def incomplete_reason(path: Path) -> str | None:
             return f"missing file {name}"
         if f.stat().st_size != size:
             return f"truncated file {name} ({f.stat().st_size} of {size} bytes)"
+    if checksums:
+        for name, digest in digests.items():
+            try:
+                actual = file_digest(path / name, algorithm)
+            except (OSError, ImportError, CheckpointError) as e:
+                return f"cannot verify {name} ({type(e).__name__}: {e})"
+            if actual != digest:
+                return (
+                    f"checksum mismatch in file {name} ({algorithm}: the file changed after commit)"
+                )
     try:
         json.loads((path / STATE).read_text())
     except (OSError, ValueError) as e:
         return f"unreadable {STATE} ({e})"
     return None
+
+
+def has_checksums(path: Path) -> bool:
+    try:
+        return bool(json.loads((Path(path) / MARKER).read_text()).get("digests"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -147,7 +205,7 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def find_latest(root: Path) -> Path | None:
+def find_latest(root: Path, checksums: bool = True) -> Path | None:
     """The newest complete checkpoint; incomplete ones are named in a warning and skipped.
 
     ``latest`` is only a hint for people and tools: the scan decides, so a corrupt or stale
@@ -160,8 +218,13 @@ def find_latest(root: Path) -> Path | None:
         if not STEP_RE.match(name) or not (root / name).is_dir():
             warnings.warn(f"{hint}: ignoring unusable content {name[:40]!r}", stacklevel=2)
     for _, path in list_checkpoints(root):
-        reason = incomplete_reason(path)
+        reason = incomplete_reason(path, checksums=checksums)
         if reason is None:
+            if checksums and not has_checksums(path):
+                warnings.warn(
+                    f"{path}: no checksums recorded (saved before they were): sizes checked only",
+                    stacklevel=2,
+                )
             return path
         warnings.warn(f"skipping incomplete checkpoint {path}: {reason}", stacklevel=2)
     return None
@@ -175,16 +238,46 @@ def follow_latest(path: Path) -> Path:
 
 
 def resolve_resume(setting: str, root: Path) -> Path | None:
-    """``auto`` -> newest complete checkpoint under root (or None); ``never`` -> None; or a path."""
+    """``auto`` -> newest complete checkpoint under root (None when there is no step directory
+    at all); ``never`` -> None; or a path. ``auto`` refuses when step directories exist but none
+    is complete: starting over there would silently lose the run."""
     if setting == "never":
         return None
     if setting == "auto":
-        return find_latest(root)
+        found = find_latest(root)
+        existing = list_checkpoints(root)
+        if found is None and existing:
+            newest = existing[0][1]
+            raise CheckpointError(
+                f"{root} holds {len(existing)} step directories but none is complete (newest "
+                f"{newest.name}: {incomplete_reason(newest)}). Refusing to "
+                "start over silently. Pass checkpoint.resume=never to start over (the old step "
+                "directories are moved aside, not deleted), or checkpoint.resume=PATH to name a "
+                "checkpoint"
+            )
+        return found
     path = follow_latest(Path(setting))
     reason = incomplete_reason(path) if path.is_dir() else "no such checkpoint directory"
     if reason:
         raise CheckpointError(f"cannot resume from {path}: {reason}")
     return path
+
+
+def set_aside(root: Path) -> Path | None:
+    """Move every step directory and ``latest`` of ``root`` into ``root/previous-<UTC time>/``
+    (a fresh start in a run directory that has checkpoints: nothing is deleted, and no old
+    checkpoint can later be mistaken for one of the new run's). Returns the new folder."""
+    root = Path(root)
+    old = [p for _, p in list_checkpoints(root)]
+    hint = root / "latest"
+    if not old and not hint.exists():
+        return None
+    aside = root / time.strftime("previous-%Y%m%dT%H%M%SZ", time.gmtime())
+    aside.mkdir()
+    for p in [*old, *([hint] if hint.exists() else [])]:
+        p.rename(aside / p.name)
+    fsync_path(str(root))
+    return aside
 
 
 def load_trainer_state(path: Path) -> dict:
@@ -220,7 +313,7 @@ def apply_retention(root: Path, keep_last: int, keep_every: int | None) -> list[
     a multiple of ``keep_every``. The marker goes first, so a half-deleted one reads incomplete."""
     removed, kept_recent = [], 0
     for step, path in list_checkpoints(root):
-        complete = incomplete_reason(path) is None
+        complete = incomplete_reason(path, checksums=False) is None  # hashing here: every save
         if complete and kept_recent < keep_last:
             kept_recent += 1
             continue

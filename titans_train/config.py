@@ -13,6 +13,8 @@ are errors that name the key, raised before anything starts.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from titans_train.models.config import ModelConfig
-from titans_train.tracking import TrackingConfig, resolve_mode
+from titans_train.tracking import TrackingConfig, resolve_mode, scrub_secrets
 
 PRESET_KINDS = ("model", "data", "zero")
 
@@ -89,6 +91,9 @@ class CheckpointConfig:
     keep_every: int | None = None  # also keep every checkpoint whose step is a multiple of this
     resume: str = "auto"  # auto | never | PATH (a step_XXXXXXXX directory)
     force: bool = False  # resume even when the model or data config changed
+    checksum: str = "auto"  # per file in COMPLETE: auto (xxh3, else blake2b)|xxh3|blake2b|none
+    private: bool = False  # run directory 0700, files 0600 (umask 077 for the whole process)
+    break_lock: bool = False  # take the run-directory lock even if another host's run holds it
 
 
 @dataclass
@@ -240,6 +245,9 @@ def validate(
             raise ConfigError(f"override {cli!r}: {key}: {why}")
         raise ConfigError(f"{source}: {key}: {why}")
 
+    for key, value in _floats(cfg):
+        if not math.isfinite(value):
+            bad(key, f"must be a finite number, got {value}")
     m, t, o, z, c = cfg.model, cfg.train, cfg.optim, cfg.zero, cfg.checkpoint
     for key in ("seq_len", "global_batch", "micro_batch", "max_steps"):
         if getattr(t, key) < 1:  # first: the checks below compare other keys with seq_len
@@ -277,6 +285,8 @@ def validate(
     la = cfg.launch
     if min(la.startup_timeout, la.timeout) <= 0 or la.walltime_margin < 0 or la.walltime_poll <= 0:
         bad("launch", "timeouts and walltime_poll must be > 0, walltime_margin >= 0")
+    if c.checksum not in ("auto", "xxh3", "blake2b", "none"):
+        bad("checkpoint.checksum", f"{c.checksum!r} is not auto, xxh3, blake2b or none")
     if c.keep_last < 1:
         bad("checkpoint.keep_last", "must be >= 1")
     if c.interval < 0:
@@ -298,6 +308,28 @@ def validate(
         if not (p / "manifest.json").is_file() and not (p.is_file() and p.suffix == ".json"):
             key = f"data.train[{i}]" if i < len(cfg.data.train) else "data.val"
             bad(key, f"no manifest.json at {src}")
+
+
+def _floats(obj, prefix: str = ""):
+    """(key, value) for every float in the config tree, lists included (e.g. data.weights[1])."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from _floats(getattr(obj, f.name), f"{prefix}{f.name}.")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _floats(v, f"{prefix[:-1]}[{i}].")
+    elif isinstance(obj, float):
+        yield prefix[:-1], obj
+
+
+def public_dict(cfg: Config) -> dict:
+    """The config as every writer records it (config.yaml, trainer_state.json, the log, W&B):
+    credentials redacted by tracking.scrub_secrets, the one rule."""
+    return scrub_secrets(to_dict(cfg))
+
+
+def public_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(public_dict(cfg))
 
 
 def to_yaml(cfg: Config) -> str:

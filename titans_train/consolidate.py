@@ -71,6 +71,29 @@ def _stage(config: dict, path: Path) -> int:
     return stage
 
 
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Every ``torch.load`` inside runs with ``weights_only=True`` (DeepSpeed's zero_to_fp32
+    passes ``weights_only=False``), allowing only the three plain DeepSpeed records its optimizer
+    files hold: a checkpoint handed to titans-export / titans-eval cannot run code."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    real = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return real(*args, **kwargs)
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = real
+
+
 def stage0_master_weights(states: dict, model: TitansLM) -> dict[str, torch.Tensor] | None:
     """A bf16 stage-0 checkpoint's fp32 master weights, or None when it has none (fp32 runs).
 
@@ -124,7 +147,8 @@ def bf16_optimizer_weights(path: Path, model: TitansLM) -> dict[str, torch.Tenso
     files.sort(key=lambda f: int(f.name.split("_")[4]))
     pieces: dict[str, list[torch.Tensor]] = {}
     for file in files:
-        sd = torch.load(file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        with _weights_only_loads():  # fragment_address records are allowed, nothing else
+            sd = torch.load(file, map_location="cpu", weights_only=True)["optimizer_state_dict"]
         if "single_partition_of_fp32_groups" not in sd:
             return None  # a ZeRO optimizer's bf16 files: zero_to_fp32 reads those
         groups = zip(sd["single_partition_of_fp32_groups"], sd["param_slice_mappings"])
@@ -142,7 +166,8 @@ def consolidated_weights(
     0 from the fp32 master copy when there is one (bf16 runs; needs ``model`` for its layout)."""
     try:
         if stage == 0:
-            states = torch.load(path / MODEL_STATES, map_location="cpu", weights_only=False)
+            with _weights_only_loads():  # stage 0 keeps the optimizer (LossScaler) here
+                states = torch.load(path / MODEL_STATES, map_location="cpu", weights_only=True)
             masters = stage0_master_weights(states, model) if model is not None else None
             weights = masters if masters is not None else states["module"]
         elif stage == 1 and model is not None and (found := bf16_optimizer_weights(path, model)):
@@ -150,7 +175,8 @@ def consolidated_weights(
         else:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            with contextlib.redirect_stdout(io.StringIO()):  # it prints every tensor it merges
+            # it prints every tensor it merges, and unpickles: make its loads weights-only
+            with contextlib.redirect_stdout(io.StringIO()), _weights_only_loads():
                 weights = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), path.name)
     except Exception as e:  # torch.load and zero_to_fp32 raise many kinds on corrupt files
         raise CheckpointError(

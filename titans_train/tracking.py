@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import string
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,7 +97,7 @@ def resolve_run_settings(
 # `api_key`, `apiKey`, `hf_token`, `wandb.api-key` and `db_password` are.
 _SECRET_KEY_RE = re.compile(
     r"(?:^|_)(?:api_?key|secret|secrets|secret_?key|password|passwd|credentials?"
-    r"|private_?key|access_?key|token|auth)$"
+    r"|private_?key|access_?key|token|auth|authorization|signature|sig)$"
 )
 # Tokenizer settings named like `eos_token` hold a vocabulary string, not a credential.
 _NOT_SECRET_RE = re.compile(r"(?:^|_)(?:eos|bos|pad|unk|sep|cls|mask)_token$")
@@ -113,24 +114,73 @@ def is_secret_key(key: object) -> bool:
     return bool(_SECRET_KEY_RE.search(norm)) and not _NOT_SECRET_RE.search(norm)
 
 
-def scrub_secrets(obj: Any, environ: Mapping[str, str] | None = None) -> Any:
-    """A copy of `obj` with credentials replaced by "<redacted>" (keys are kept, to show that
-    something was set): values under secret-looking keys, and any string that contains the
-    value of a secret-looking environment variable (WANDB_API_KEY, HF_TOKEN, ...)."""
+# Inside a string value (a `pipe:curl ...` URL, a dotlist override): `name=value` or
+# `name: value` where the name looks secret, `Bearer <token>`, and `user:password@` in URLs.
+_INLINE_PAIR_RE = re.compile(r"([A-Za-z_][\w.-]*)(=|:\s+)([^\s&;,'\"\]\)]+)")
+_BEARER_RE = re.compile(r"\b(bearer|basic|token)(\s+)([^\s'\"]+)", re.IGNORECASE)
+_SCHEMES = ("bearer", "basic", "token")  # `Authorization: Bearer <token>`: already handled
+_USERINFO_RE = re.compile(r"(://[^/\s:@]+:)[^@\s/]+@")
+
+
+def scrub_text(text: str, env_secrets: Sequence[str] = ()) -> str:
+    """`text` with credentials replaced by "<redacted>": the whole string if it holds a secret
+    environment value, otherwise each secret part found by pattern (the rest is kept)."""
+    if any(secret in text for secret in env_secrets):
+        return REDACTED
+    text = _USERINFO_RE.sub(rf"\1{REDACTED}@", text)
+    text = _BEARER_RE.sub(rf"\1\2{REDACTED}", text)
+
+    def pair(m: re.Match) -> str:
+        value = m.group(3)
+        if is_secret_key(m.group(1)) and value != REDACTED and value.lower() not in _SCHEMES:
+            return f"{m.group(1)}{m.group(2)}{REDACTED}"
+        return m.group(0)
+
+    return _INLINE_PAIR_RE.sub(pair, text)
+
+
+def env_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Values of secret-looking environment variables (WANDB_API_KEY, HF_TOKEN, ...)."""
     environ = os.environ if environ is None else environ
     # Short values would match too much by accident; real keys are long.
-    env_secrets = [v for k, v in environ.items() if is_secret_key(k) and len(v) >= 8]
+    return [v for k, v in environ.items() if is_secret_key(k) and len(v) >= 8]
+
+
+def scrub_secrets(obj: Any, environ: Mapping[str, str] | None = None) -> Any:
+    """A copy of `obj` with credentials replaced by "<redacted>": the one redaction rule, used
+    by every place the config is written or printed (config.yaml, trainer_state.json, the log,
+    W&B's config and recorded command line).
+
+    Values under secret-looking keys are replaced whole (the key is kept, to show that something
+    was set), and so is any string containing the value of a secret-looking environment
+    variable. Inside other strings, `name=value` pairs whose name looks secret (`auth=`,
+    `token=`, `X-Amz-Signature=`), `Bearer <token>` and URL passwords are replaced, and the rest
+    of the string is kept.
+    """
+    found = env_secrets(environ)
 
     def scrub(value: Any) -> Any:
         if isinstance(value, Mapping):
             return {k: REDACTED if is_secret_key(k) else scrub(v) for k, v in value.items()}
         if isinstance(value, str):
-            return REDACTED if any(s in value for s in env_secrets) else value
+            return scrub_text(value, found)
         if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
             return [scrub(v) for v in value]
         return value
 
     return scrub(obj)
+
+
+@contextlib.contextmanager
+def _redacted_argv() -> Iterator[None]:
+    """wandb records sys.argv[1:] as the run's command line (Settings._args, read in
+    wandb.init) and uploads it; show it only the redacted form."""
+    saved = list(sys.argv)
+    sys.argv[1:] = scrub_secrets(saved[1:])
+    try:
+        yield
+    finally:
+        sys.argv[:] = saved
 
 
 _FIRST_KEYS = ("loss", "lr", "grad_norm")  # then the rest, alphabetically
@@ -243,7 +293,7 @@ class Tracker:
         import wandb  # only rank 0 with tracking on pays for (and is affected by) wandb
 
         kwargs = dict(settings, id=self.run_id, dir=str(root), config=config)
-        with _hidden_env(_IDENTITY_ENV):
+        with _hidden_env(_IDENTITY_ENV), _redacted_argv():
             try:
                 run = wandb.init(**kwargs, **branch)
                 self.rewound = "resume_from" in branch

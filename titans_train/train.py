@@ -26,7 +26,14 @@ from tqdm import tqdm
 
 from titans_train import checkpoint as ckpt
 from titans_train import train_state
-from titans_train.config import Config, ConfigError, load_config, to_dict, to_yaml, validate
+from titans_train.config import (
+    Config,
+    ConfigError,
+    load_config,
+    public_dict,
+    public_yaml,
+    validate,
+)
 from titans_train.data import DataError, StreamingLoader, check_sources, validation_loader
 from titans_train.distributed import (
     DistEnv,
@@ -50,6 +57,7 @@ from titans_train.preemption import (
     exit_for_requeue,
     thin_margin_warning,
 )
+from titans_train.run_lock import RunLockError, take_run_lock
 from titans_train.tracking import Tracker, format_metrics
 
 
@@ -158,9 +166,9 @@ def train(cfg: Config, denv: DistEnv, preemption: Preemption) -> dict:
     run_dir = cfg.run_path
     if denv.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        log0(denv, f"resolved config:\n{to_yaml(cfg)}")
-    point = train_state.find_resume_point(cfg, denv.world_size)
+        (run_dir / "config.yaml").write_text(public_yaml(cfg))
+        log0(denv, f"resolved config:\n{public_yaml(cfg)}")
+    point = train_state.find_resume_point(cfg, denv)
     for message in point.messages:
         log0(denv, message)
     tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
@@ -202,7 +210,7 @@ def train(cfg: Config, denv: DistEnv, preemption: Preemption) -> dict:
         cfg.tracking,
         run_dir=run_dir,
         run_name=cfg.name,
-        config={**to_dict(cfg), "attention_backend": attn},
+        config={**public_dict(cfg), "attention_backend": attn},
         rank=denv.rank,
         run_id=run_id,
         resume_step=step if point.path else None,
@@ -334,7 +342,8 @@ def train(cfg: Config, denv: DistEnv, preemption: Preemption) -> dict:
     tracker.finish()
     log0(denv, f"done: {step} steps, {tokens} tokens")
     log0(denv, f"  run dir:     {run_dir} (config.yaml, metrics.jsonl)")
-    log0(denv, f"  checkpoints: {ckpt.find_latest(run_dir / 'checkpoints') or 'none'}")
+    newest = ckpt.find_latest(run_dir / "checkpoints", checksums=False)
+    log0(denv, f"  checkpoints: {newest or 'none'}")
     if tracker.run_path:
         log0(denv, f"  W&B files:   {tracker.run_path} (wandb sync {tracker.run_path})")
     return {"step": step, "tokens": tokens, **last}
@@ -359,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
         check_sources(cfg.data.train, cfg.train.seq_len, cfg.model.vocab_size)
     except DataError as e:
         sys.exit(f"data error: {e}")
+    if cfg.checkpoint.private:
+        os.umask(0o077)  # before any file or directory of the run exists (docs/checkpoints.md)
     denv = env_from_launcher()
     # Before the slow start-up: a signal that arrives while DeepSpeed initialises is kept.
     preemption = Preemption(denv.rank, cfg.launch.walltime_margin, cfg.launch.walltime_poll)
@@ -367,18 +378,26 @@ def main(argv: list[str] | None = None) -> None:
         validate(cfg, args.config, world_size=denv.world_size, overrides=args.overrides)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    lock = None
     try:
+        lock = take_run_lock(
+            cfg.run_path, denv.is_main, cfg.checkpoint.break_lock, cfg.checkpoint.private
+        )
+        for note in lock.notes if lock else ():
+            log0(denv, note)
         result = train(cfg, denv, preemption)
     except train_state.DiskFullError as e:
         print(f"rank {denv.rank}: error: {e}", file=sys.stderr)
         sys.exit(train_state.DISK_FULL_EXIT)
-    except ckpt.CheckpointError as e:  # handled: the message says what to do, no traceback
+    except (ckpt.CheckpointError, RunLockError) as e:  # handled: the message says what to do
         log0(denv, f"error: {e}")
         sys.exit(1)
     except RuntimeError as e:
         log0(denv, f"error: {e}")
         raise
     finally:
+        if lock is not None:
+            lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
     if "stopped" in result:

@@ -22,11 +22,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from titans_train import checkpoint as ckpt
-from titans_train.config import Config, to_dict
-from titans_train.distributed import DistEnv
+from titans_train import rng_state as rng_codec
+from titans_train.config import Config, public_dict
+from titans_train.distributed import DistEnv, device
 from titans_train.preemption import ignore_stop_signals
 
 UNIVERSAL = "universal"
@@ -46,22 +48,47 @@ class ResumePoint:
     state: dict | None = None
     universal: bool = False  # load through DeepSpeed's universal checkpoint
     messages: tuple[str, ...] = ()
+    restore_rng: bool = True  # False: same world size, but the RNG states were refused (forced)
 
     @property
     def step(self) -> int:
         return self.state["step"] if self.state else 0
 
 
-def find_resume_point(cfg: Config, world_size: int) -> ResumePoint:
-    """The checkpoint ``checkpoint.resume`` names, checked against this config; no engine yet."""
+def find_resume_point(cfg: Config, denv: DistEnv) -> ResumePoint:
+    """The checkpoint ``checkpoint.resume`` names, checked against this config; no engine yet.
+
+    Collective: rank 0 decides (it reads, and hashes, the checkpoint files once) and tells the
+    other ranks, so every rank resumes from the same checkpoint or fails with the same error.
+    """
+    result: ResumePoint | ckpt.CheckpointError | None = None
+    if denv.is_main:
+        try:
+            result = _decide(cfg, denv.world_size)
+        except ckpt.CheckpointError as e:
+            result = e
+    if dist.is_initialized():
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _decide(cfg: Config, world_size: int) -> ResumePoint:
+    root = cfg.run_path / "checkpoints"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        path = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.run_path / "checkpoints")
+        path = ckpt.resolve_resume(cfg.checkpoint.resume, root)
     messages = [f"warning: {w.message}" for w in caught]
     if path is None:
+        if cfg.checkpoint.resume == "never" and (aside := ckpt.set_aside(root)):
+            messages.append(f"checkpoint.resume=never: earlier checkpoints moved to {aside}")
         return ResumePoint(messages=tuple(messages))
     state = ckpt.load_trainer_state(path)
-    protected, other = ckpt.config_diff(state["config"], to_dict(cfg))
+    # The stored config is redacted (config.public_dict): compare like with like.
+    protected, other = ckpt.config_diff(state["config"], public_dict(cfg))
     if protected and not cfg.checkpoint.force:
         raise ckpt.CheckpointError(
             f"run {cfg.name!r} ({cfg.run_path}) already holds a checkpoint of a different model "
@@ -77,7 +104,57 @@ def find_resume_point(cfg: Config, world_size: int) -> ResumePoint:
             f"{path} was saved by {state['world_size']} ranks and this run has {world_size}: "
             f"loading ZeRO-{cfg.zero.stage} state through DeepSpeed's universal checkpoint"
         )
-    return ResumePoint(path, state, universal, tuple(messages))
+    point = ResumePoint(path, state, universal, tuple(messages))
+    if state["world_size"] == world_size:
+        _check_rng(point, cfg.checkpoint.force)
+    return point
+
+
+def _check_rng(point: ResumePoint, force: bool) -> None:
+    """Refuse RNG states that are not plain data before anything else is loaded."""
+    where = point.path / ckpt.STATE
+    try:
+        states = point.state.get("rng")
+        if not isinstance(states, list) or len(states) != point.state["world_size"]:
+            raise ckpt.CheckpointError(f"{where}: rng: expected one state per rank")
+        for rank, state in enumerate(states):
+            try:
+                rng_codec.decode(state)
+            except rng_codec.RngStateError as e:
+                raise ckpt.CheckpointError(f"{where}: rng[{rank}]: {e}") from e
+    except ckpt.CheckpointError as e:
+        if not force:
+            raise ckpt.CheckpointError(
+                f"{e}. Nothing from it was run. Pass checkpoint.force=true to resume without "
+                "restoring RNG states (the data order is unaffected), or checkpoint.resume=never"
+            ) from e
+        point.restore_rng = False
+        point.messages += (f"warning: {e}; checkpoint.force: RNG states not restored",)
+
+
+def check_finite(engine, step: int) -> None:
+    """Collective: stop before committing non-finite parameters (one reduction per rank).
+
+    Under ZeRO-3 a parameter's data is empty outside forward/backward and ``ds_tensor`` is this
+    rank's partition: each rank checks what it holds and an all-reduce agrees. The flag lives on
+    the trainer's device, since NCCL refuses CPU tensors.
+    """
+    named = [
+        (n, p.ds_tensor if getattr(p, "ds_tensor", None) is not None else p.data)
+        for n, p in engine.module.named_parameters()
+    ]
+    flags = torch.stack([~torch.isfinite(t).all() for _, t in named if t.numel()])
+    bad = flags.sum().to(device=device(), dtype=torch.float32)
+    if dist.is_initialized():
+        dist.all_reduce(bad)
+    if bad.item() > 0:
+        local = [n for n, t in named if t.numel() and not torch.isfinite(t).all()]
+        where = f" (e.g. {', '.join(local[:3])})" if local else ""
+        raise ckpt.CheckpointError(
+            f"step {step}: parameters are not finite{where}; refusing to commit a checkpoint of "
+            "them. The checkpoints already committed are kept; check the optim settings (lr, eps, "
+            "weight_decay) and the data, then resume from the last one"
+        )
 
 
 def to_universal(path: Path) -> Path:
@@ -138,26 +215,27 @@ def restore(point: ResumePoint, engine, loader, denv: DistEnv) -> None:
     if loaded is None:
         raise ckpt.CheckpointError(f"DeepSpeed found nothing to load in {path}")
     loader.load_state_dict(point.state["data"])
-    if point.state["world_size"] == denv.world_size:
-        ckpt.set_rng_state(point.state["rng"][denv.rank])
+    if point.state["world_size"] == denv.world_size and point.restore_rng:
+        ckpt.set_rng_state(point.state["rng"][denv.rank], f"{path / ckpt.STATE}: rng[{denv.rank}]")
 
 
 def save(cfg: Config, engine, loader, denv: DistEnv, step: int, tokens: int, run_id) -> Path:
     """Collective: commit a checkpoint of everything above; rank 0 applies retention."""
     root = cfg.run_path / "checkpoints"
+    check_finite(engine, step)
     state = {
         "step": step,
         "tokens": tokens,
         "data": loader.state_dict(),
         "wandb_run_id": run_id,
-        "config": to_dict(cfg),
+        "config": public_dict(cfg),  # redacted: a checkpoint is often copied and shared
         "world_size": denv.world_size,
         "skipped_steps": int(engine.skipped_steps),
     }
     if cfg.debug.enospc_at_step == step:
         engine = _FullDisk(engine)
     try:
-        path = ckpt.save(engine, root, step, state)
+        path = ckpt.save(engine, root, step, state, checksum=cfg.checkpoint.checksum)
     except Exception as e:
         if not disk_full(e, root):
             raise

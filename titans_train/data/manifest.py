@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shlex
 from dataclasses import dataclass
 
 import webdataset as wds
@@ -15,6 +17,9 @@ MANIFEST_NAME = "manifest.json"
 FORMAT = "titans-shards"
 VERSION = 1
 SPLITS = ("train", "val")
+# A shard name is a plain file name: it is joined to the manifest's directory and, for `pipe:`
+# manifests, substituted into a shell command, so no separators, `..` or shell syntax.
+SHARD_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,254}")
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,14 @@ class ShardManifest:
         splits = _require(self.data, "splits", dict, where)
         for split, entry in splits.items():
             shards = self.shards(split)
+            for shard in shards:
+                name = shard.name
+                if not isinstance(name, str) or not SHARD_NAME_RE.fullmatch(name) or ".." in name:
+                    raise DataError(
+                        f"manifest {where}: shard name {name!r} in split {split} is not a "
+                        "plain file name (letters, digits, '._+-'; no path, '..' or shell "
+                        "characters); refusing the manifest"
+                    )
             for i, shard in enumerate(shards):
                 last = i == len(shards) - 1
                 if not 1 <= shard.samples <= self.samples_per_shard or (
@@ -154,7 +167,10 @@ class ShardManifest:
         head, sep, tail = self.location.rpartition(MANIFEST_NAME)
         if not sep:  # a manifest saved under another name: shards sit next to it
             head, tail = os.path.dirname(self.location) + os.sep, ""
-        return head + shard.name + tail
+        # webdataset runs a `pipe:` URL through a shell: quote the name that goes into it (a
+        # validated name needs no quotes, so this only matters if validation is bypassed).
+        name = shlex.quote(shard.name) if self.location.startswith("pipe:") else shard.name
+        return head + name + tail
 
     def fingerprint(self, split: str) -> str:
         """Identity of a split's data: the shard hashes and the packing parameters."""
