@@ -71,6 +71,7 @@ EXPERIMENTS: dict[str, dict] = {
     "write_input": {"write": "input"},
     "read_M0": {"read": "initial"},
     "read_M0_alpha_0": {"read": "initial", "bias": {"alpha": -30.0}},
+    "window_32": {"cfg": {"window": 32}},  # MAG/MAL only (MAC's attention is its segment)
 }
 SMOKE_EXPERIMENTS = ("default", "alpha_0", "read_M0")
 RUNS = [("mac", "per_token"), ("mac", "memory_tokens"), ("mag", None), ("mal", None), ("lmm", None)]
@@ -408,7 +409,8 @@ def main(argv: list[str] | None = None) -> dict:
         tokens = torch.randint(0, BASE["vocab_size"], (args.batch, T), generator=g)
         jobs = [(v, r, "default", True) for v, r in baselines]
         retrieval = args.retrieval if args.variant == "mac" else None
-        jobs += [(args.variant, retrieval, n, False) for n in args.names if n != "default"]
+        names = [n for n in args.names if n != "default" or args.no_baselines]
+        jobs += [(args.variant, retrieval, n, False) for n in names]
         for variant, retr, name, with_input in jobs:
             res = probe_run(variant, retr, EXPERIMENTS[name], tokens, args.eps, seed, with_input)
             report["results"].append(dict(res, experiment=name))
