@@ -20,6 +20,8 @@ residual LayerNorm, what MAC writes, and cutting the feedback loop (retrieval fr
 
     python benchmarks/probe_mac.py --out runs/probe_mac.json
     python benchmarks/probe_mac.py --smoke
+
+Findings: docs/results.md, "MAC is chaotic across segments at init".
 """
 
 from __future__ import annotations
