@@ -177,6 +177,22 @@ def sensitivity(variant, retrieval, exp, tokens, eps: float, mode: str, seed: in
     return per_segment(other(tokens).logits - base, base, seg)
 
 
+def gradient_reach(model: TitansLM, tokens: torch.Tensor) -> list[float]:
+    """|d f / d (embeddings of segment j)| for f = the squared logits of the last segment, over
+    |d f / d (embeddings of the last segment)|: how much of a late loss's gradient reaches each
+    earlier segment through the carried state (what learning recall across segments needs)."""
+    seg = BASE["segment_len"]
+    emb = model.embed(tokens).detach().requires_grad_(True)
+    hook = model.embed.register_forward_hook(lambda _m, _i, _o: emb)
+    try:
+        model(tokens).logits[:, -seg:].pow(2).sum().backward()
+    finally:
+        hook.remove()
+    g = emb.grad.pow(2).sum(-1)
+    norms = [float(g[:, i * seg : (i + 1) * seg].sum().sqrt()) for i in range(g.shape[1] // seg)]
+    return [v / norms[-1] for v in norms]
+
+
 def map_memory(bs, fn):
     """A copy of block state ``bs`` with ``fn`` applied to each float tensor of its carried memory
     state, in a fixed order: the written memory's weights, momentum, buffer and conv tail, then
@@ -317,6 +333,7 @@ def probe_run(variant, retrieval, exp, tokens, eps: float, seed: int, with_input
         variant, retrieval, exp, tokens, eps, "params", seed
     )
     res["growth"] = growth(sens)
+    res["gradient_reach"] = gradient_reach(build(variant, retrieval, exp, seed), tokens)
     if with_input:
         res["sensitivity_input"] = sensitivity(variant, retrieval, exp, tokens, eps, "input", seed)
     if variant != "transformer":
@@ -350,6 +367,7 @@ def summarise(results: list[dict]) -> list[dict]:
             if vals:
                 row[key] = dict(mean=sum(vals) / len(vals), min=min(vals), max=max(vals))
         row["last_sensitivity"] = sorted(r["sensitivity_params"][-1] for r in rs)[len(rs) // 2]
+        row["first_gradient_reach"] = sorted(r["gradient_reach"][0] for r in rs)[len(rs) // 2]
         if "final_weight_norm" in rs[0]:  # the last memory layer, averaged over blocks and seeds
             norms = [bw[-1] for r in rs for bw in r["final_weight_norm"]]
             row["final_last_layer_norm"] = sum(norms) / len(norms)
@@ -365,8 +383,9 @@ def table(rows: list[dict]) -> str:
 
     lines = [
         "| model | experiment | sensitivity growth / segment | segment-map gain | "
-        "sensitivity at the last segment | last memory layer norm at the end |",
-        "|---|---|---|---|---|---|",
+        "sensitivity at the last segment | gradient reach, first segment | "
+        "last memory layer norm at the end |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         model = r["variant"] + (f" {r['retrieval']}" if r["retrieval"] else "")
@@ -374,6 +393,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {model} | {r['experiment']} | {cell(r.get('growth'))} | "
             f"{cell(r.get('gain_geomean'))} | {r['last_sensitivity']:.1e} | "
+            f"{r['first_gradient_reach']:.1e} | "
             f"{'-' if norm_ is None else f'{norm_:.2f}'} |"
         )
     return "\n".join(lines)

@@ -34,6 +34,7 @@ def test_smoke_writes_json(tmp_path):
         assert len(r["sensitivity_params"]) == 4 and len(r["gain"]) == 3
         assert all(0 < v < 1e-3 for v in r["sensitivity_params"])  # eps 1e-7: linear regime
         assert all(math.isfinite(v) and v > 0 for v in r["gain"])
+        assert len(r["gradient_reach"]) == 4 and r["gradient_reach"][-1] == 1.0
     diag = report["diagnostics"]["mac per_token default"]
     assert len(diag) == 4 * 2  # segments x blocks
     assert {"theta", "eta", "alpha", "read_over_input", "weight_norm"} <= set(diag[-1])
@@ -70,6 +71,13 @@ def test_gain_is_a_derivative():
     assert all(g > 0.1 for g in small)
     for a, b in zip(small, large):
         assert abs(a - b) < 1e-3 * a
+
+
+def test_gradient_reach_stops_at_the_receptive_field():
+    """Sliding-window attention (2 layers x window 8) passes no gradient 3 segments back."""
+    model = P.build("transformer", None, {"cfg": {"window": 8}})
+    reach = P.gradient_reach(model, tokens(4))
+    assert reach[0] == 0.0 and reach[1] == 0.0 and reach[2] > 1e-6
 
 
 def test_write_input_patch_writes_the_block_input():
