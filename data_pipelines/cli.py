@@ -17,6 +17,10 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="titans-data", description="Corpus -> tokenizer -> packed webdataset shards."
@@ -28,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
             name,
             help=module.__doc__.splitlines()[0],
             description=module.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         module.add_arguments(p)
         p.set_defaults(run=module.run_args)

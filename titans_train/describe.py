@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="titans-train describe",
         description="Print the parameter count and FLOPs per token of a model config.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     ap.add_argument("config", help="model YAML, e.g. configs/model/mac_340m.yaml")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of model fields")

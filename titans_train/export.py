@@ -48,7 +48,11 @@ def export(source: ModelSource, out: str | Path, dtype: str = "fp32") -> Path:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="titans-export", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="titans-export",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     ap.add_argument("--checkpoint", required=True, help="checkpoint, run dir, or latest (+--run)")
     ap.add_argument("--run", help="run directory for --checkpoint latest")
     ap.add_argument("--out", required=True, help="output directory")

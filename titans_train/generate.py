@@ -24,7 +24,11 @@ from titans_train.load import add_placement_args, dump_json, open_model, place
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="titans-generate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="titans-generate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     ap.add_argument("--checkpoint", required=True, help="checkpoint, run dir, latest, or export")
     ap.add_argument("--run", help="run directory for --checkpoint latest")
     ap.add_argument("--data", help="shard manifest naming the tokenizer (default: the run's)")
