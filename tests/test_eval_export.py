@@ -68,7 +68,7 @@ def test_eval_logs_into_the_training_run(runs, demo_shards, tmp_path):
     cmd += ["--json", str(out), "--wandb"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ppl" in proc.stdout and "mqar acc%" in proc.stdout
+    assert "ppl" in proc.stdout and "mqar exact%" in proc.stdout
     result = json.loads(out.read_text())
     assert result["model"]["step"] == 2 and set(result["results"]) == {"ppl", "passkey", "mqar"}
     assert result["results"]["mqar"]["256"]["answers"] == 6

@@ -316,7 +316,7 @@ def test_lock_is_released_by_a_preemption_stop_and_the_requeue_takes_it(demo_sha
     run = tmp_path / "run"
     first = cli(demo_shards, run, 200, "checkpoint.interval=100", popen=True)
     deadline = time.time() + 240
-    while not (run / "metrics.jsonl").exists() and time.time() < deadline:
+    while not logged_a_step(run) and time.time() < deadline:  # the header comes before step 1
         assert first.poll() is None, (tmp_path / "popen.log").read_text()[-3000:]
         time.sleep(0.5)
     first.send_signal(signal.SIGUSR1)
@@ -325,6 +325,11 @@ def test_lock_is_released_by_a_preemption_stop_and_the_requeue_takes_it(demo_sha
     assert record["pid"] == first.pid and record["released"] is True
     proc = ok(cli(demo_shards, run, 3, "checkpoint.interval=100"))  # the requeued job
     assert "resumed from" in proc.stderr and "taking over" not in proc.stderr
+
+
+def logged_a_step(run: Path) -> bool:
+    path = run / "metrics.jsonl"
+    return path.exists() and '"step"' in path.read_text()
 
 
 def dead_pid() -> int:
