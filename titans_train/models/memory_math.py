@@ -258,6 +258,28 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+# Largest per-op tensor (G x chunk x widest memory layer, in elements) for which the chunk loop
+# runs on one intra-op thread. Below it a second thread buys nothing (aten's own elementwise
+# kernels stay on one thread under 32768 elements), while every op of the loop still pays an
+# OpenMP fork/join, and on a loaded machine a join waits for a descheduled thread (issue 16).
+SINGLE_THREAD_ELEMENTS = 32768
+
+
+@contextlib.contextmanager
+def loop_threads(k: Tensor, chunk: int, weights: list[Tensor]):
+    """One intra-op thread for a small chunk loop on CPU; the caller's setting otherwise."""
+    old = torch.get_num_threads()
+    small = k.shape[0] * chunk * max(w.shape[-1] for w in weights) <= SINGLE_THREAD_ELEMENTS
+    if k.device.type != "cpu" or old == 1 or not small:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 class _CheckpointedChunks(torch.autograd.Function):
     """Activation checkpointing for a group of chunks: the forward runs without autograd and keeps
     only its inputs (M and S at the group start, the group's k/v/q/gates); the backward recomputes
@@ -281,7 +303,8 @@ class _CheckpointedChunks(torch.autograd.Function):
         inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
         # The recompute and its backward must be the fp32 forward's: backward may run under
         # autocast (it is thread-local state), which would redo the group in bf16.
-        with torch.enable_grad(), autocast_off(inputs[0].device.type):
+        threads = loop_threads(inputs[2 * n_layers], chunk, inputs[:n_layers])
+        with torch.enable_grad(), autocast_off(inputs[0].device.type), threads:
             y, w, s = _scan_flat(inputs, n_layers, chunk, residual_norm, compiled)
             outs = zip((y, *w, *s), grads)
             pairs = [(o, g) for o, g in outs if g is not None and o.requires_grad]
@@ -321,6 +344,17 @@ def memory_scan(
     ``compiled`` runs full chunks through torch.compile (see ``compiled_chunk_step``).
     Returns (reads [G, N, d] or None, weights, momentum).
     """
+    with loop_threads(k, chunk, weights):
+        return _memory_scan(
+            weights, momentum, k, v, q, theta, log_eta, log_keep, chunk, residual_norm,
+            checkpoint_group, compiled,
+        )  # fmt: skip
+
+
+def _memory_scan(
+    weights, momentum, k, v, q, theta, log_eta, log_keep, chunk, residual_norm,
+    checkpoint_group, compiled,
+):  # fmt: skip
     N = k.shape[1]
     end = N - N % chunk
     reads = []
