@@ -24,7 +24,6 @@ the per-token reads (the dual form) are batched matmuls.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -34,24 +33,20 @@ from torch import Tensor
 LN_EPS = 1e-5
 
 
-def gelu_grad(z: Tensor) -> Tensor:
-    """d/dz of the exact (erf) GELU."""
-    cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
-    pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
-    return cdf + z * pdf
-
-
 def layer_norm(z: Tensor) -> Tensor:
     return F.layer_norm(z, z.shape[-1:], eps=LN_EPS)
 
 
 def layer_norm_backward(z: Tensor, g: Tensor) -> Tensor:
-    """Gradient through a parameter-free LayerNorm over the last dim, given dL/d LN(z) = g."""
-    mu = z.mean(-1, keepdim=True)
-    var = z.var(-1, unbiased=False, keepdim=True)
-    rstd = torch.rsqrt(var + LN_EPS)
-    zhat = (z - mu) * rstd
-    return rstd * (g - g.mean(-1, keepdim=True) - zhat * (g * zhat).mean(-1, keepdim=True))
+    """Gradient through a parameter-free LayerNorm over the last dim, given dL/d LN(z) = g.
+
+    aten's own kernels (2 ops instead of ~14 elementwise ones); autograd differentiates
+    native_layer_norm_backward with its double-backward formula (the outer gradient)."""
+    shape = z.shape[-1:]
+    _, mean, rstd = torch.native_layer_norm(z, shape, None, None, LN_EPS)
+    return torch.ops.aten.native_layer_norm_backward(
+        g, z, shape, mean, rstd, None, None, [True, False, False]
+    )[0]
 
 
 def mlp_forward(weights: list[Tensor], x: Tensor, residual_norm: bool) -> tuple[Tensor, list, list]:
@@ -59,7 +54,7 @@ def mlp_forward(weights: list[Tensor], x: Tensor, residual_norm: bool) -> tuple[
     acts, pres = [x], []
     h = x
     for l, w in enumerate(weights):
-        z = h @ w
+        z = torch.bmm(h, w)
         pres.append(z)
         if l < len(weights) - 1:
             h = F.gelu(z)
@@ -75,9 +70,30 @@ def mlp_deltas(
     delta = layer_norm_backward(pres[-1], grad_out) if residual_norm else grad_out
     deltas = [delta]
     for l in range(len(weights) - 1, 0, -1):
-        delta = (delta @ weights[l].transpose(-1, -2)) * gelu_grad(pres[l - 1])
+        # aten's gelu_backward is (grad * GELU'(z)) in one op, with a double-backward formula
+        # for the outer gradient; it replaced five elementwise ops and their backward nodes.
+        delta = torch.ops.aten.gelu_backward(
+            torch.bmm(delta, weights[l].transpose(-1, -2)), pres[l - 1]
+        )
         deltas.append(delta)
     return deltas[::-1]
+
+
+_MASKS: dict = {}
+
+
+def _segsum_masks(n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(j >= t, j > t) as bool [n, n], built once per (n, device): rebuilding them cost 6 of the
+    ~11 ops of every segsum, and segsum runs twice per memory call."""
+    key = (n, str(device))
+    if key not in _MASKS:
+        with torch.inference_mode(False), torch.no_grad():
+            ones = torch.ones(n, n, dtype=torch.bool, device=device)
+            masks = (~ones.tril(-1), ~ones.tril(0))
+        if all(type(m) is torch.Tensor for m in masks):  # never cache a mode's tensor subclass
+            _MASKS[key] = masks
+        return masks
+    return _MASKS[key]
 
 
 def segsum(x: Tensor) -> Tensor:
@@ -87,12 +103,10 @@ def segsum(x: Tensor) -> Tensor:
     (eta = 0 or alpha = 1) stay exact instead of producing inf - inf.
     """
     n = x.shape[-1]
+    not_strict, not_incl = _segsum_masks(n, x.device)
     xx = x.unsqueeze(-1).expand(*x.shape, n)  # [..., m, j]
-    strict = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1)
-    xx = xx.masked_fill(~strict, 0.0)
-    out = xx.cumsum(-2)
-    incl = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(0)
-    return out.masked_fill(~incl, float("-inf"))
+    out = xx.masked_fill(not_strict, 0.0).cumsum(-2)
+    return out.masked_fill(not_incl, float("-inf"))
 
 
 @dataclass
@@ -150,8 +164,8 @@ def chunk_step(
         #   z_t = h_t [B_t0 W + c_t S] - sum_{i<=t} C_ti theta_i (h_t . a_i) delta_i
         h = q
         for l, (w, s, a, d, co) in enumerate(zip(weights, momentum, acts, deltas, coeffs)):
-            z = co.b0.unsqueeze(-1) * (h @ w) + co.c0.unsqueeze(-1) * (h @ s)
-            z = z - (co.c_theta * (h @ a.transpose(-1, -2))) @ d
+            z = co.b0.unsqueeze(-1) * torch.bmm(h, w) + co.c0.unsqueeze(-1) * torch.bmm(h, s)
+            z = z - torch.bmm(co.c_theta * torch.bmm(h, a.transpose(-1, -2)), d)
             h = F.gelu(z) if l < len(weights) - 1 else z
         y = q + layer_norm(h) if residual_norm else h
 
@@ -163,10 +177,10 @@ def chunk_step(
         new_w.append(
             co.b0[..., -1, None, None] * w
             + co.c0[..., -1, None, None] * s
-            - at @ (co.c_theta[..., -1, :].unsqueeze(-1) * d)
+            - torch.bmm(at, co.c_theta[..., -1, :].unsqueeze(-1) * d)
         )
         new_s.append(
-            co.e0[..., -1, None, None] * s - at @ (co.e_theta[..., -1, :].unsqueeze(-1) * d)
+            co.e0[..., -1, None, None] * s - torch.bmm(at, co.e_theta[..., -1, :].unsqueeze(-1) * d)
         )
     return y, new_w, new_s
 
@@ -183,41 +197,54 @@ def compiled_chunk_step():
     return _COMPILED_STEP
 
 
+COEFF_FIELDS = tuple(ChunkCoeffs.__dataclass_fields__)
+
+
+def span_coeffs(theta: Tensor, log_eta: Tensor, log_keep: Tensor, chunk: int) -> list[Tensor]:
+    """Coefficients of every whole chunk of a span, in one batch: gates [G, N, P] (N a multiple
+    of ``chunk``) -> the ChunkCoeffs fields as tensors [P, G, chunks, n(, n)]."""
+    G, N, _ = theta.shape
+
+    def fold(x: Tensor) -> Tensor:  # [G, N, P] -> [P, G, chunks, b]
+        return x.reshape(G, N // chunk, chunk, -1).permute(3, 0, 1, 2)
+
+    co = chunk_coeffs(fold(theta), fold(log_eta), fold(log_keep))
+    return [getattr(co, f) for f in COEFF_FIELDS]
+
+
 def scan_chunks(
     weights: list[Tensor],
     momentum: list[Tensor],
     k: Tensor,
     v: Tensor,
     q: Tensor | None,
-    theta: Tensor,
-    log_eta: Tensor,
-    log_keep: Tensor,
+    coeffs: list[Tensor],
     chunk: int,
     residual_norm: bool,
     compiled: bool = False,
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
-    """Whole chunks (N a multiple of ``chunk``), committed one after the other.
+    """Whole chunks (N a multiple of ``chunk``), committed one after the other; ``coeffs`` from
+    ``span_coeffs`` (computed once per call, outside any checkpoint group, so the recompute in
+    backward does not redo them).
 
-    The decay coefficients of all chunks are computed in one batch. Chunks are split off with
-    unbind, not indexing, so autograd stacks their gradients once instead of zero-filling a
-    full-size tensor per chunk (quadratic in N).
+    Chunks and gate layers are split off with unbind, not indexing, so autograd stacks their
+    gradients once instead of zero-filling a full-size tensor per chunk (quadratic in N).
     """
     step = compiled_chunk_step() if compiled else chunk_step
     G, N, _ = k.shape
     n = N // chunk
 
-    def fold(x: Tensor) -> Tensor:  # [G, N, P] -> [P, G, chunks, b]
-        return x.reshape(G, n, chunk, -1).permute(3, 0, 1, 2)
-
     def split(x: Tensor | None) -> list:
         return [None] * n if x is None else list(x.reshape(G, n, chunk, -1).unbind(1))
 
-    co = chunk_coeffs(fold(theta), fold(log_eta), fold(log_keep))
-    fields = [getattr(co, f).unbind(2) for f in ChunkCoeffs.__dataclass_fields__]
+    # per_gate[p][c]: chunk c's coefficients for gate set p (one set shared by all layers if P = 1)
+    per_gate = [
+        [ChunkCoeffs(*f) for f in zip(*(t.unbind(1) for t in fields))]
+        for fields in zip(*(t.unbind(0) for t in coeffs))
+    ]
     reads = []
     for c, (kc, vc, qc) in enumerate(zip(split(k), split(v), split(q))):
-        co_c = ChunkCoeffs(*(f[c] for f in fields))
-        layers = [layer_coeffs(co_c, l) for l in range(len(weights))]
+        layers = [per_gate[min(l, len(per_gate) - 1)][c] for l in range(len(weights))]
         y, weights, momentum = step(weights, momentum, kc, vc, qc, layers, residual_norm)
         reads.append(y)
     return (None if q is None else torch.cat(reads, dim=1)), weights, momentum
@@ -229,6 +256,28 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+# Largest per-op tensor (G x chunk x widest memory layer, in elements) for which the chunk loop
+# runs on one intra-op thread. Below it a second thread buys nothing (aten's own elementwise
+# kernels stay on one thread under 32768 elements), while every op of the loop still pays an
+# OpenMP fork/join, and on a loaded machine a join waits for a descheduled thread (issue 16).
+SINGLE_THREAD_ELEMENTS = 32768
+
+
+@contextlib.contextmanager
+def loop_threads(k: Tensor, chunk: int, weights: list[Tensor]):
+    """One intra-op thread for a small chunk loop on CPU; the caller's setting otherwise."""
+    old = torch.get_num_threads()
+    small = k.shape[0] * chunk * max(w.shape[-1] for w in weights) <= SINGLE_THREAD_ELEMENTS
+    if k.device.type != "cpu" or old == 1 or not small:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 class _CheckpointedChunks(torch.autograd.Function):
@@ -254,7 +303,8 @@ class _CheckpointedChunks(torch.autograd.Function):
         inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
         # The recompute and its backward must be the fp32 forward's: backward may run under
         # autocast (it is thread-local state), which would redo the group in bf16.
-        with torch.enable_grad(), autocast_off(inputs[0].device.type):
+        threads = loop_threads(inputs[2 * n_layers], chunk, inputs[:n_layers])
+        with torch.enable_grad(), autocast_off(inputs[0].device.type), threads:
             y, w, s = _scan_flat(inputs, n_layers, chunk, residual_norm, compiled)
             outs = zip((y, *w, *s), grads)
             pairs = [(o, g) for o, g in outs if g is not None and o.requires_grad]
@@ -265,7 +315,8 @@ class _CheckpointedChunks(torch.autograd.Function):
 
 def _scan_flat(inputs, n_layers: int, chunk: int, residual_norm: bool, compiled: bool):
     weights, momentum = list(inputs[:n_layers]), list(inputs[n_layers : 2 * n_layers])
-    return scan_chunks(weights, momentum, *inputs[2 * n_layers :], chunk, residual_norm, compiled)
+    k, v, q, *coeffs = inputs[2 * n_layers :]
+    return scan_chunks(weights, momentum, k, v, q, coeffs, chunk, residual_norm, compiled)
 
 
 def memory_scan(
@@ -293,21 +344,34 @@ def memory_scan(
     ``compiled`` runs full chunks through torch.compile (see ``compiled_chunk_step``).
     Returns (reads [G, N, d] or None, weights, momentum).
     """
+    with loop_threads(k, chunk, weights):
+        return _memory_scan(
+            weights, momentum, k, v, q, theta, log_eta, log_keep, chunk, residual_norm,
+            checkpoint_group, compiled,
+        )  # fmt: skip
+
+
+def _memory_scan(
+    weights, momentum, k, v, q, theta, log_eta, log_keep, chunk, residual_norm,
+    checkpoint_group, compiled,
+):  # fmt: skip
     N = k.shape[1]
     end = N - N % chunk
     reads = []
     if end:
         span = chunk * checkpoint_group
         grouped = checkpoint_group > 0 and q is not None and torch.is_grad_enabled()
+        coeffs = span_coeffs(theta[:, :end], log_eta[:, :end], log_keep[:, :end], chunk)
         if not grouped:
-            args = [None if t is None else t[:, :end] for t in (k, v, q, theta, log_eta, log_keep)]
+            kvq = [None if t is None else t[:, :end] for t in (k, v, q)]
             y, weights, momentum = scan_chunks(
-                weights, momentum, *args, chunk, residual_norm, compiled
+                weights, momentum, *kvq, coeffs, chunk, residual_norm, compiled
             )
             reads.append(y)
         else:  # torch.split: one backward (a cat) for all groups, not a zero-fill per group
             sizes = [span] * (end // span) + ([end % span] if end % span else [])
-            parts = [t[:, :end].split(sizes, 1) for t in (k, v, q, theta, log_eta, log_keep)]
+            parts = [t[:, :end].split(sizes, 1) for t in (k, v, q)]
+            parts += [t.split([s // chunk for s in sizes], 2) for t in coeffs]  # chunk axis
             n = len(weights)
             for args in zip(*parts):
                 out = _CheckpointedChunks.apply(

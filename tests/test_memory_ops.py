@@ -1,0 +1,50 @@
+"""ATen ops per token per layer of the eager memory path (issue 14 item 4, issue 16).
+
+On CPU at small widths, and on GPUs as kernel launches, the memory's cost is its op count, so a
+change that silently adds ops per chunk is a slowdown. The count is exact and machine-independent:
+a TorchDispatchMode counts every op of a tiny NeuralMemory forward + backward. The ceilings sit
+just above today's counts; lower them when the count falls.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from titans_train.models import NeuralMemory
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_fwd_bwd(T: int, checkpoint_group: int) -> int:
+    torch.manual_seed(0)
+    mem = NeuralMemory(32, 2, chunk_size=8, depth=2, checkpoint_group=checkpoint_group)
+    x = torch.randn(2, T, 32, requires_grad=True)
+    mem(x)[0].sum().backward()  # warm-up: first calls may build cached masks
+    with OpCounter() as counter:
+        mem(x)[0].sum().backward()
+    return counter.n
+
+
+# (checkpoint_group, ceiling on ops per token per layer, ceiling on ops of a 64-token call)
+# Counts at commit time (issue 16), ops per token per layer / ops of a 64-token call:
+# checkpoint groups of 16 (the model default) 53.5 / 3,896 (before issue 16: 86.1 / 6,023);
+# no checkpointing 42.8 / 3,053 (before: 62.1 / 4,277).
+CEILINGS = [(16, 56.0, 4000), (0, 45.0, 3150)]
+
+
+@pytest.mark.parametrize("group,per_token_max,per_call_max", CEILINGS)
+def test_eager_memory_op_count_ceiling(group, per_token_max, per_call_max):
+    short, long = ops_fwd_bwd(32, group), ops_fwd_bwd(64, group)
+    per_token = (long - short) / 32  # the marginal cost: 4 more chunks, no per-call overhead
+    assert per_token <= per_token_max, f"{per_token:.1f} ops per token per layer"
+    assert long <= per_call_max, f"{long} ops for a 64-token call"
