@@ -166,8 +166,9 @@ def train(cfg: Config, denv: DistEnv, preemption: Preemption) -> dict:
     run_dir = cfg.run_path
     if denv.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(public_yaml(cfg))
-        log0(denv, f"resolved config:\n{public_yaml(cfg)}")
+        resolved = public_yaml(cfg)
+        (run_dir / "config.yaml").write_text(resolved)
+        log0(denv, f"resolved config:\n{resolved}")
     point = train_state.find_resume_point(cfg, denv)
     for message in point.messages:
         log0(denv, message)

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from titans_train.data.errors import DataError
-from titans_train.data.manifest import ShardManifest
+from titans_train.data.manifest import ShardManifest, is_url
 from titans_train.data.order import GlobalOrder, rank_positions, shard_rows
 from titans_train.data.position import LoaderPosition
 from titans_train.data.shard_format import ShardData, ShardRef, read_shard
@@ -74,7 +74,7 @@ def _check_manifest(m: ShardManifest, split: str, seq_len: int, vocab_size: int)
         raise DataError(f"manifest {m.location}: no shards in split {split!r}")
     for shard in m.shards(split):
         url = m.url(shard)
-        if not (url.startswith("pipe:") or "://" in url) and not os.path.exists(url):
+        if not is_url(url) and not os.path.exists(url):
             raise DataError(f"shard {shard.name} listed in {m.location} is missing: {url}")
 
 
@@ -87,7 +87,7 @@ def check_sources(
     against the model, and every shard of ``split`` present.
     """
     for src in sources:
-        if not (src.startswith("pipe:") or "://" in src):
+        if not is_url(src):
             _check_manifest(ShardManifest.load(src), split, seq_len, vocab_size)
 
 

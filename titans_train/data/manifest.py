@@ -30,21 +30,22 @@ class ShardInfo:
     sha256: str
 
 
-def _is_url(path: str) -> bool:
+def is_url(path: str) -> bool:
+    """A location webdataset opens itself (pipe: command or URL), not a local path."""
     return path.startswith("pipe:") or "://" in path
 
 
 def _locate(path: str) -> str:
     """A directory means the manifest inside it; anything else is the manifest itself."""
-    if not _is_url(path) and os.path.isdir(path):
+    if not is_url(path) and os.path.isdir(path):
         return os.path.join(path, MANIFEST_NAME)
-    if _is_url(path) and path.endswith("/"):
+    if is_url(path) and path.endswith("/"):
         return path + MANIFEST_NAME
     return path
 
 
 def _read_text(location: str) -> str:
-    if not _is_url(location):
+    if not is_url(location):
         if not os.path.exists(location):
             raise DataError(
                 f"no manifest at {location}: build shards with `titans-data tokenize` "
