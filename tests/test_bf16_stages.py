@@ -3,8 +3,6 @@ reduce dtypes engine.py sets: gradients accumulated in fp32 (stages 1-3; DeepSpe
 stage 0) and communicated in fp32 (every stage). And the stage-0 export reads the fp32 master
 weights, not the bf16 module."""
 
-import os
-
 import pytest
 import torch
 from trainer_helpers import EXPERIMENT
@@ -12,28 +10,8 @@ from trainer_helpers import EXPERIMENT
 from titans_train import checkpoint as ckpt
 from titans_train.config import Config, to_dict
 from titans_train.consolidate import load_checkpoint_model
-from titans_train.distributed import init_distributed
 from titans_train.engine import deepspeed_config
 from titans_train.models import ModelConfig, TitansLM
-
-LAUNCH_ENV = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """One process group for the module, as the trainer makes it (init_distributed)."""
-    import torch.distributed as dist
-
-    saved = {k: os.environ.get(k) for k in [*LAUNCH_ENV, "MASTER_PORT"]}
-    os.environ.update(LAUNCH_ENV, MASTER_PORT=str(29400 + os.getpid() % 500))
-    init_distributed(startup_timeout=60)
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def ds_config(cfg, world_size: int) -> dict:

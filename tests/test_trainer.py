@@ -2,35 +2,16 @@
 callback state through a checkpoint, and a requested stop."""
 
 import math
-import os
 
-import pytest
 import torch
 from trainer_helpers import EXPERIMENT, base_overrides
 
 from titans_train.callbacks import Callback, default_callbacks
 from titans_train.config import load_config
-from titans_train.distributed import init_distributed
 from titans_train.preemption import Preemption
 from titans_train.trainer import Trainer
 
-LAUNCH_ENV = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
 TINY = ["model.depth=1", "model.dim=32", "model.heads=2", "tracking.mode=disabled"]
-
-
-@pytest.fixture(scope="module")
-def denv():
-    import torch.distributed as dist
-
-    saved = {k: os.environ.get(k) for k in [*LAUNCH_ENV, "MASTER_PORT"]}
-    os.environ.update(LAUNCH_ENV, MASTER_PORT=str(29900 + os.getpid() % 90))
-    yield init_distributed(startup_timeout=60)
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 class Recorder(Callback):
@@ -79,7 +60,8 @@ def config(demo_shards, run_dir, steps, *extra):
     return load_config(EXPERIMENT, overrides)
 
 
-def test_fit_runs_the_hooks_in_order(demo_shards, denv, tmp_path):
+def test_fit_runs_the_hooks_in_order(demo_shards, process_group, tmp_path):
+    denv = process_group
     cfg = config(demo_shards, tmp_path / "run", 3, "checkpoint.interval=2")
     rec = Recorder()
     out = Trainer(cfg, denv, [rec, *default_callbacks(cfg, denv, Preemption(0))]).fit()
@@ -92,7 +74,10 @@ def test_fit_runs_the_hooks_in_order(demo_shards, denv, tmp_path):
     assert out["step"] == 3 and out["tokens"] == 3 * 8 * 128 and math.isfinite(out["loss"])
 
 
-def test_callback_state_resumes_and_a_stop_saves_the_step_reached(demo_shards, denv, tmp_path):
+def test_callback_state_resumes_and_a_stop_saves_the_step_reached(
+    demo_shards, process_group, tmp_path
+):
+    denv = process_group
     run = tmp_path / "run"
     cfg = config(demo_shards, run, 5, "checkpoint.interval=0")
     first = Recorder(stop_at=2)
@@ -105,10 +90,10 @@ def test_callback_state_resumes_and_a_stop_saves_the_step_reached(demo_shards, d
     assert second.loaded == 2 and second.events[0] == ("setup", 2) and out["step"] == 5
 
 
-def test_train_step_is_a_seam(demo_shards, denv, tmp_path):
+def test_train_step_is_a_seam(demo_shards, process_group, tmp_path):
     """What a benchmark or a custom loop calls: one optimizer step on given micro-batches."""
     cfg = config(demo_shards, tmp_path / "run", 2)
-    trainer = Trainer(cfg, denv, [])
+    trainer = Trainer(cfg, process_group, [])
     assert trainer.setup()
     before = [p.detach().clone() for p in trainer.engine.module.parameters()]
     result = trainer.train_step(trainer.loader.next_step())
