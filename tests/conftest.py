@@ -46,3 +46,35 @@ def slurm(tmp_path_factory):
         pytest.skip(str(e))
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A one-process group for the module, made as the trainer makes it (init_distributed);
+    yields its DistEnv. The launcher variables are restored afterwards."""
+    import torch.distributed as dist
+
+    from titans_train.distributed import init_distributed
+
+    launch = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+    saved = {k: os.environ.get(k) for k in [*launch, "MASTER_PORT"]}
+    os.environ.update(launch, MASTER_PORT=str(29400 + os.getpid() % 500))
+    yield init_distributed(startup_timeout=60)
+    dist.destroy_process_group()
+    _forget_deepspeed_groups()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches groups it cloned from the world group (deepspeed.utils.groups); after
+    the world group is destroyed they are stale, and the next module's engine would fail on
+    them ("Group ... is not registered")."""
+    from deepspeed.utils import groups
+
+    for name, value in vars(groups).items():
+        if name.startswith("_") and name.endswith("_GROUP"):
+            setattr(groups, name, {} if isinstance(value, dict) else None)

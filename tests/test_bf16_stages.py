@@ -3,8 +3,6 @@ reduce dtypes engine.py sets: gradients accumulated in fp32 (stages 1-3; DeepSpe
 stage 0) and communicated in fp32 (every stage). And the stage-0 export reads the fp32 master
 weights, not the bf16 module."""
 
-import os
-
 import pytest
 import torch
 from trainer_helpers import EXPERIMENT
@@ -12,28 +10,12 @@ from trainer_helpers import EXPERIMENT
 from titans_train import checkpoint as ckpt
 from titans_train.config import Config, to_dict
 from titans_train.consolidate import load_checkpoint_model
-from titans_train.distributed import init_distributed
-from titans_train.engine import build_engine, deepspeed_config
+from titans_train.engine import deepspeed_config
 from titans_train.models import ModelConfig, TitansLM
 
-LAUNCH_ENV = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
 
-
-@pytest.fixture(scope="module")
-def process_group():
-    """One process group for the module, as the trainer makes it (init_distributed)."""
-    import torch.distributed as dist
-
-    saved = {k: os.environ.get(k) for k in [*LAUNCH_ENV, "MASTER_PORT"]}
-    os.environ.update(LAUNCH_ENV, MASTER_PORT=str(29400 + os.getpid() % 500))
-    init_distributed(startup_timeout=60)
-    yield
-    dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def ds_config(cfg, world_size: int) -> dict:
+    return deepspeed_config(cfg.zero, cfg.train, cfg.optim.grad_clip, world_size)
 
 
 def bf16_config(stage: int) -> Config:
@@ -57,7 +39,7 @@ def bf16_config(stage: int) -> Config:
 
 def train_steps(cfg: Config, steps: int = 2):
     torch.manual_seed(0)
-    engine, _, _ = build_engine(cfg, TitansLM(cfg.model), world_size=1)
+    engine, _, _ = cfg.zero.build_engine(TitansLM(cfg.model), cfg.optim, cfg.train, 1)
     data = torch.randint(0, cfg.model.vocab_size, (steps, 2, 1, cfg.train.seq_len + 1))
     losses = []
     for step in data:
@@ -71,18 +53,18 @@ def train_steps(cfg: Config, steps: int = 2):
 
 def test_reduce_dtypes_in_the_deepspeed_config():
     cfg = bf16_config(2)
-    ds = deepspeed_config(cfg, 1)
+    ds = ds_config(cfg, 1)
     assert ds["communication_data_type"] == "fp32"
     assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
     cfg.zero.grad_accum_dtype, cfg.zero.communication_dtype = "bf16", "bf16"
-    ds = deepspeed_config(cfg, 1)
+    ds = ds_config(cfg, 1)
     assert (
         ds["communication_data_type"] == "bf16" and ds["data_types"]["grad_accum_dtype"] == "bf16"
     )
     cfg.zero.stage = 0  # DeepSpeed 0.19.8: bf16 model + fp32 accumulation is refused at stage 0
-    assert "data_types" not in deepspeed_config(bf16_config(0), 1)
+    assert "data_types" not in ds_config(bf16_config(0), 1)
     cfg.zero.precision = "fp32"
-    assert "communication_data_type" not in deepspeed_config(cfg, 1)
+    assert "communication_data_type" not in ds_config(cfg, 1)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

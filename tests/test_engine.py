@@ -6,8 +6,12 @@ import pytest
 import torch
 
 from titans_train.config import Config
-from titans_train.engine import AdamW, lr_at, param_groups
+from titans_train.engine import AdamW, clip_split, deepspeed_config, lr_at, param_groups
 from titans_train.models import ModelConfig, TitansLM
+
+
+def ds_config(cfg, world_size: int) -> dict:
+    return deepspeed_config(cfg.zero, cfg.train, cfg.optim.grad_clip, world_size)
 
 
 def reference_lr(step, lr, min_lr, warmup, total, schedule, decay_fraction):
@@ -29,7 +33,7 @@ def test_schedules_match_reference(schedule):
     cfg = Config()
     cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps = 1e-3, 1e-4, 10
     cfg.optim.schedule, cfg.optim.decay_fraction, cfg.train.max_steps = schedule, 0.25, 100
-    got = [lr_at(s, cfg) for s in range(100)]
+    got = [lr_at(s, cfg.optim, cfg.train.max_steps) for s in range(100)]
     want = [reference_lr(s, 1e-3, 1e-4, 10, 100, schedule, 0.25) for s in range(100)]
     assert got == pytest.approx(want, rel=1e-12)
     assert got[9] == pytest.approx(1e-3)  # warmup reaches the peak
@@ -84,15 +88,26 @@ def test_adamw_clips_and_records_the_norm():
 
 
 def test_deepspeed_config_precision_and_accumulation():
-    from titans_train.engine import deepspeed_config
 
     cfg = Config()
     cfg.train.global_batch, cfg.train.micro_batch = 16, 2
-    ds = deepspeed_config(cfg, world_size=2)
+    ds = ds_config(cfg, 2)
     assert ds["gradient_accumulation_steps"] == 4 and ds["train_batch_size"] == 16
     assert "bf16" not in ds  # auto: fp32 on CPU (bf16 only where CUDA is available)
     cfg.zero.precision = "bf16"
-    assert deepspeed_config(cfg, 2)["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    assert ds_config(cfg, 2)["bf16"] == {"enabled": True, "check_grad_overflow": True}
     cfg.zero.stage, cfg.zero.offload_optimizer = 3, True
-    zero = deepspeed_config(cfg, 2)["zero_optimization"]
+    zero = ds_config(cfg, 2)["zero_optimization"]
     assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_exactly_one_of_deepspeed_and_the_optimizer_clips(stage):
+    """One decision (ZeroConfig.clip_in_optimizer) sets both sides: stage 0 clips in our AdamW,
+    which keeps the norm; ZeRO clips over its partitions."""
+    cfg = Config()
+    cfg.zero.stage, cfg.optim.grad_clip = stage, 0.5
+    ours, theirs = clip_split(cfg.zero, 0.5)
+    assert theirs == ds_config(cfg, 1)["gradient_clipping"]
+    assert cfg.optim.build(torch.nn.Linear(2, 2), clip=ours).max_grad_norm == ours
+    assert (ours, theirs) == ((0.5, 0.0) if stage == 0 else (0.0, 0.5))

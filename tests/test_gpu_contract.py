@@ -23,7 +23,7 @@ from titans_train import distributed, engine, metrics
 from titans_train.config import Config, load_config
 from titans_train.models import TitansLM
 from titans_train.preemption import Preemption
-from titans_train.train import all_mean, evaluate
+from titans_train.validation import all_mean, validation_loss
 
 
 def emulated(backend: str) -> str:
@@ -66,21 +66,9 @@ def run_trainer_collectives(cfg: Config, preemption: Preemption) -> None:
     preemption._handle(signal.SIGUSR1, None)
     assert preemption.should_stop() == "SIGUSR1"
     assert all_mean([torch.tensor(1.0), torch.tensor(3.0)]) == 2.0
-    common = dict(
-        seq_len=cfg.train.seq_len,
-        vocab_size=cfg.model.vocab_size,
-        global_batch=cfg.train.global_batch,
-        micro_batch=cfg.train.micro_batch,
-        rank=0,
-        world_size=1,
-        seed=0,
-        num_workers=0,
-        interleave=cfg.data.interleave,
-        verify=False,
-        return_doc_starts=False,
-    )
-    model = TitansLM(cfg.model)  # what the engine wraps; evaluate only calls it
-    val = evaluate(model, cfg, common)
+    model = TitansLM(cfg.model)  # what the engine wraps; validation only calls it
+    with cfg.data.build_val_loader(cfg.train, cfg.model.vocab_size, 0, 1) as batches:
+        val = validation_loss(model, batches, cfg.train.eval_batches)
     assert val["val/loss"] > 0
     dist.barrier()  # checkpoint.py's barriers and object collectives pick the CPU backend
     gathered = [None]
@@ -123,9 +111,9 @@ def test_ds_accelerator_cpu_means_cpu(cuda_claimed):
     backend = distributed.process_group_backend(acc.device_name(), acc.communication_backend_name())
     assert backend == "gloo"
     cfg = Config()
-    assert not engine.use_bf16(cfg)  # precision "auto"
+    assert not engine.use_bf16(cfg.zero)  # precision "auto"
     cfg.zero.stage = 0
-    opt = engine.build_optimizer(cfg, torch.nn.Linear(2, 2))
+    opt = engine.build_optimizer(cfg.optim, torch.nn.Linear(2, 2))
     assert not opt.defaults["fused"]
     assert metrics.peak_memory_gb() > 0  # resident set size, not torch.cuda.max_memory_allocated
 

@@ -3,6 +3,7 @@ follows the launcher's contract; and the launch.* config checks."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -10,6 +11,7 @@ import textwrap
 import pytest
 from distributed import ROOT
 
+from titans_train import distributed
 from titans_train.config import ConfigError, load_config
 
 EXPERIMENT = ROOT / "configs" / "experiments" / "tiny_mac.yaml"
@@ -103,3 +105,29 @@ def test_a_save_longer_than_half_the_walltime_margin_is_warned_about():
     warning = thin_margin_warning(save_seconds=200, margin=300)
     assert "took 200 s" in warning and "launch.walltime_margin=300" in warning
     assert "e.g. to 600" in warning
+
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def test_a_lone_process_takes_a_free_port_a_launched_one_keeps_its_own(monkeypatch):
+    """Without a launcher the rendezvous port was always 29500, so a second single-process run
+    on the host (or a test next to another) failed with EADDRINUSE."""
+    for name in (*LAUNCH_VARS, "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_ID"):
+        monkeypatch.setenv(name, "")  # recorded, so whatever env_from_launcher sets is undone
+        monkeypatch.delenv(name)
+    with socket.socket() as held:
+        try:
+            held.bind(("127.0.0.1", 29500))
+            held.listen()
+        except OSError:
+            pass  # something else already holds it: the point stands
+        distributed.env_from_launcher()
+        port = int(os.environ["MASTER_PORT"])
+        assert port != 29500
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # it is free
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", "29611")
+    distributed.env_from_launcher()
+    assert os.environ["MASTER_PORT"] == "29611"

@@ -24,6 +24,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from titans_train.data.manifest import MANIFEST_NAME, is_url
 from titans_train.models.config import ModelConfig
 from titans_train.tracking import TrackingConfig, resolve_mode, scrub_secrets
 
@@ -40,6 +41,36 @@ class DataConfig:
     interleave: int = 8  # shards read round-robin; keep it a multiple of the world size
     verify: bool = False  # re-hash shards against the manifest while reading
 
+    def build_loader(self, train: TrainConfig, vocab_size: int, rank: int, world_size: int):
+        """This rank's StreamingLoader over the train split."""
+        from titans_train.data import StreamingLoader
+
+        return StreamingLoader(
+            self.train, weights=self.weights, **self._common(train, vocab_size, rank, world_size)
+        )
+
+    def build_val_loader(self, train: TrainConfig, vocab_size: int, rank: int, world_size: int):
+        """One pass over the val split (of ``val``, else of the train manifests)."""
+        from titans_train.data import validation_loader
+
+        common = self._common(train, vocab_size, rank, world_size)
+        return validation_loader(self.val or self.train, **common)
+
+    def _common(self, train: TrainConfig, vocab_size: int, rank: int, world_size: int) -> dict:
+        return dict(
+            seq_len=train.seq_len,
+            vocab_size=vocab_size,
+            global_batch=train.global_batch,
+            micro_batch=train.micro_batch,
+            rank=rank,
+            world_size=world_size,
+            seed=self.seed,
+            num_workers=self.num_workers,
+            interleave=self.interleave,
+            verify=self.verify,
+            return_doc_starts=False,
+        )
+
 
 @dataclass
 class OptimConfig:
@@ -54,6 +85,18 @@ class OptimConfig:
     warmup_steps: int = 100
     decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays to min_lr
 
+    def build(self, model, clip: float = 0.0, offload: bool = False):
+        """AdamW over ``model``'s decay / no-decay groups; ``clip`` > 0 clips inside its step."""
+        from titans_train.engine import build_optimizer
+
+        return build_optimizer(self, model, clip, offload)
+
+    def lr_schedule(self, max_steps: int):
+        """The learning rate of optimizer step s (0-based): ``lr_at(s, self, max_steps)``."""
+        from titans_train.engine import lr_at
+
+        return lambda step: lr_at(step, self, max_steps)
+
 
 @dataclass
 class ZeroConfig:
@@ -67,6 +110,19 @@ class ZeroConfig:
     # Under bf16: dtype of accumulated gradients and of their all-reduce/reduce-scatter (engine.py)
     grad_accum_dtype: str = "fp32"  # fp32 | bf16 (stage 0 always accumulates in bf16)
     communication_dtype: str = "fp32"  # fp32 | bf16
+
+    @property
+    def clip_in_optimizer(self) -> bool:
+        """Who clips: stage 0 in our AdamW (which keeps the norm), ZeRO over its partitions."""
+        return self.stage == 0
+
+    def build_engine(
+        self, model, optim: OptimConfig, train: TrainConfig, world_size: int, universal=False
+    ):
+        """(engine, optimizer, scheduler) from deepspeed.initialize (engine.py)."""
+        from titans_train.engine import build_engine
+
+        return build_engine(self, model, optim, train, world_size, universal)
 
 
 @dataclass
@@ -108,6 +164,13 @@ class LaunchConfig:
     # Stop and checkpoint this long (s) before the SLURM allocation ends; 0 = no wall-time guard.
     walltime_margin: float = 300.0
     walltime_poll: float = 60.0  # s between reads of the end time (scontrol update can move it)
+
+    def build_preemption(self, rank: int):
+        """Signal handlers and the wall-time guard; build it before the slow start-up, so that a
+        signal arriving while DeepSpeed initialises is kept."""
+        from titans_train.preemption import Preemption
+
+        return Preemption(rank, self.walltime_margin, self.walltime_poll)
 
 
 @dataclass
@@ -248,7 +311,14 @@ def validate(
     for key, value in _floats(cfg):
         if not math.isfinite(value):
             bad(key, f"must be a finite number, got {value}")
-    m, t, o, z, c = cfg.model, cfg.train, cfg.optim, cfg.zero, cfg.checkpoint
+    _check_shapes(cfg, world_size, bad)
+    _check_training(cfg, bad)
+    _check_sources(cfg, bad)
+
+
+def _check_shapes(cfg: Config, world_size: int | None, bad) -> None:
+    """Sequence length, windows and batch divisibility."""
+    m, t = cfg.model, cfg.train
     for key in ("seq_len", "global_batch", "micro_batch", "max_steps"):
         if getattr(t, key) < 1:  # first: the checks below compare other keys with seq_len
             bad(f"train.{key}", f"{getattr(t, key)} must be >= 1")
@@ -267,6 +337,11 @@ def validate(
             f"{t.global_batch} is not divisible by world_size x micro_batch = "
             f"{world_size} x {t.micro_batch}",
         )
+
+
+def _check_training(cfg: Config, bad) -> None:
+    """Optimizer, ZeRO, launch, checkpoint and tracking choices."""
+    o, z, c, la = cfg.optim, cfg.zero, cfg.checkpoint, cfg.launch
     if o.schedule not in ("cosine", "wsd", "constant"):
         bad("optim.schedule", f"{o.schedule!r} is not one of cosine, wsd, constant")
     if not 0 <= o.decay_fraction <= 1:
@@ -282,7 +357,6 @@ def validate(
     for key in ("grad_accum_dtype", "communication_dtype"):
         if getattr(z, key) not in ("fp32", "bf16"):
             bad(f"zero.{key}", f"{getattr(z, key)!r} is not fp32 or bf16")
-    la = cfg.launch
     if min(la.startup_timeout, la.timeout) <= 0 or la.walltime_margin < 0 or la.walltime_poll <= 0:
         bad("launch", "timeouts and walltime_poll must be > 0, walltime_margin >= 0")
     if c.checksum not in ("auto", "xxh3", "blake2b", "none"):
@@ -295,6 +369,11 @@ def validate(
         resolve_mode(cfg.tracking.mode, {})  # here, not once the engine is built
     except ValueError:
         bad("tracking.mode", f"{cfg.tracking.mode!r} is not one of online, offline, disabled")
+
+
+def _check_sources(cfg: Config, bad) -> None:
+    """The checkpoint to resume from and the data manifests exist (local ones)."""
+    c = cfg.checkpoint
     if c.resume not in ("auto", "never") and not Path(c.resume).exists():
         bad("checkpoint.resume", f"{c.resume!r} is not auto, never, or an existing checkpoint")
     if not cfg.data.train:
@@ -302,10 +381,10 @@ def validate(
     if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.train):
         bad("data.weights", f"{len(cfg.data.weights)} weights for {len(cfg.data.train)} manifests")
     for i, src in enumerate(cfg.data.train + (cfg.data.val or [])):
-        if "://" in src or src.startswith("pipe:"):
+        if is_url(src):
             continue  # remote: checked by the loader when it opens it
         p = Path(src)
-        if not (p / "manifest.json").is_file() and not (p.is_file() and p.suffix == ".json"):
+        if not (p / MANIFEST_NAME).is_file() and not (p.is_file() and p.suffix == ".json"):
             key = f"data.train[{i}]" if i < len(cfg.data.train) else "data.val"
             bad(key, f"no manifest.json at {src}")
 

@@ -62,6 +62,9 @@ def env_from_launcher() -> DistEnv:
     a single process (DeepSpeed would otherwise look for mpi4py).
     """
     env = os.environ
+    alone = "WORLD_SIZE" not in env and "SLURM_NTASKS" not in env and "MASTER_PORT" not in env
+    if alone:  # no launcher: any free port, so two lone runs on one host do not collide
+        env["MASTER_PORT"] = str(free_port())
     if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         env["RANK"] = env["SLURM_PROCID"]
         env["WORLD_SIZE"] = env["SLURM_NTASKS"]
@@ -72,6 +75,13 @@ def env_from_launcher() -> DistEnv:
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 2000))
     return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def default_ds_accelerator(environ=os.environ) -> str:

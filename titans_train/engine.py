@@ -7,17 +7,16 @@ import math
 import torch
 import torch.nn as nn
 
-from titans_train.config import Config
+from titans_train.config import OptimConfig, TrainConfig, ZeroConfig
 from titans_train.distributed import accelerator, device_type
 
 # Parameters that are learned states rather than weights: no weight decay.
 NO_DECAY_NAMES = ("persistent", "mem_queries", "init_weights")
 
 
-def lr_at(step: int, cfg: Config) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine or
-    warmup-stable-decay (WSD: constant, then a linear decay over the last decay_fraction)."""
-    o, total = cfg.optim, cfg.train.max_steps
+def lr_at(step: int, o: OptimConfig, total: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based) of ``total``: linear warmup, then cosine
+    or warmup-stable-decay (WSD: constant, then a linear decay over the last decay_fraction)."""
     if o.warmup_steps and step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
     if o.schedule == "constant":
@@ -79,15 +78,21 @@ class AdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def use_bf16(cfg: Config) -> bool:
+def clip_split(z: ZeroConfig, grad_clip: float) -> tuple[float, float]:
+    """(our optimizer's clip, DeepSpeed's clip): exactly one of them is ``grad_clip``."""
+    return (grad_clip, 0.0) if z.clip_in_optimizer else (0.0, grad_clip)
+
+
+def use_bf16(z: ZeroConfig) -> bool:
     """``auto``: bf16 on an accelerator that supports it (DeepSpeed's view), fp32 on CPU."""
-    if cfg.zero.precision == "auto":
+    if z.precision == "auto":
         return device_type() != "cpu" and accelerator().is_bf16_supported()
-    return cfg.zero.precision == "bf16"
+    return z.precision == "bf16"
 
 
-def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
-    t, z = cfg.train, cfg.zero
+def deepspeed_config(
+    z: ZeroConfig, t: TrainConfig, grad_clip: float, world_size: int, load_universal: bool = False
+) -> dict:
     zero: dict = {"stage": z.stage}
     if z.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type() == "cuda"}
@@ -97,8 +102,7 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
         "train_batch_size": t.global_batch,
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.global_batch // (world_size * t.micro_batch),
-        # Stage 0 clips in our AdamW (which keeps the norm); ZeRO clips over its partitions.
-        "gradient_clipping": cfg.optim.grad_clip if z.stage > 0 else 0.0,
+        "gradient_clipping": clip_split(z, grad_clip)[1],
         "zero_optimization": zero,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
@@ -107,13 +111,13 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
     }
     if load_universal:  # resuming on another world size (train_state.py)
         ds["checkpoint"] = {"load_universal": True}
-    if use_bf16(cfg):
+    if use_bf16(z):
         ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
-        ds.update(reduce_dtypes(cfg))
+        ds.update(reduce_dtypes(z))
     return ds
 
 
-def reduce_dtypes(cfg: Config) -> dict:
+def reduce_dtypes(z: ZeroConfig) -> dict:
     """bf16 runs: gradients accumulated and reduced in fp32 by default (``zero.grad_accum_dtype``,
     ``zero.communication_dtype``); DeepSpeed's own default is the model dtype, bf16.
 
@@ -123,38 +127,44 @@ def reduce_dtypes(cfg: Config) -> dict:
     accumulation raises "unsupported mix of model_dtype and grad_accum_dtype", so stage 0 keeps
     its gradients in bf16 (its FP16_Optimizer still steps fp32 master weights).
     """
-    z = cfg.zero
     out: dict = {"communication_data_type": z.communication_dtype}
     if z.stage > 0:
         out["data_types"] = {"grad_accum_dtype": z.grad_accum_dtype}
     return out
 
 
-def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    o = cfg.optim
+def build_optimizer(
+    o: OptimConfig, model: nn.Module, clip: float = 0.0, offload: bool = False
+) -> torch.optim.Optimizer:
     groups = param_groups(model, o.weight_decay)
     kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    if cfg.zero.offload_optimizer:
+    if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
-    clip = cfg.optim.grad_clip if cfg.zero.stage == 0 else 0.0
     return AdamW(groups, max_grad_norm=clip, fused=device_type() == "cuda", **kw)
 
 
-def build_engine(cfg: Config, model: nn.Module, world_size: int, load_universal: bool = False):
-    """deepspeed.initialize with our optimizer and a LambdaLR schedule (saved in checkpoints)."""
+def build_engine(
+    z: ZeroConfig,
+    model: nn.Module,
+    optim: OptimConfig,
+    train: TrainConfig,
+    world_size: int,
+    load_universal: bool = False,
+):
+    """deepspeed.initialize with our optimizer and a LambdaLR schedule (saved in checkpoints).
+    Called as ``cfg.zero.build_engine(model, cfg.optim, cfg.train, world_size)``."""
     import deepspeed
 
-    optimizer = build_optimizer(cfg, model)
-    base_lr = cfg.optim.lr
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_at(step, cfg) / base_lr
-    )
+    clip = clip_split(z, optim.grad_clip)[0]
+    optimizer = optim.build(model, clip=clip, offload=z.offload_optimizer)
+    lr = optim.lr_schedule(train.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr(step) / optim.lr)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world_size, load_universal),
+        config=deepspeed_config(z, train, optim.grad_clip, world_size, load_universal),
     )
     return engine, optimizer, scheduler

@@ -219,21 +219,23 @@ def restore(point: ResumePoint, engine, loader, denv: DistEnv) -> None:
         ckpt.set_rng_state(point.state["rng"][denv.rank], f"{path / ckpt.STATE}: rng[{denv.rank}]")
 
 
-def save(cfg: Config, engine, loader, denv: DistEnv, step: int, tokens: int, run_id) -> Path:
-    """Collective: commit a checkpoint of everything above; rank 0 applies retention."""
+def save(
+    cfg: Config, engine, loader, denv: DistEnv, step: int, tokens: int, extra: dict | None = None
+) -> Path:
+    """Collective: commit a checkpoint of everything above; rank 0 applies retention. ``extra``
+    holds the callbacks' state (e.g. ``wandb_run_id``), stored at the top level."""
     root = cfg.run_path / "checkpoints"
     check_finite(engine, step)
     state = {
         "step": step,
         "tokens": tokens,
         "data": loader.state_dict(),
-        "wandb_run_id": run_id,
+        "wandb_run_id": None,
         "config": public_dict(cfg),  # redacted: a checkpoint is often copied and shared
         "world_size": denv.world_size,
         "skipped_steps": int(engine.skipped_steps),
+        **(extra or {}),
     }
-    if cfg.debug.enospc_at_step == step:
-        engine = _FullDisk(engine)
     try:
         path = ckpt.save(engine, root, step, state, checksum=cfg.checkpoint.checksum)
     except Exception as e:
@@ -280,17 +282,3 @@ def _disk_full_error(error: BaseException, path: Path, step: int) -> DiskFullErr
         f"{free}. Free space or lower checkpoint.keep_last, then resume from the newest "
         "complete checkpoint (this is not requeued)"
     )
-
-
-class _FullDisk:
-    """debug.enospc_at_step: the engine's files are written, then the disk is 'full'."""
-
-    def __init__(self, engine):
-        self._engine = engine
-
-    def __getattr__(self, name: str):
-        return getattr(self._engine, name)
-
-    def save_checkpoint(self, save_dir: str, tag: str, **kwargs):
-        self._engine.save_checkpoint(save_dir, tag=tag, **kwargs)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(save_dir) / tag))

@@ -16,7 +16,6 @@ from omegaconf import OmegaConf
 
 from titans_train.checkpoint import load_trainer_state
 from titans_train.config import Config
-from titans_train.engine import build_engine
 from titans_train.models import TitansLM
 
 
@@ -28,7 +27,9 @@ def main() -> None:
     for path in paths:
         saved = load_trainer_state(path)["config"]
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), saved))
-        engine, _, _ = build_engine(cfg, TitansLM(cfg.model), dist.get_world_size())
+        engine, _, _ = cfg.zero.build_engine(
+            TitansLM(cfg.model), cfg.optim, cfg.train, dist.get_world_size()
+        )
         loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
         assert loaded is not None, path
         engine.eval()

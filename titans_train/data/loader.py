@@ -91,6 +91,41 @@ def check_sources(
             _check_manifest(ShardManifest.load(src), split, seq_len, vocab_size)
 
 
+def _open_manifests(
+    manifests: ManifestLike | Sequence[ManifestLike], split: str, seq_len: int, vocab_size: int
+) -> list[ShardManifest]:
+    """The manifests, loaded and checked against the model; one tokenizer for all."""
+    if isinstance(manifests, (str, os.PathLike, ShardManifest)):
+        manifests = [manifests]
+    opened = [m if isinstance(m, ShardManifest) else ShardManifest.load(m) for m in manifests]
+    tokenizers = {m.data["tokenizer"].get("sha256") for m in opened}
+    if len(tokenizers) > 1:
+        raise DataError(f"manifests use different tokenizers: {sorted(map(str, tokenizers))}")
+    for m in opened:
+        _check_manifest(m, split, seq_len, vocab_size)
+    return opened
+
+
+def _shard_refs(
+    m: ShardManifest, split: str, vocab_size: int, verify: bool, check_crc: bool
+) -> list[ShardRef]:
+    return [
+        ShardRef(
+            m.url(s),
+            s.name,
+            s.samples,
+            s.sha256,
+            m.sample_tokens,
+            m.dtype,
+            vocab_size,
+            verify,
+            crc=m.sample_crc,
+            check_crc=check_crc,
+        )
+        for s in m.shards(split)
+    ]
+
+
 class StreamingLoader:
     """Reads packed webdataset shards in the global order of `order.GlobalOrder`.
 
@@ -126,34 +161,8 @@ class StreamingLoader:
                 f"global_batch {global_batch} is not a multiple of world_size {world_size} x "
                 f"micro_batch {micro_batch}"
             )
-        if isinstance(manifests, (str, os.PathLike, ShardManifest)):
-            manifests = [manifests]
-        self.manifests = [
-            m if isinstance(m, ShardManifest) else ShardManifest.load(m) for m in manifests
-        ]
-        tokenizers = {m.data["tokenizer"].get("sha256") for m in self.manifests}
-        if len(tokenizers) > 1:
-            raise DataError(f"manifests use different tokenizers: {sorted(map(str, tokenizers))}")
-        for m in self.manifests:
-            _check_manifest(m, split, seq_len, vocab_size)
-        self.refs = [
-            [
-                ShardRef(
-                    m.url(s),
-                    s.name,
-                    s.samples,
-                    s.sha256,
-                    m.sample_tokens,
-                    m.dtype,
-                    vocab_size,
-                    verify,
-                    crc=m.sample_crc,
-                    check_crc=check_crc,
-                )
-                for s in m.shards(split)
-            ]
-            for m in self.manifests
-        ]
+        self.manifests = _open_manifests(manifests, split, seq_len, vocab_size)
+        self.refs = [_shard_refs(m, split, vocab_size, verify, check_crc) for m in self.manifests]
         sizes = [[r.samples for r in refs] for refs in self.refs]
         self.order = GlobalOrder(sizes, weights, seed, interleave)
         self.seq_len, self.seed, self.split = seq_len, seed, split

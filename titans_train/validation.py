@@ -1,0 +1,52 @@
+"""Reductions the trainer logs: the mean loss of a step and the validation loss.
+
+Both reduce CPU tensors: the process group serves CPU tensors over gloo on a GPU too
+(distributed.py), so bookkeeping never moves values to the device and back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from titans_train.data import MicroBatch
+from titans_train.distributed import device
+
+
+def all_mean(values: list[torch.Tensor]) -> float:
+    """Mean over micro-batches and ranks (equal micro-batch sizes everywhere)."""
+    x = torch.stack([v.detach().float().cpu() for v in values]).mean()
+    if dist.is_initialized():
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x.item()
+
+
+@torch.no_grad()
+def validation_loss(
+    model: nn.Module, batches: Iterable[list[MicroBatch]], max_batches: int
+) -> dict[str, float]:
+    """Loss and perplexity over ``max_batches`` global batches (0 = all), token-weighted and
+    summed over ranks; {} when the split is empty. ``model`` is the engine or the bare module."""
+    model.eval()
+    total, count = torch.zeros(2, dtype=torch.float64), 0
+    for micro_batches in batches:
+        if max_batches and count >= max_batches:
+            break
+        for mb in micro_batches:
+            tokens = mb.tokens.to(device())
+            out = model(tokens[:, :-1], targets=tokens[:, 1:])
+            n = tokens[:, 1:].numel()
+            total += torch.tensor([out.loss.item() * n, n], dtype=torch.float64)
+        count += 1
+    model.train()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    if count == 0 or total[1] == 0:
+        return {}
+    loss = (total[0] / total[1]).item()
+    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
