@@ -1,7 +1,7 @@
 """NeuralMemory and MAC speed / peak memory on CPU, side by side with references, as JSON lines.
 
     python benchmarks/bench_memory.py [--quick] [--out FILE]
-    python benchmarks/bench_memory.py --smoke --out FILE    # every kind once, tiny T (CI)
+    python benchmarks/bench_memory.py --smoke --out FILE    # each kind once, tiny T, 1 thread (CI)
 
 Every measurement runs in its own subprocess (2 threads) so peak RSS is its own. Measured:
   memory      our NeuralMemory fwd+bwd at dim 256, 4 heads, b=16, batch 2, T = 1K..16K
@@ -132,7 +132,7 @@ def child(kind: str, args: list[str]) -> None:
     """Runs inside the subprocess: one measurement, one JSON line, plus peak RSS."""
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # measure() sets it
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if kind == "memory":
         out = run_memory(*map(int, args))
@@ -145,8 +145,10 @@ def child(kind: str, args: list[str]) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def measure(kind: str, *args, cap_gb: float | None = None, timeout: int = 3600) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
+def measure(
+    kind: str, *args, cap_gb: float | None = None, timeout: int = 3600, threads: int = 2
+) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
     cmd = [sys.executable, __file__, "--child", kind, *map(str, args)]
     if cap_gb:
         cap = int(cap_gb * 2**30)
@@ -195,7 +197,7 @@ def plan(quick: bool, skip_titans: bool) -> list[tuple]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer lengths and repeats")
-    ap.add_argument("--smoke", action="store_true", help="each kind once at a tiny length (CI)")
+    ap.add_argument("--smoke", action="store_true", help="each kind once, tiny T, 1 thread (CI)")
     ap.add_argument("--out", type=Path, help="also write the JSON lines here")
     ap.add_argument("--skip-titans", action="store_true")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -206,7 +208,7 @@ def main() -> None:
     rows = []
     for kind, *rest in SMOKE if args.smoke else plan(args.quick, args.skip_titans):
         cap = 12 if rest[0] == "titans-pytorch-paper" else None
-        row = measure(kind, *rest, cap_gb=cap)
+        row = measure(kind, *rest, cap_gb=cap, threads=1 if args.smoke else 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:
