@@ -194,17 +194,19 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.smoke:
         smoke(args)
-    out = (args.out or ROOT / "runs" / "study").resolve()
+    args.out = args.out or ROOT / "runs" / "study"  # as before: study.json's args name it
+    out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     docs = 64 if args.smoke else max(2000, args.steps * 8)
     data = build_data(out, args.seq_len, docs, corpus_mb=0.5 if args.smoke else 4.0)
     target = TitansLM(ModelConfig(variant="mac", **MODEL)).num_params()
     T = args.seq_len
-    report = {"args": {k: str(v) for k, v in vars(args).items()}, "models": {}}
+    report = {"args": {k: str(v) for k, v in vars(args).items() if k != "smoke"}, "models": {}}
     previous = out / "study.json"
     if previous.is_file():  # a resumed or extended study: keep the models already done
         old = json.loads(previous.read_text())
+        old["args"].setdefault("ppl_tokens", "4096")  # studies from before the option
         same = {k: v for k, v in old["args"].items() if k != "variants"}
         if same == {k: v for k, v in report["args"].items() if k != "variants"}:
             report["models"] = old["models"]

@@ -31,9 +31,9 @@ ELSEWHERE = {
     "bench_small.py": ("tests/test_bench_small.py", "--smoke"),
     "probe_mac.py": ("tests/test_probe_mac.py", "--smoke"),
 }
-# Seconds measured on 2 shared cores are in docs/benchmarks.md; > ~20 s or torchrun is marked.
+# Seconds per script: docs/benchmarks.md. Only the torchrun ones take over ~20 s on 2 idle cores.
 TORCHRUN = {"bench_trainer.py", "study.py"}
-SLOW = TORCHRUN | {"bench_memory.py"}
+SLOW = TORCHRUN
 
 
 def entry_scripts() -> list:
