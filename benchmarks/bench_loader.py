@@ -7,7 +7,8 @@ checks. Our loader also runs with its per-sample CRC32 check off, so the check's
 ratio measured in the same run (``crc_check_cost``). Rounds interleave the configurations and
 the best of each is kept. Prints JSON.
 
-    PYTHONPATH=. python benchmarks/bench_loader.py [--max-mb 16] [--batch 16]
+    PYTHONPATH=. python benchmarks/bench_loader.py [--max-mb 16] [--batch 16] [--out FILE]
+    PYTHONPATH=. python benchmarks/bench_loader.py --smoke --out FILE   # seconds (CI)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 
@@ -77,9 +79,15 @@ def main() -> None:
     p.add_argument("--max-mb", type=float, default=16.0)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--smoke", action="store_true", help="0.25 MB, T=256, batch 4, one round (CI)")
+    p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args()
+    seq_len, per_shard = 1024, 128
+    if args.smoke:  # several shards, so the 2-worker runs split them as the real ones do
+        args.max_mb, args.batch, args.repeat, seq_len, per_shard = 0.25, 4, 1, 256, 16
     with tempfile.TemporaryDirectory() as out:
-        build_demo(out, seq_len=1024, samples_per_shard=128, max_mb=args.max_mb, progress=False)
+        build_demo(out, seq_len=seq_len, samples_per_shard=per_shard, max_mb=args.max_mb,
+                   progress=False)  # fmt: skip
         manifest = ShardManifest.load(out)
         runs = {}
         for w in (0, 2):
@@ -124,21 +132,24 @@ def main() -> None:
         / results[f"StreamingLoader, {w} workers, no CRC check"]["seconds"]
         for w in (0, 2)
     }
-    print(
-        json.dumps(
-            {
-                "benchmark": "loader",
-                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
-                "date": time.strftime("%Y-%m-%d"),
-                "batch": args.batch,
-                "seq_len": manifest.seq_len,
-                "tiny_model_tokens_per_s_assumed": TINY_MODEL_TOKENS_PER_S,
-                "crc_check_cost": crc_cost,
-                "results": results,
-            },
-            indent=1,
-        )
-    )
+    report = {
+        "benchmark": "loader",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+        "date": time.strftime("%Y-%m-%d"),
+        "batch": args.batch,
+        "seq_len": manifest.seq_len,
+        "tiny_model_tokens_per_s_assumed": TINY_MODEL_TOKENS_PER_S,
+        "crc_check_cost": crc_cost,
+        "results": results,
+    }
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    empty = [name for name, r in results.items() if not r["samples"]]
+    if empty:
+        sys.exit(f"bench_loader: no samples read by {', '.join(empty)}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """NeuralMemory and MAC speed / peak memory on CPU, side by side with references, as JSON lines.
 
     python benchmarks/bench_memory.py [--quick] [--out FILE]
+    python benchmarks/bench_memory.py --smoke --out FILE    # each kind once, tiny T, 1 thread (CI)
 
 Every measurement runs in its own subprocess (2 threads) so peak RSS is its own. Measured:
   memory      our NeuralMemory fwd+bwd at dim 256, 4 heads, b=16, batch 2, T = 1K..16K
@@ -131,7 +132,7 @@ def child(kind: str, args: list[str]) -> None:
     """Runs inside the subprocess: one measurement, one JSON line, plus peak RSS."""
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # measure() sets it
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if kind == "memory":
         out = run_memory(*map(int, args))
@@ -144,8 +145,10 @@ def child(kind: str, args: list[str]) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def measure(kind: str, *args, cap_gb: float | None = None, timeout: int = 3600) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
+def measure(
+    kind: str, *args, cap_gb: float | None = None, timeout: int = 3600, threads: int = 2
+) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
     cmd = [sys.executable, __file__, "--child", kind, *map(str, args)]
     if cap_gb:
         cap = int(cap_gb * 2**30)
@@ -165,9 +168,36 @@ def measure(kind: str, *args, cap_gb: float | None = None, timeout: int = 3600) 
     return dict(row, error=err[0][:300])
 
 
+# --smoke: each kind once at a tiny length, one timed repeat (T=32: 2 chunks, 1 group of 2)
+SMOKE = [("memory", 32, 0, 1, 0), ("memory", 32, 2, 1, 0), ("naive", 16, 1), ("mac", "ours", 32, 1)]
+
+
+def plan(quick: bool, skip_titans: bool) -> list[tuple]:
+    """The measurements: (kind, *args of the child)."""
+    reps = 2 if quick else 3
+    lengths = [1024, 4096] if quick else [1024, 2048, 4096, 8192, 16384]
+    jobs = [("memory", T, g, reps, c) for g, c in ((0, 0), (16, 0), (0, 1)) for T in lengths]
+    jobs += [("naive", T, 1) for T in (128, 256)]
+    jobs += [("memory", T, 0, reps, 0) for T in (128, 256)]
+    jobs += [
+        ("mac", impl, T, reps) for impl in ("ours", "ours-compiled") for T in (256, 1024, 4096)
+    ]
+    try:
+        import titans_pytorch  # noqa: F401
+
+        have_titans = not skip_titans
+    except ImportError:
+        have_titans = False
+    if have_titans:
+        jobs += [("mac", "titans-pytorch-default", T, reps) for T in (1024, 4096)]
+        jobs += [("mac", "titans-pytorch-paper", 256, 1)]
+    return jobs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer lengths and repeats")
+    ap.add_argument("--smoke", action="store_true", help="each kind once, tiny T, 1 thread (CI)")
     ap.add_argument("--out", type=Path, help="also write the JSON lines here")
     ap.add_argument("--skip-titans", action="store_true")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -175,32 +205,15 @@ def main() -> None:
     if args.child:
         child(args.child[0], args.child[1:])
         return
-
-    reps = 2 if args.quick else 3
-    lengths = [1024, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384]
-    plan = [("memory", T, g, reps, c) for g, c in ((0, 0), (16, 0), (0, 1)) for T in lengths]
-    plan += [("naive", T, 1) for T in (128, 256)]
-    plan += [("memory", T, 0, reps, 0) for T in (128, 256)]
-    plan += [
-        ("mac", impl, T, reps) for impl in ("ours", "ours-compiled") for T in (256, 1024, 4096)
-    ]
-    try:
-        import titans_pytorch  # noqa: F401
-
-        have_titans = not args.skip_titans
-    except ImportError:
-        have_titans = False
-    if have_titans:
-        plan += [("mac", "titans-pytorch-default", T, reps) for T in (1024, 4096)]
-        plan += [("mac", "titans-pytorch-paper", 256, 1)]
     rows = []
-    for kind, *rest in plan:
+    for kind, *rest in SMOKE if args.smoke else plan(args.quick, args.skip_titans):
         cap = 12 if rest[0] == "titans-pytorch-paper" else None
-        row = measure(kind, *rest, cap_gb=cap)
+        row = measure(kind, *rest, cap_gb=cap, threads=1 if args.smoke else 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:
         args.out.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    sys.exit(1 if any("error" in r for r in rows) else 0)
 
 
 if __name__ == "__main__":

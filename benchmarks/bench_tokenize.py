@@ -5,7 +5,8 @@ runs in a fresh process, so tokenizers' thread pool is at its default for the di
 (all cores) while the job runs --workers single-threaded processes. The job's time is the
 whole job: read, tokenize, shuffle, pack, write and hash shards, manifest. Prints JSON.
 
-    PYTHONPATH=. python benchmarks/bench_tokenize.py [--max-mb 8] [--tokenizer tok.json]
+    PYTHONPATH=. python benchmarks/bench_tokenize.py [--max-mb 8] [--tokenizer tok.json] [--out F]
+    PYTHONPATH=. python benchmarks/bench_tokenize.py --smoke --out FILE   # seconds (CI)
 """
 
 from __future__ import annotations
@@ -69,8 +70,12 @@ def main() -> None:
     p.add_argument("--max-mb", type=float, default=8.0)
     p.add_argument("--tokenizer", help="tokenizer.json (default: BPE 8192 trained on the text)")
     p.add_argument("--repeat", type=int, default=2, help="best of N")
+    p.add_argument("--smoke", action="store_true", help="0.1 MB of text, one round (CI)")
+    p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--measure", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.smoke:
+        args.max_mb, args.repeat = 0.1, 1
     files = stdlib_files(args.max_mb)
     if args.measure:
         what, tokenizer, *rest = args.measure
@@ -96,18 +101,24 @@ def main() -> None:
     base = results["direct encode_batch_fast"]["tokens/s"]
     for r in results.values():
         r["ratio_to_direct"] = r["tokens/s"] / base
-    print(
-        json.dumps(
-            {
-                "benchmark": "tokenize",
-                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
-                "date": time.strftime("%Y-%m-%d"),
-                "text_mb": args.max_mb,
-                "results": results,
-            },
-            indent=1,
-        )
-    )
+    report = {
+        "benchmark": "tokenize",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+        "date": time.strftime("%Y-%m-%d"),
+        "text_mb": args.max_mb,
+        "results": results,
+    }
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    # The same text and tokenizer: the job gives the same tokens with any number of workers
+    # (the direct call has no end-of-document ids, so it counts a few fewer).
+    counts = {name: r["tokens"] for name, r in results.items()}
+    jobs = {n for name, n in counts.items() if name.startswith("tokenize")}
+    if len(jobs) != 1 or not all(counts.values()):
+        sys.exit(f"bench_tokenize: token counts {counts}")
 
 
 if __name__ == "__main__":

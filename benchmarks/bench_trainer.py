@@ -1,6 +1,7 @@
 """Trainer benchmarks: loop overhead, ZeRO memory per rank, checkpoint speed, as JSON lines.
 
     python benchmarks/bench_trainer.py [--quick] [--out FILE] [--data DEMO_DIR]
+    python benchmarks/bench_trainer.py --smoke --out FILE   # every kind once, one job (CI)
 
 Every measurement is one `torchrun --nproc_per_node=2` job on CPU (gloo, DS_ACCELERATOR=cpu,
 1 thread per rank); rank 0 prints the result. docs/benchmarks.md "Trainer" says what each sums.
@@ -28,12 +29,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = ROOT / "configs" / "experiments" / "tiny_mac.yaml"
 WIDE = ["model.dim=256", "model.depth=4"]  # big enough that ZeRO partitions dominate
+SEQ_LEN = 256
+# --smoke: the same code at the smallest shape (run_child swaps it in for the job)
+SMOKE_SEQ_LEN = 64
+SMOKE_SHAPE = [f"train.seq_len={SMOKE_SEQ_LEN}", "train.global_batch=4", "model.segment_len=32"]
+SMOKE_SHAPE += ["model.dim=32", "model.depth=2"]
+SHAPE: list[str] = []
 
 
 # -- shared (inside the torchrun job) ------------------------------------------------------------
@@ -42,7 +50,7 @@ def make_config(data: str, run_dir: str, *overrides: str):
 
     base = [f"data.train=[{data}]", f"run_dir={run_dir}", "train.eval_interval=0"]
     base += ["checkpoint.resume=never", "tracking.mode=offline"]
-    return load_config(EXPERIMENT, base + list(overrides))
+    return load_config(EXPERIMENT, base + list(overrides) + SHAPE)
 
 
 def new_engine(cfg, world_size: int):
@@ -98,30 +106,39 @@ def wandb_cpu_seconds() -> float:
     return total
 
 
-def child_overhead(data: str, work: str, warmup: int, steps: int, rounds: int) -> None:
+def run_training(cfg, denv, around_next_step: Callable[[Callable[[], list]], list]) -> dict:
+    """The one place that runs the real trainer. ``around_next_step(next_step)`` replaces the
+    loader's ``next_step()`` at the start of every loop iteration and must call it, so a step is
+    the wall time between two calls. (When train.py gets a step seam, switch only this.)"""
+    import titans_train.train as trainer
+    from titans_train.preemption import Preemption
+
+    original = trainer.StreamingLoader.next_step
+    trainer.StreamingLoader.next_step = lambda loader: around_next_step(partial(original, loader))
+    try:
+        return trainer.train(cfg, denv, Preemption(denv.rank))
+    finally:
+        trainer.StreamingLoader.next_step = original
+
+
+def child_overhead(denv, data: str, work: str, warmup: int, steps: int, rounds: int) -> None:
     """Paired steps: before each trainer step, one bare step on a second engine, so both see the
     same load on the shared machine (timing separate blocks drifted by +-30% between blocks)."""
     import torch.distributed as dist
 
-    import titans_train.train as trainer
-    from titans_train.distributed import init_distributed
-
-    denv = init_distributed()
-    original = trainer.StreamingLoader.next_step
     pair: dict = {}
 
-    def paired(self):  # called once at the start of every loop iteration
+    def paired(next_step):  # called once at the start of every loop iteration
         k, t0 = len(pair["spans"]), time.perf_counter()
         if k in (warmup, warmup + steps):
             pair["wandb_cpu"].append(wandb_cpu_seconds())
         bare_step(pair["engine"], pair["batches"])
         t1 = time.perf_counter()
         pair["spans"].append((t0, t1))
-        batch = original(self)
+        batch = next_step()
         pair["data"].append(time.perf_counter() - t1)  # the trainer's own data wait
         return batch
 
-    trainer.StreamingLoader.next_step = paired
     # +1: step W+N ends the window; the final checkpoint (at step == max_steps) comes after it.
     total = warmup + steps + 1
     variants = ["trainer", "trainer_no_wandb", "bare_vs_bare"]
@@ -149,7 +166,7 @@ def child_overhead(data: str, work: str, warmup: int, steps: int, rounds: int) -
                 del other
             else:
                 pair.update(engine=engine, batches=batches, spans=[], data=[], wandb_cpu=[])
-                trainer.train(cfg, denv)
+                run_training(cfg, denv, paired)
                 sp = pair["spans"]  # trainer step k: from the end of bare step k to the next one
                 ours = [sp[k + 1][0] - sp[k][1] for k in range(warmup, warmup + steps)]
                 bare = [end - start for start, end in sp[warmup : warmup + steps]]
@@ -167,15 +184,12 @@ def child_overhead(data: str, work: str, warmup: int, steps: int, rounds: int) -
 
 
 # -- 2. ZeRO memory ------------------------------------------------------------------------------
-def child_memory(data: str, work: str, stage: int, threshold: str) -> None:
+def child_memory(denv, data: str, work: str, stage: int, threshold: str) -> None:
     import resource
 
     import torch.distributed as dist
     from zero_held import held_bytes  # benchmarks/ is on sys.path: this script's folder
 
-    from titans_train.distributed import init_distributed
-
-    denv = init_distributed()
     extra = [] if threshold == "default" else [f"zero.param_persistence_threshold={threshold}"]
     cfg = make_config(data, work, f"zero.stage={stage}", *WIDE, *extra)
     engine, model = new_engine(cfg, denv.world_size)
@@ -218,14 +232,13 @@ def rank_of(name: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def child_checkpoint(data: str, work: str, stage: int, rounds: int) -> None:
+def child_checkpoint(denv, data: str, work: str, stage: int, rounds: int) -> None:
     import torch
     import torch.distributed as dist
 
     from titans_train import checkpoint as ckpt
-    from titans_train.distributed import init_distributed
+    from titans_train.fsutil import fsync_path
 
-    denv = init_distributed()
     cfg = make_config(data, work, f"zero.stage={stage}", *WIDE)
     engine, _ = new_engine(cfg, denv.world_size)
     bare_step(engine, synthetic(cfg, denv.world_size))
@@ -250,7 +263,7 @@ def child_checkpoint(data: str, work: str, stage: int, rounds: int) -> None:
                     f.flush()
                     os.fsync(f.fileno())
         if fsync:
-            ckpt.fsync_path(str(raw))
+            fsync_path(str(raw))
 
     def raw_read() -> None:
         for f in sorted(raw.iterdir()):
@@ -306,7 +319,10 @@ def torchrun(kind: str, *args, timeout: int = 1800) -> list[dict]:
     rows = [json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode != 0 or not rows:
         lines = proc.stderr.strip().splitlines()
-        tail = [x for x in lines if re.search(r"Error|error:", x)][-2:] or lines[-3:] or ["?"]
+        # the child's exception line first (torchrun's own ChildFailedError comes after it)
+        raised = [x for x in lines if re.search(r"^(\[rank\d+\]:\s*)?[\w.]+(Error|Exception): ", x)]
+        tail = raised[:1] or [x for x in lines if re.search(r"Error|error:", x)][-2:]
+        tail = tail or lines[-3:] or ["?"]
         rows.append(dict(bench=kind, args=list(map(str, args)), error=" | ".join(tail)[-500:]))
     return rows
 
@@ -359,44 +375,77 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def demo_data(out: Path) -> Path:
+def demo_data(out: Path, seq_len: int = SEQ_LEN, max_mb: float = 2.0) -> Path:
     if not (out / "manifest.json").is_file():
         cmd = [sys.executable, "-m", "data_pipelines.demo", "--out", str(out)]
-        cmd += ["--seq-len", "256", "--max-mb", "2", "--no-progress"]
+        cmd += ["--seq-len", str(seq_len), "--max-mb", str(max_mb), "--no-progress"]
         subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
     return out
+
+
+CHILDREN = {"overhead": child_overhead, "memory": child_memory, "checkpoint": child_checkpoint}
+# --smoke: every kind at its smallest, in one torchrun job (a job's start-up costs ~15 s here)
+SMOKE = [("overhead", 1, 1, 1), ("memory", 0, "default"), ("memory", 3, "default")]
+SMOKE += [("checkpoint", 2, 1), ("checkpoint", 3, 1)]
+
+
+def run_child(argv: list[str]) -> None:
+    """Inside the torchrun job: ``KIND DATA [PARAMS...] WORK`` (KIND ``smoke`` runs SMOKE)."""
+    from titans_train.distributed import init_distributed
+
+    kind, data, *params, work = argv
+    denv = init_distributed()
+    jobs = SMOKE if kind == "smoke" else [(kind, *params)]
+    if kind == "smoke":  # the smallest shape, also over WIDE (make_config appends SHAPE last)
+        SHAPE[:] = SMOKE_SHAPE
+    for name, *args in jobs:
+        args = [int(p) if isinstance(p, str) and p.isdigit() else p for p in args]
+        t0 = time.perf_counter()
+        CHILDREN[name](denv, data, work, *args)
+        if denv.is_main:
+            print(
+                f"[bench_trainer] {name} {args}: {time.perf_counter() - t0:.1f} s", file=sys.stderr
+            )
+
+
+def plan(only: set[str], quick: bool, smoke: bool) -> list[tuple]:
+    """The torchrun jobs: (kind, *params)."""
+    if smoke:
+        return [("smoke",)]
+    jobs = []
+    if "overhead" in only:  # warm-up, timed steps (a multiple of log_interval 10), rounds
+        jobs.append(("overhead", 5, 10, 1) if quick else ("overhead", 10, 20, 8))
+    if "memory" in only:
+        stages = (0, 2, 3) if quick else (0, 1, 2, 3)  # stage 0 first: the base
+        jobs += [("memory", s, "default") for s in stages]
+        jobs += [] if quick else [("memory", 3, 0)]  # ZeRO-3, no persistent params
+    if "checkpoint" in only:
+        jobs += [("checkpoint", s, 2 if quick else 10) for s in (2, 3)]
+    return jobs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer steps, rounds and stages")
+    ap.add_argument("--smoke", action="store_true", help="every kind once, 1-2 steps (CI)")
     ap.add_argument("--out", type=Path, help="also write the JSON lines here")
-    ap.add_argument("--data", type=Path, help="demo shards (T=256); built in a temp dir if absent")
-    ap.add_argument("--only", nargs="+", choices=["overhead", "memory", "checkpoint"])
+    ap.add_argument(
+        "--data",
+        type=Path,
+        help="demo shards (T=256, T=64 with --smoke); built in a temp dir if absent",
+    )
+    ap.add_argument("--only", nargs="+", choices=list(CHILDREN))
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        kind, *rest = args.child
-        fn = {"overhead": child_overhead, "memory": child_memory, "checkpoint": child_checkpoint}
-        data, *params, work = rest
-        params = [int(p) if p.isdigit() else p for p in params]
-        fn[kind](data, work, *params)
+        run_child(args.child)
         return
 
-    only = set(args.only or ["overhead", "memory", "checkpoint"])
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
-        data = args.data or demo_data(Path(tmp) / "demo")
-        plan = []
-        if "overhead" in only:  # warm-up, timed steps (a multiple of log_interval 10), rounds
-            plan.append(("overhead", 5, 10, 1) if args.quick else ("overhead", 10, 20, 8))
-        if "memory" in only:
-            stages = (0, 2, 3) if args.quick else (0, 1, 2, 3)  # stage 0 first: the base
-            plan += [("memory", s, "default") for s in stages]
-            plan += [] if args.quick else [("memory", 3, 0)]  # ZeRO-3, no persistent params
-        if "checkpoint" in only:
-            plan += [("checkpoint", s, 2 if args.quick else 10) for s in (2, 3)]
+        shape = dict(seq_len=SMOKE_SEQ_LEN, max_mb=0.25) if args.smoke else {}
+        data = args.data or demo_data(Path(tmp) / "demo", **shape)
         rows = []
-        for kind, *params in plan:
+        for kind, *params in plan(set(args.only or CHILDREN), args.quick, args.smoke):
             for row in torchrun(kind, data, *params):
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -404,6 +453,9 @@ def main() -> None:
         for row in summary:
             print(json.dumps(row), flush=True)
     rows += summary
+    missing = set(CHILDREN) - {r["bench"] for r in rows}
+    if args.smoke and missing:  # a kind that printed nothing is a failure too
+        rows.append(dict(bench="smoke", error=f"no result from {sorted(missing)}"))
     if args.out:
         args.out.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     sys.exit(1 if any("error" in r for r in rows) else 0)

@@ -1,7 +1,7 @@
 """The GPU smoke check: the first thing to run on a new GPU machine (docs/gpu_smoke.md).
 
     python benchmarks/gpu_smoke.py [--out DIR] [--stages 0,1,...]   # one GPU, < 10 minutes
-    python benchmarks/gpu_smoke.py --cpu-dry-run                   # every stage, tiny, on CPU
+    python benchmarks/gpu_smoke.py --cpu-dry-run   # (or --smoke) every stage, tiny, on CPU
 
 Stages: 0 environment, 1 flash-attn vs fp64, 2 attend() conformance, 3 memory, 4 whole model,
 5 trainer (launch/torchrun.sh, resume, titans-eval), 6 throughput. Writes DIR/gpu_smoke.json
@@ -33,7 +33,8 @@ STAGE_NAMES = ("environment", "flash_vs_fp64", "attend", "memory", "model", "tra
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="gpu_smoke.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cpu-dry-run", action="store_true", help="every stage, tiny, on CPU")
+    ap.add_argument("--cpu-dry-run", "--smoke", action="store_true", dest="cpu_dry_run",
+                    help="every stage, tiny, on CPU (--smoke: the same)")  # fmt: skip
     ap.add_argument("--stages", default=",".join(str(i) for i in range(len(STAGE_NAMES))),
                     help="comma-separated stage numbers (default: all)")  # fmt: skip
     ap.add_argument("--out", type=Path, help="output dir (default runs/gpu_smoke/<timestamp>)")

@@ -11,7 +11,7 @@ On a GPU both run the real kernels. With ``dry_run`` (CPU) flash is the contract
 ``titans_train.testing.flash_contract`` (so the stage checks the harness, not flash-attn) and flex
 runs forward only, compiled with dynamo's "eager" backend (flex has no backward on CPU).
 
-    python benchmarks/gpu_smoke_attention.py --smoke   # both stages, dry run, JSON to stdout
+    python benchmarks/gpu_smoke_attention.py --smoke [--out FILE]   # both stages, dry run, JSON
 """
 
 from __future__ import annotations
@@ -223,6 +223,7 @@ def _mac_segments_compiles(flex, device: torch.device, d: int, s: int, gen) -> i
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="dry run on CPU (the contract model)")
+    ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
@@ -230,7 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         "flash": flash_stage(device, dry_run=not cuda),
         "attend": attend_stage(device, dry_run=not cuda),
     }
-    print(json.dumps(result, indent=1))
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
     return 0 if all(r["ok"] for r in result.values()) else 1
 
 

@@ -1,6 +1,7 @@
 """A small, reproducible study: do Titans variants recall facts beyond the attention window?
 
     python benchmarks/study.py --docs docs      # ~40 min on 2 CPU cores; results in runs/study
+    python benchmarks/study.py --smoke --out DIR   # MAC only, 2 steps, 2 examples (CI)
 
 1. Data: the embedded corpus (stdlib sources, byte tokenizer) and a recall training set of
    passkey and MQAR examples (synthetic.py) whose facts lie beyond the receptive field of the
@@ -23,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -80,9 +82,11 @@ def recall_documents(seq_len: int, count: int, seed: int) -> list[str]:
     return [bytes(d.tokens).decode() for d in docs]
 
 
-def build_data(out: Path, seq_len: int, recall_docs: int) -> tuple[Path, Path]:
+def build_data(
+    out: Path, seq_len: int, recall_docs: int, corpus_mb: float = 4.0
+) -> tuple[Path, Path]:
     corpus = out / "data" / "corpus"
-    demo.build_demo(str(corpus), seq_len=seq_len, max_mb=4.0, progress=False)
+    demo.build_demo(str(corpus), seq_len=seq_len, max_mb=corpus_mb, progress=False)
     recall = out / "data" / "recall"
     if not (recall / "manifest.json").is_file():
         source = out / "data" / "recall.jsonl"
@@ -148,8 +152,11 @@ def evaluate(run_dir: Path, data: Path, out: Path, lengths: str, depth: str, arg
         cmd = [sys.executable, "-m", "titans_train.evaluate", "--checkpoint", str(run_dir)]
         cmd += ["--data", str(data), "--lengths", lengths, "--suites", args.suites]
         cmd += ["--samples", str(args.samples), "--depth", depth, "--pairs", "4"]
-        cmd += ["--ppl-tokens", str(4 * 1024), "--json", str(out)]
-        subprocess.run(cmd, cwd=ROOT, env=env(), check=True, capture_output=True, text=True)
+        cmd += ["--ppl-tokens", str(args.ppl_tokens), "--json", str(out)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True)
+        if proc.returncode:  # titans-eval's own last line says what went wrong
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            sys.exit(f"study: titans-eval {run_dir.name} exited {proc.returncode}: {tail}")
     return json.loads(out.read_text())
 
 
@@ -161,9 +168,18 @@ def losses(run_dir: Path) -> tuple[list[int], list[float], float | None]:
     return steps, vals, val[-1] if val else None
 
 
+def smoke(args: argparse.Namespace) -> None:
+    """--smoke: the whole study (data, real trainer, titans-eval, report) for one model at the
+    smallest sizes; into a temp dir unless --out is given, the report beside study.json."""
+    args.steps, args.samples, args.suites, args.variants = 2, 2, "ppl,passkey", "mac"
+    args.ppl_tokens = 1024
+    args.out = args.out or Path(tempfile.mkdtemp(prefix="study-smoke-"))
+    args.docs = args.docs or args.out / "docs"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "study")
+    ap.add_argument("--out", type=Path, help="run dir (default runs/study)")
     ap.add_argument("--docs", type=Path, default=None, help="write results.md and plots here")
     ap.add_argument("--steps", type=int, default=2200)
     ap.add_argument("--seq-len", type=int, default=128)
@@ -172,18 +188,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--recall-share", type=float, default=0.9)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--suites", default=SUITES)
+    ap.add_argument("--ppl-tokens", type=int, default=4096, help="titans-eval --ppl-tokens")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="names from VARIANTS")
+    ap.add_argument("--smoke", action="store_true", help="MAC only, 2 steps, 2 examples (CI)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        smoke(args)
+    args.out = args.out or ROOT / "runs" / "study"  # as before: study.json's args name it
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    data = build_data(out, args.seq_len, recall_docs=max(2000, args.steps * 8))
+    docs = 64 if args.smoke else max(2000, args.steps * 8)
+    data = build_data(out, args.seq_len, docs, corpus_mb=0.5 if args.smoke else 4.0)
     target = TitansLM(ModelConfig(variant="mac", **MODEL)).num_params()
     T = args.seq_len
-    report = {"args": {k: str(v) for k, v in vars(args).items()}, "models": {}}
+    report = {"args": {k: str(v) for k, v in vars(args).items() if k != "smoke"}, "models": {}}
     previous = out / "study.json"
     if previous.is_file():  # a resumed or extended study: keep the models already done
         old = json.loads(previous.read_text())
+        old["args"].setdefault("ppl_tokens", "4096")  # studies from before the option
         same = {k: v for k, v in old["args"].items() if k != "variants"}
         if same == {k: v for k, v in report["args"].items() if k != "variants"}:
             report["models"] = old["models"]

@@ -1,10 +1,18 @@
-"""docs/results.md and its plots from runs/study/study.json (written by study.py)."""
+"""docs/results.md and its plots from runs/study/study.json (written by study.py).
+
+python benchmarks/study_report.py [runs/study/study.json] [--out docs]
+python benchmarks/study_report.py --smoke --out DIR   # docs/results.json redrawn in DIR (CI)
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RECALL = ("passkey", "number", "uuid", "mqar")
 NAMES = {
@@ -69,7 +77,9 @@ def plots(report: dict, docs: Path) -> list[str]:
     plt.close(fig)
 
     suites = [s for s in RECALL if any(s in m["far"] for m in models.values())]
-    fig, axes = plt.subplots(1, len(suites), figsize=(4 * len(suites), 3.6), sharey=True)
+    size = (4 * len(suites), 3.6)  # squeeze=False: a list of axes even for one suite
+    fig, axes = plt.subplots(1, len(suites), figsize=size, sharey=True, squeeze=False)
+    axes = axes[0]
     for ax, suite in zip(axes, suites):
         for v, m in models.items():
             per = m["far"].get(suite, {})
@@ -123,10 +133,31 @@ Cells: exact-match accuracy % (answer tokens predicted %).
     return path
 
 
-if __name__ == "__main__":
-    study = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/study/study.json")
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "study", nargs="?", type=Path, help="study.json (default runs/study/study.json)"
+    )
+    ap.add_argument("--out", type=Path, help="where results.md and the plots go (default docs)")
+    ap.add_argument(
+        "--smoke", action="store_true", help="docs/results.json into --out or a tmp dir"
+    )
+    args = ap.parse_args(argv)
+    default = ROOT / "docs" / "results.json" if args.smoke else Path("runs/study/study.json")
+    study = args.study or default
+    out = args.out or (
+        Path(tempfile.mkdtemp(prefix="study-report-")) if args.smoke else Path("docs")
+    )
     report = json.loads(study.read_text())
     command = "python benchmarks/study.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in report["args"].items() if k != "out"
     )
-    print(write_report(report, Path("docs"), command))
+    page = write_report(report, out, command)
+    print(page)
+    missing = [m for m in report["models"] if NAMES.get(m, m) not in page.read_text()]
+    if missing:
+        sys.exit(f"study_report: {page} has no row for {', '.join(missing)}")
+
+
+if __name__ == "__main__":
+    main()
