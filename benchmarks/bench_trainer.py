@@ -5,7 +5,7 @@
 
 Every measurement is one `torchrun --nproc_per_node=2` job on CPU (gloo, DS_ACCELERATOR=cpu,
 1 thread per rank); rank 0 prints the result. docs/benchmarks.md "Trainer" says what each sums.
-  overhead    the real training loop (titans_train.train.train) vs a bare loop on a second
+  overhead    the real training loop (titans_train.trainer.Trainer.fit) vs a bare loop on a second
               engine from build_engine with in-memory batches, one bare step before each loop
               step in the same processes; tiny MAC, ZeRO-2, T=256, global batch 8, micro 2. A
               loop step is the wall time between its own next_step() calls, so everything the
@@ -56,13 +56,12 @@ def make_config(data: str, run_dir: str, *overrides: str):
 def new_engine(cfg, world_size: int):
     import torch
 
-    from titans_train.engine import build_engine
     from titans_train.models import TitansLM
 
-    torch.manual_seed(cfg.train.seed)  # as train.train() builds it
+    torch.manual_seed(cfg.train.seed)  # as Trainer.setup() builds it
     model = TitansLM(cfg.model)
     model.activation_checkpointing = cfg.zero.activation_checkpointing
-    engine, _, _ = build_engine(cfg, model, world_size)
+    engine, _, _ = cfg.zero.build_engine(model, cfg.optim, cfg.train, world_size)
     return engine, model
 
 
@@ -107,18 +106,20 @@ def wandb_cpu_seconds() -> float:
 
 
 def run_training(cfg, denv, around_next_step: Callable[[Callable[[], list]], list]) -> dict:
-    """The one place that runs the real trainer. ``around_next_step(next_step)`` replaces the
-    loader's ``next_step()`` at the start of every loop iteration and must call it, so a step is
-    the wall time between two calls. (When train.py gets a step seam, switch only this.)"""
-    import titans_train.train as trainer
-    from titans_train.preemption import Preemption
+    """The one place that runs the real trainer, with its standard callbacks.
+    ``around_next_step(next_step)`` replaces the loader's ``next_step()`` at the start of every
+    loop iteration and must call it, so a step is the wall time between two calls."""
+    from titans_train.callbacks import Callback, default_callbacks
+    from titans_train.trainer import Trainer
 
-    original = trainer.StreamingLoader.next_step
-    trainer.StreamingLoader.next_step = lambda loader: around_next_step(partial(original, loader))
-    try:
-        return trainer.train(cfg, denv, Preemption(denv.rank))
-    finally:
-        trainer.StreamingLoader.next_step = original
+    class AroundNextStep(Callback):
+        def setup(self, trainer) -> None:
+            fetch = trainer.loader.next_step
+            trainer.loader.next_step = lambda: around_next_step(fetch)
+
+    preemption = cfg.launch.build_preemption(denv.rank)
+    callbacks = [AroundNextStep(), *default_callbacks(cfg, denv, preemption)]
+    return Trainer(cfg, denv, callbacks).fit()
 
 
 def child_overhead(denv, data: str, work: str, warmup: int, steps: int, rounds: int) -> None:
