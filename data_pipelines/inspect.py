@@ -8,9 +8,9 @@ import sys
 
 import numpy as np
 
-from data_pipelines.tokenizer import BYTES, TextTokenizer, load_tokenizer
 from titans_train.data.manifest import ShardManifest
 from titans_train.data.shard_format import ShardRef, read_shard
+from titans_train.data.tokenizer import BYTES, TextTokenizer, load_tokenizer
 
 
 def manifest_tokenizer(manifest: ShardManifest) -> TextTokenizer | None:

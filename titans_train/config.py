@@ -24,6 +24,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from titans_train.data.manifest import MANIFEST_NAME
 from titans_train.models.config import ModelConfig
 from titans_train.tracking import TrackingConfig, resolve_mode, scrub_secrets
 
@@ -305,9 +306,9 @@ def validate(
         if "://" in src or src.startswith("pipe:"):
             continue  # remote: checked by the loader when it opens it
         p = Path(src)
-        if not (p / "manifest.json").is_file() and not (p.is_file() and p.suffix == ".json"):
+        if not (p / MANIFEST_NAME).is_file() and not (p.is_file() and p.suffix == ".json"):
             key = f"data.train[{i}]" if i < len(cfg.data.train) else "data.val"
-            bad(key, f"no manifest.json at {src}")
+            bad(key, f"no {MANIFEST_NAME} at {src}")
 
 
 def _floats(obj, prefix: str = ""):

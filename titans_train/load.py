@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from data_pipelines.tokenizer import BYTES, TextTokenizer, load_tokenizer
 from titans_train.checkpoint import CheckpointError, load_trainer_state
 from titans_train.consolidate import load_checkpoint_model, resolve_checkpoint
 from titans_train.data import ShardManifest
 from titans_train.data.errors import DataError
+from titans_train.data.tokenizer import BYTES, TextTokenizer, load_tokenizer
 from titans_train.models import TitansLM
 from titans_train.models.pretrained import CONFIG_FILE, load_pretrained, read_config
 
