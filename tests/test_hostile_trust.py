@@ -165,7 +165,7 @@ def test_crafted_rng_blob_is_refused_naming_the_file(tmp_path):
 @pytest.mark.parametrize("victim", ["mp_rank_00_model_states.pt", "optim_states.pt"])
 def test_export_and_eval_load_weights_only(finished, tmp_path, victim):
     """ZeRO-2 (DeepSpeed's zero_to_fp32 reads the optimizer files) and stage 0's model file."""
-    from titans_train.load import open_model
+    from titans_train.load import open_checkpoint
 
     run = copy_run(finished, tmp_path / "run")
     path, marker = step_path(run, 4), tmp_path / "PWNED"
@@ -177,7 +177,7 @@ def test_export_and_eval_load_weights_only(finished, tmp_path, victim):
         (path / ckpt.STATE).write_text(json.dumps(state))
     recommit(path)
     with pytest.raises(ckpt.CheckpointError, match=f"cannot read the ZeRO-. weights of {path}"):
-        open_model(path)
+        open_checkpoint(path).model()
     assert not marker.exists()
 
 
