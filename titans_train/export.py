@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 from titans_train.cli_common import add_source_args, tool_main, tool_parser
+from titans_train.data.tokenizer import TOKENIZER_FILE, recorded_file
 from titans_train.load import (
     DTYPES,
-    TOKENIZER_FILE,
     Checkpoint,
     add_placement_args,
     open_checkpoint,
@@ -35,6 +35,10 @@ def export(checkpoint: Checkpoint, model: TitansLM, out: str | Path, dtype: str 
     if out.exists() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
         raise FileExistsError(f"{out} exists and is not an exported model; choose another --out")
     identity = checkpoint.tokenizer_identity
+    # Checked before anything is written: the recorded name is untrusted (a plain file name).
+    src = None
+    if identity and identity.get("file"):
+        src = recorded_file(identity, checkpoint.tokenizer_dir, checkpoint.path)
     extra = {
         "tokenizer": identity,
         "source": {
@@ -45,8 +49,7 @@ def export(checkpoint: Checkpoint, model: TitansLM, out: str | Path, dtype: str 
         },
     }
     save_pretrained(model, out, extra, dtype=DTYPES[dtype])
-    if identity and identity.get("file"):
-        src = checkpoint.tokenizer_dir / identity["file"]
+    if src is not None:
         if src.resolve() != (out / TOKENIZER_FILE).resolve():
             shutil.copyfile(src, out / TOKENIZER_FILE)
         checkpoint.tokenizer()  # the copy is checked against the recorded sha256 on the way in

@@ -20,14 +20,16 @@ import torch
 
 from titans_train.checkpoint import STATE, CheckpointError, resolve_checkpoint
 from titans_train.consolidate import load_checkpoint_model, trainer_state
-from titans_train.data import ShardManifest
 from titans_train.data.errors import DataError
-from titans_train.data.tokenizer import BYTES, TextTokenizer, load_tokenizer
+from titans_train.data.tokenizer import (
+    TextTokenizer,
+    manifest_identity,
+    tokenizer_from_identity,
+)
 from titans_train.models import ModelConfig, TitansLM
 from titans_train.models.pretrained import CONFIG_FILE, load_pretrained, model_config, read_config
 from titans_train.run_dir import RunDir
 
-TOKENIZER_FILE = "tokenizer.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -101,30 +103,9 @@ class Checkpoint:
         return list(data.get("val") or data.get("train") or [])
 
 
-def tokenizer_from_identity(identity: dict, folder: Path | None, where: Path) -> TextTokenizer:
-    if identity.get("kind") == BYTES or identity.get("name") == BYTES:
-        return load_tokenizer(BYTES)
-    file = None if folder is None else folder / (identity.get("file") or TOKENIZER_FILE)
-    if file is None or not file.is_file():
-        raise CheckpointError(f"{where}: tokenizer file {file} not found")
-    tok = load_tokenizer(str(file), eos_token=identity.get("eos_token"))
-    if identity.get("sha256") and tok.sha256 != identity["sha256"]:
-        raise CheckpointError(
-            f"{file}: sha256 {tok.sha256[:12]} differs from the recorded {identity['sha256'][:12]}"
-        )
-    return tok
-
-
-def manifest_tokenizer(manifest: str) -> tuple[dict, Path | None]:
-    """The tokenizer identity of a shard manifest, and the folder holding its tokenizer.json."""
-    m = ShardManifest.load(manifest)
-    folder = None if "://" in m.location else Path(m.location).parent
-    return m.data["tokenizer"], folder
-
-
 def check_data_matches(checkpoint: Checkpoint, manifest: str) -> None:
     """Refuse data tokenized differently from what the model was trained on."""
-    identity, _ = manifest_tokenizer(manifest)
+    identity, _ = manifest_identity(manifest)
     vocab = checkpoint.model_config.vocab_size
     if identity["vocab_size"] > vocab:
         raise DataError(
@@ -160,13 +141,13 @@ def open_checkpoint(
         # directory, in which case ``data`` stands in (and suites needing it say so otherwise).
         for manifest in checkpoint.data_manifests()[:1]:
             with contextlib.suppress(DataError):
-                checkpoint.tokenizer_identity, checkpoint.tokenizer_dir = manifest_tokenizer(
+                checkpoint.tokenizer_identity, checkpoint.tokenizer_dir = manifest_identity(
                     manifest
                 )
     if data:
         check_data_matches(checkpoint, data)
         if checkpoint.tokenizer_identity is None:
-            checkpoint.tokenizer_identity, checkpoint.tokenizer_dir = manifest_tokenizer(data)
+            checkpoint.tokenizer_identity, checkpoint.tokenizer_dir = manifest_identity(data)
     return checkpoint
 
 

@@ -9,8 +9,12 @@ import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from titans_train.data.errors import DataError
+from titans_train.data.manifest import ShardManifest, is_url
 
 BYTES = "bytes"
 _BYTES_ID = b"titans-train bytes tokenizer v1: ids 0-255 are UTF-8 bytes, 256 is EOS"
@@ -75,3 +79,47 @@ def load_tokenizer(spec: str, eos_token: str | None = None) -> TextTokenizer:
     name, eos_id = found[0]
     vocab = max(hf.get_vocab_size(with_added_tokens=True), eos_id + 1)
     return TextTokenizer(os.path.basename(spec), digest, vocab, eos_id, name, spec, hf)
+
+
+# -- the tokenizer a record names ------------------------------------------------------------------
+# A manifest (and an export's config.json) records the identity() of the tokenizer that made the
+# shards; eval, generate and export load it from there. The record is untrusted input.
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def recorded_file(identity: dict, folder: Path | None, where: str | Path) -> Path | None:
+    """The tokenizer.json an identity names, inside ``folder`` (None for the byte tokenizer or
+    when there is no folder, e.g. a remote manifest). The name must be a plain file name: a
+    record cannot point a tool at ``../`` or an absolute path."""
+    if identity.get("kind") == BYTES or identity.get("name") == BYTES:
+        return None
+    name = identity.get("file") or TOKENIZER_FILE
+    if not isinstance(name, str) or name != os.path.basename(name) or name in (".", ".."):
+        raise DataError(f"{where}: tokenizer file {name!r} is not a plain file name; refused")
+    return None if folder is None else Path(folder) / name
+
+
+def tokenizer_from_identity(
+    identity: dict, folder: Path | None, where: str | Path
+) -> TextTokenizer:
+    """The tokenizer an identity records: built in, or its tokenizer.json in ``folder``, which
+    must have the recorded sha256. Errors name ``where`` or the file."""
+    if identity.get("kind") == BYTES or identity.get("name") == BYTES:
+        return load_tokenizer(BYTES)
+    file = recorded_file(identity, folder, where)
+    if file is None or not file.is_file():
+        raise DataError(f"{where}: tokenizer file {file} not found")
+    tok = load_tokenizer(str(file), eos_token=identity.get("eos_token"))
+    if identity.get("sha256") and tok.sha256 != identity["sha256"]:
+        raise DataError(
+            f"{file}: sha256 {tok.sha256[:12]} differs from the recorded {identity['sha256'][:12]}"
+        )
+    return tok
+
+
+def manifest_identity(manifest: str | ShardManifest) -> tuple[dict, Path | None]:
+    """A shard manifest's tokenizer identity, and the folder holding its tokenizer.json (None
+    for a remote manifest)."""
+    m = manifest if isinstance(manifest, ShardManifest) else ShardManifest.load(manifest)
+    folder = None if is_url(m.location) else Path(m.location).parent
+    return m.data["tokenizer"], folder
