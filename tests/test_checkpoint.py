@@ -127,3 +127,22 @@ def test_rng_state_round_trip():
     ckpt.set_rng_state(state)
     b = (torch.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and a[1] == b[1]
+
+
+def test_run_dir_names_the_layout_checkpoint_py_writes(tmp_path):
+    """RunDir is the one place the run-directory layout is spelled; the commit protocol follows it
+    (a step directory, ``latest`` beside it) and a step directory knows its run."""
+    from titans_train.run_dir import RunDir
+
+    run = RunDir(tmp_path / "r")
+    assert [p.relative_to(run.path).as_posix() for p in (run.config, run.metrics, run.wandb)] == [
+        "config.yaml",
+        "metrics.jsonl",
+        "wandb",
+    ]
+    path = fake_checkpoint(run.checkpoints, 7)
+    assert path == run.step_dir(7) == ckpt.step_dir(run.checkpoints, 7)
+    assert RunDir.of_checkpoint(path) == run
+    (run.latest).write_text(path.name + "\n")
+    assert ckpt.follow_latest(run.latest) == path
+    assert ckpt.resolve_checkpoint(run.path) == path
