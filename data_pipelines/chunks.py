@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from data_pipelines.tokenizer import TextTokenizer, load_tokenizer
+from titans_train.data.tokenizer import TextTokenizer, load_tokenizer
 from titans_train.fsutil import write_atomically
 
 _TOKENIZER: TextTokenizer | None = None

@@ -1,47 +1,30 @@
-"""`titans-data`: one command for the offline data jobs (docs/data.md, "CLIs")."""
+"""`titans-data` (also `titans-train data`): one command for the offline data jobs (docs/data.md,
+"CLIs"). Each job is a tool module (add_arguments + run_args) dispatched by cli_common."""
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import sys
+from titans_train.cli_common import Command, dispatch
 
-from titans_train.data.errors import DataError
-
+DESCRIPTION = "Corpus -> tokenizer -> packed webdataset shards."
 COMMANDS = {
-    "tokenize": "data_pipelines.tokenize",
-    "train-tokenizer": "data_pipelines.train_tokenizer",
-    "verify": "data_pipelines.verify",
-    "inspect": "data_pipelines.inspect",
-    "demo": "data_pipelines.demo",
+    "tokenize": Command(
+        "data_pipelines.tokenize", "corpus -> packed webdataset shards of K samples + manifest.json"
+    ),
+    "train-tokenizer": Command(
+        "data_pipelines.train_tokenizer", "a byte-level BPE tokenizer.json trained on a corpus"
+    ),
+    "verify": Command(
+        "data_pipelines.verify", "re-hash every shard against its manifest and check every sample"
+    ),
+    "inspect": Command(
+        "data_pipelines.inspect", "a manifest's summary, one shard's token statistics, samples"
+    ),
+    "demo": Command("data_pipelines.demo", "shards from an embedded corpus (Python's own sources)"),
 }
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written, and every option's default."""
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="titans-data", description="Corpus -> tokenizer -> packed webdataset shards."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module_name in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        p = sub.add_parser(
-            name,
-            help=module.__doc__.splitlines()[0],
-            description=module.__doc__,
-            formatter_class=HelpFormatter,
-        )
-        module.add_arguments(p)
-        p.set_defaults(run=module.run_args)
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except (DataError, FileExistsError, FileNotFoundError, ValueError) as exn:
-        print(f"titans-data {args.command}: error: {exn}", file=sys.stderr)
-        return 2
+def main(argv: list[str] | None = None, prog: str = "titans-data") -> int:
+    return dispatch(prog, DESCRIPTION, COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import numpy as np
 
-from data_pipelines.tokenizer import BYTES, TextTokenizer, load_tokenizer
 from titans_train.data.manifest import ShardManifest
 from titans_train.data.shard_format import ShardRef, read_shard
+from titans_train.data.tokenizer import (
+    BYTES,
+    TextTokenizer,
+    manifest_identity,
+    recorded_file,
+    tokenizer_from_identity,
+)
 
 
 def manifest_tokenizer(manifest: ShardManifest) -> TextTokenizer | None:
-    """The tokenizer that made the shards: built in, or the tokenizer.json saved beside them."""
-    info = manifest.data["tokenizer"]
-    if info.get("kind") == BYTES:
-        return load_tokenizer(BYTES)
-    path = os.path.join(os.path.dirname(manifest.location), "tokenizer.json")
-    return load_tokenizer(path, info.get("eos_token")) if os.path.isfile(path) else None
+    """The tokenizer that made the shards: built in, or the tokenizer.json saved beside them
+    (None when that file is not there, e.g. a remote manifest: ids are shown instead)."""
+    identity, folder = manifest_identity(manifest)
+    file = recorded_file(identity, folder, manifest.location)
+    if identity.get("kind") != BYTES and (file is None or not file.is_file()):
+        return None
+    return tokenizer_from_identity(identity, folder, manifest.location)
 
 
 def summary(manifest: ShardManifest) -> list[str]:

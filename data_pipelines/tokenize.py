@@ -27,7 +27,6 @@ from tqdm import tqdm
 
 from data_pipelines import chunks, packing
 from data_pipelines.sources import ERRORS, DecodeStats, expand_sources, iter_documents
-from data_pipelines.tokenizer import TextTokenizer, load_tokenizer
 from titans_train import __version__
 from titans_train.data.manifest import FORMAT, MANIFEST_NAME, SPLITS, VERSION
 from titans_train.data.shard_format import (
@@ -36,6 +35,7 @@ from titans_train.data.shard_format import (
     token_dtype,
     tokens_field,
 )
+from titans_train.data.tokenizer import TextTokenizer, load_tokenizer
 from titans_train.fsutil import write_atomically, write_json_atomically
 
 WORK = ".work"

@@ -55,6 +55,41 @@ def test_resolve_resume_modes(tmp_path):
         ckpt.resolve_resume(str(tmp_path / "step_00000099"), tmp_path)
 
 
+def test_one_resolver_for_tools_and_resume(tmp_path):
+    """checkpoint.resume=PATH and --checkpoint accept the same things: a step directory, a
+    ``latest`` file, a run directory or its checkpoints/ (newest complete), latest + run."""
+    run = tmp_path / "run"
+    old = fake_checkpoint(run / "checkpoints", 4)
+    new = fake_checkpoint(run / "checkpoints", 8)
+    (run / "checkpoints" / "latest").write_text("step_00000004\n")
+    for spec, want in [
+        (new, new),
+        (run / "checkpoints" / "latest", old),
+        (run, new),
+        (run / "checkpoints", new),
+    ]:
+        assert ckpt.resolve_checkpoint(spec) == want
+        assert ckpt.resolve_resume(str(spec), run / "checkpoints") == want
+    assert ckpt.resolve_checkpoint("latest", run) == new
+    with pytest.raises(ckpt.CheckpointError, match="latest needs --run"):
+        ckpt.resolve_checkpoint("latest")
+    with pytest.raises(ckpt.CheckpointError, match=f"no complete checkpoint under {tmp_path}"):
+        ckpt.resolve_checkpoint(tmp_path)
+
+
+def test_latest_cannot_lead_outside_its_folder(tmp_path):
+    """A ``latest`` file's content is untrusted: ``../`` names are refused, not followed."""
+    outside = fake_checkpoint(tmp_path / "elsewhere", 1)
+    root = tmp_path / "run" / "checkpoints"
+    root.mkdir(parents=True)
+    (root / "latest").write_text("../../elsewhere/step_00000001\n")
+    assert outside.is_dir()
+    with pytest.raises(ckpt.CheckpointError, match="latest: names '../../elsewhere.*not a step_"):
+        ckpt.resolve_checkpoint(root / "latest")
+    with pytest.raises(ckpt.CheckpointError, match="not a step_"):
+        ckpt.resolve_resume(str(root / "latest"), root)
+
+
 def test_retention_keeps_last_n_and_every_mth(tmp_path):
     for s in range(10, 110, 10):
         fake_checkpoint(tmp_path, s)
@@ -92,3 +127,22 @@ def test_rng_state_round_trip():
     ckpt.set_rng_state(state)
     b = (torch.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and a[1] == b[1]
+
+
+def test_run_dir_names_the_layout_checkpoint_py_writes(tmp_path):
+    """RunDir is the one place the run-directory layout is spelled; the commit protocol follows it
+    (a step directory, ``latest`` beside it) and a step directory knows its run."""
+    from titans_train.run_dir import RunDir
+
+    run = RunDir(tmp_path / "r")
+    assert [p.relative_to(run.path).as_posix() for p in (run.config, run.metrics, run.wandb)] == [
+        "config.yaml",
+        "metrics.jsonl",
+        "wandb",
+    ]
+    path = fake_checkpoint(run.checkpoints, 7)
+    assert path == run.step_dir(7) == ckpt.step_dir(run.checkpoints, 7)
+    assert RunDir.of_checkpoint(path) == run
+    (run.latest).write_text(path.name + "\n")
+    assert ckpt.follow_latest(run.latest) == path
+    assert ckpt.resolve_checkpoint(run.path) == path

@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from titans_train import evaluate, export, generate
 from titans_train.data import ShardManifest
-from titans_train.load import open_model, resolve_device
+from titans_train.load import open_checkpoint, resolve_device
 from titans_train.models import ModelConfig, TitansLM
 from titans_train.models.pretrained import save_pretrained
 
@@ -60,7 +60,7 @@ def test_generate_and_export_in_bf16(exported, tmp_path, capsys):
     assert export.main(["--checkpoint", str(exported), "--out", str(out), "--dtype", "bf16"]) == 0
     with safe_open(out / "model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118
-    source = open_model(out)
-    original = open_model(exported).model
-    for (name, p), q in zip(source.model.named_parameters(), original.parameters()):
+    model = open_checkpoint(out).model()
+    original = open_checkpoint(exported).model()
+    for (name, p), q in zip(model.named_parameters(), original.parameters()):
         assert torch.equal(p, q.to(torch.bfloat16).float()), name

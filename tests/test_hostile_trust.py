@@ -165,7 +165,7 @@ def test_crafted_rng_blob_is_refused_naming_the_file(tmp_path):
 @pytest.mark.parametrize("victim", ["mp_rank_00_model_states.pt", "optim_states.pt"])
 def test_export_and_eval_load_weights_only(finished, tmp_path, victim):
     """ZeRO-2 (DeepSpeed's zero_to_fp32 reads the optimizer files) and stage 0's model file."""
-    from titans_train.load import open_model
+    from titans_train.load import open_checkpoint
 
     run = copy_run(finished, tmp_path / "run")
     path, marker = step_path(run, 4), tmp_path / "PWNED"
@@ -177,7 +177,7 @@ def test_export_and_eval_load_weights_only(finished, tmp_path, victim):
         (path / ckpt.STATE).write_text(json.dumps(state))
     recommit(path)
     with pytest.raises(ckpt.CheckpointError, match=f"cannot read the ZeRO-. weights of {path}"):
-        open_model(path)
+        open_checkpoint(path).model()
     assert not marker.exists()
 
 
@@ -433,3 +433,30 @@ def test_non_finite_parameters_are_never_committed(demo_shards, tmp_path, stage,
     assert not any(
         ckpt.incomplete_reason(p) is None for _, p in ckpt.list_checkpoints(run / "checkpoints")
     )
+
+
+# -- 9. a tokenizer file named by an untrusted record stays in its folder -------------------------
+@pytest.mark.parametrize("name", ["../secret.txt", "/ABS/secret.txt"])
+def test_export_copies_no_file_a_hostile_config_names(tmp_path, capsys, name):
+    """The tokenizer ``file`` an export's config.json or a manifest records is untrusted: a path
+    out of its folder is refused before titans-export copies anything into the new export."""
+    from titans_train import export
+    from titans_train.models import ModelConfig, TitansLM
+    from titans_train.models.pretrained import save_pretrained
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP SECRET")
+    name = name.replace("/ABS", str(tmp_path))
+    identity = {"name": "x", "kind": "tokenizers", "sha256": "0" * 64, "vocab_size": 320}
+    identity.update(eos_id=0, eos_token="</s>", file=name)
+    cfg = ModelConfig(
+        variant="mac", vocab_size=320, dim=32, depth=1, heads=2, window=16, segment_len=16,
+        chunk_size=8, num_persistent=2,
+    )  # fmt: skip
+    src = tmp_path / "hostile"
+    save_pretrained(TitansLM(cfg), src, {"tokenizer": identity})
+    out = tmp_path / "out"
+    assert export.main(["--checkpoint", str(src), "--out", str(out)]) == 2
+    copied = [p for p in out.rglob("*") if p.is_file() and b"TOP SECRET" in p.read_bytes()]
+    assert not copied
+    assert f"tokenizer file {name!r} is not a plain file name" in capsys.readouterr().err

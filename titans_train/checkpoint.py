@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import subprocess
 import time
@@ -26,8 +25,8 @@ import torch.distributed as dist
 
 from titans_train import rng_state as rng_codec
 from titans_train.fsutil import fsync_path, write_text_atomically
+from titans_train.run_dir import CHECKPOINTS, LATEST, STEP_RE, step_name
 
-STEP_RE = re.compile(r"^step_(\d{8})$")
 MARKER = "COMPLETE"
 STATE = "trainer_state.json"
 # Changing these on resume changes what is trained on or what is trained: refused unless forced.
@@ -39,7 +38,7 @@ class CheckpointError(RuntimeError):
 
 
 def step_dir(root: Path, step: int) -> Path:
-    return Path(root) / f"step_{step:08d}"
+    return Path(root) / step_name(step)
 
 
 def git_sha() -> str | None:
@@ -140,7 +139,7 @@ def save(engine, root: Path, step: int, trainer_state: dict, checksum: str = "au
         if digests:
             marker.update(checksum=checksum, digests=digests)
         write_text_atomically(path / MARKER, json.dumps(marker, indent=1))
-        write_text_atomically(root / "latest", path.name + "\n")
+        write_text_atomically(root / LATEST, path.name + "\n")
     _barrier()
     return path
 
@@ -212,7 +211,7 @@ def find_latest(root: Path, checksums: bool = True) -> Path | None:
     ``latest`` never stops a resume.
     """
     root = Path(root)
-    hint = root / "latest"
+    hint = root / LATEST
     if hint.exists():
         name = hint.read_text(errors="replace").strip()
         if not STEP_RE.match(name) or not (root / name).is_dir():
@@ -231,36 +230,62 @@ def find_latest(root: Path, checksums: bool = True) -> Path | None:
 
 
 def follow_latest(path: Path) -> Path:
-    """A ``latest`` file -> the checkpoint directory it names; any other path as it is."""
-    if path.name == "latest" and path.is_file():
-        return path.parent / path.read_text().strip()
+    """A ``latest`` file -> the checkpoint directory it names, beside it; any other path as it
+    is. Its content is untrusted: anything but a ``step_XXXXXXXX`` name is refused, so a
+    ``latest`` of ``../../elsewhere`` cannot lead outside the checkpoints folder."""
+    if path.name != LATEST or not path.is_file():
+        return path
+    name = path.read_text(errors="replace").strip()
+    if not STEP_RE.match(name):
+        raise CheckpointError(f"{path}: names {name[:40]!r}, not a step_XXXXXXXX directory")
+    return path.parent / name
+
+
+def resolve_checkpoint(spec: str | Path, run: str | Path | None = None) -> Path:
+    """The one resolver: a complete ``step_XXXXXXXX`` directory from that directory, a ``latest``
+    file, a run directory or its ``checkpoints/`` (the newest complete one), or the word
+    ``latest`` with ``run``. Errors name the path and what is wrong with it."""
+    if str(spec) == LATEST:
+        if run is None:
+            raise CheckpointError("--checkpoint latest needs --run RUN_DIR (e.g. runs/tiny-mac)")
+        spec = run
+    path = follow_latest(Path(spec))
+    is_step = STEP_RE.match(path.name) or (path / STATE).exists()
+    if path.is_dir() and not is_step:
+        root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+        found = find_latest(root)
+        if found is None:
+            raise CheckpointError(f"no complete checkpoint under {root}")
+        path = found
+    if not path.is_dir():
+        raise CheckpointError(f"no such checkpoint directory: {path}")
+    reason = incomplete_reason(path)
+    if reason:
+        raise CheckpointError(f"checkpoint {path} is unusable: {reason}")
     return path
 
 
 def resolve_resume(setting: str, root: Path) -> Path | None:
     """``auto`` -> newest complete checkpoint under root (None when there is no step directory
-    at all); ``never`` -> None; or a path. ``auto`` refuses when step directories exist but none
-    is complete: starting over there would silently lose the run."""
+    at all); ``never`` -> None; or whatever ``resolve_checkpoint`` accepts. ``auto`` refuses
+    when step directories exist but none is complete: starting over there would silently lose
+    the run."""
     if setting == "never":
         return None
-    if setting == "auto":
-        found = find_latest(root)
-        existing = list_checkpoints(root)
-        if found is None and existing:
-            newest = existing[0][1]
-            raise CheckpointError(
-                f"{root} holds {len(existing)} step directories but none is complete (newest "
-                f"{newest.name}: {incomplete_reason(newest)}). Refusing to "
-                "start over silently. Pass checkpoint.resume=never to start over (the old step "
-                "directories are moved aside, not deleted), or checkpoint.resume=PATH to name a "
-                "checkpoint"
-            )
-        return found
-    path = follow_latest(Path(setting))
-    reason = incomplete_reason(path) if path.is_dir() else "no such checkpoint directory"
-    if reason:
-        raise CheckpointError(f"cannot resume from {path}: {reason}")
-    return path
+    if setting != "auto":
+        return resolve_checkpoint(setting)
+    found = find_latest(root)
+    existing = list_checkpoints(root)
+    if found is None and existing:
+        newest = existing[0][1]
+        raise CheckpointError(
+            f"{root} holds {len(existing)} step directories but none is complete (newest "
+            f"{newest.name}: {incomplete_reason(newest)}). Refusing to "
+            "start over silently. Pass checkpoint.resume=never to start over (the old step "
+            "directories are moved aside, not deleted), or checkpoint.resume=PATH to name a "
+            "checkpoint"
+        )
+    return found
 
 
 def set_aside(root: Path) -> Path | None:
@@ -269,7 +294,7 @@ def set_aside(root: Path) -> Path | None:
     checkpoint can later be mistaken for one of the new run's). Returns the new folder."""
     root = Path(root)
     old = [p for _, p in list_checkpoints(root)]
-    hint = root / "latest"
+    hint = root / LATEST
     if not old and not hint.exists():
         return None
     aside = root / time.strftime("previous-%Y%m%dT%H%M%SZ", time.gmtime())

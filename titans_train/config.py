@@ -386,7 +386,7 @@ def _check_sources(cfg: Config, bad) -> None:
         p = Path(src)
         if not (p / MANIFEST_NAME).is_file() and not (p.is_file() and p.suffix == ".json"):
             key = f"data.train[{i}]" if i < len(cfg.data.train) else "data.val"
-            bad(key, f"no manifest.json at {src}")
+            bad(key, f"no {MANIFEST_NAME} at {src}")
 
 
 def _floats(obj, prefix: str = ""):

@@ -15,59 +15,28 @@ from pathlib import Path
 
 import torch
 
-from titans_train.checkpoint import (
-    CheckpointError,
-    find_latest,
-    follow_latest,
-    incomplete_reason,
-    load_trainer_state,
-)
-from titans_train.models import ModelConfig, TitansLM
+from titans_train.checkpoint import STATE, CheckpointError, load_trainer_state
+from titans_train.models import TitansLM
+from titans_train.models.pretrained import model_config
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
-def resolve_checkpoint(spec: str | Path, run: str | Path | None = None) -> Path:
-    """A ``step_XXXXXXXX`` directory from: that directory, a ``latest`` file, a run directory or
-    its ``checkpoints/`` (newest complete one), or the word ``latest`` with ``run``."""
-    if str(spec) == "latest":
-        if run is None:
-            raise CheckpointError("--checkpoint latest needs --run RUN_DIR (e.g. runs/tiny-mac)")
-        spec = Path(run)
-    path = follow_latest(Path(spec))
-    if path.is_dir() and not (path / "trainer_state.json").exists():
-        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        found = find_latest(root)
-        if found is None:
-            raise CheckpointError(f"no complete checkpoint under {root}")
-        path = found
-    if not path.is_dir():
-        raise CheckpointError(f"no such checkpoint directory: {path}")
-    reason = incomplete_reason(path)
-    if reason:
-        raise CheckpointError(f"checkpoint {path} is unusable: {reason}")
-    return path
-
-
-def trainer_config(path: Path) -> dict:
-    """The resolved training config stored in the checkpoint."""
+def trainer_state(path: Path) -> dict:
+    """A checkpoint's trainer_state.json; CheckpointError naming it unless it holds a config."""
     try:
-        return load_trainer_state(path)["config"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}/trainer_state.json has no readable config ({e})") from e
-
-
-def model_config(config: dict, path: Path) -> ModelConfig:
-    try:
-        return ModelConfig(**config["model"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}/trainer_state.json: bad model config ({e})") from e
+        state = load_trainer_state(path)
+        if not isinstance(state["config"], dict):
+            raise TypeError(f"config is a {type(state['config']).__name__}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / STATE} has no readable config ({e})") from e
+    return state
 
 
 def _stage(config: dict, path: Path) -> int:
     stage = config.get("zero", {}).get("stage")
     if stage not in (0, 1, 2, 3):
-        raise CheckpointError(f"{path}/trainer_state.json: zero.stage {stage!r} is not 0-3")
+        raise CheckpointError(f"{path / STATE}: zero.stage {stage!r} is not 0-3")
     return stage
 
 
@@ -201,7 +170,7 @@ def check_weights(weights: dict[str, torch.Tensor], model: TitansLM, where: Path
     if problems:
         more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
         raise CheckpointError(
-            f"{where}: weights do not match the model config in trainer_state.json: "
+            f"{where}: weights do not match the model config in {STATE}: "
             + "; ".join(problems[:8])
             + more
         )
@@ -209,8 +178,8 @@ def check_weights(weights: dict[str, torch.Tensor], model: TitansLM, where: Path
 
 def load_checkpoint_model(path: Path) -> TitansLM:
     """The checkpoint's model in fp32, eval mode, without building a DeepSpeed engine."""
-    config = trainer_config(path)
-    model = TitansLM(model_config(config, path))
+    config = trainer_state(path)["config"]
+    model = TitansLM(model_config(config, path / STATE))
     weights = consolidated_weights(path, _stage(config, path), model)
     if model.cfg.tie_embeddings and "head.weight" not in weights and "embed.weight" in weights:
         weights["head.weight"] = weights["embed.weight"]  # one tensor, saved once

@@ -68,9 +68,9 @@ def describe(path: str, overrides: list[str], seq_len: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "titans-train describe") -> None:
     ap = argparse.ArgumentParser(
-        prog="titans-train describe",
+        prog=prog,
         description="Print the parameter count and FLOPs per token of a model config.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -81,5 +81,5 @@ def main(argv: list[str] | None = None) -> None:
     try:
         print(describe(args.config, args.overrides, args.seq_len))
     except (OSError, ValueError) as e:  # a missing file, a bad key or value (named in e)
-        print(f"titans-train describe: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"{prog}: error: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)

@@ -20,15 +20,17 @@ import time
 import torch
 
 from titans_train.checkpoint import CheckpointError
+from titans_train.cli_common import add_source_args, tool_main, tool_parser
 from titans_train.data.errors import DataError
 from titans_train.load import (
-    ModelSource,
+    Checkpoint,
     add_placement_args,
     describe,
     dump_json,
-    open_model,
+    open_checkpoint,
     place,
 )
+from titans_train.models import TitansLM
 from titans_train.perplexity import available_tokens, perplexity, stream_tokens
 from titans_train.recall import recall_suite
 from titans_train.synthetic import SUITES
@@ -60,20 +62,22 @@ def parse_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def run_suites(source: ModelSource, args: argparse.Namespace) -> dict[str, dict[int, dict]]:
-    model, results = source.model, {}
-    trained = source.trainer_state.get("config", {}).get("train", {}).get("seq_len")
+def run_suites(
+    checkpoint: Checkpoint, model: TitansLM, args: argparse.Namespace
+) -> dict[str, dict[int, dict]]:
+    results = {}
+    trained = checkpoint.config.get("train", {}).get("seq_len")
     piece = args.piece or trained or 512
     torch.manual_seed(0)
     for suite in args.suites:
         t0 = time.perf_counter()
         if suite == "ppl":
-            manifests = [args.data] if args.data else source.data_manifests()
+            manifests = [args.data] if args.data else checkpoint.data_manifests()
             if not manifests:
-                raise DataError(f"{source.path}: no data recorded; pass --data MANIFEST")
+                raise DataError(f"{checkpoint.path}: no data recorded; pass --data MANIFEST")
             results["ppl"] = run_perplexity(model, manifests[0], args, piece)
         else:
-            tok = source.tokenizer()
+            tok = checkpoint.tokenizer()
             results[suite] = {}
             for n in args.lengths:  # one line per length: a long suite is not silent
                 t1 = time.perf_counter()
@@ -159,39 +163,34 @@ def flat_metrics(results: dict[str, dict[int, dict]]) -> dict[str, float]:
     return out
 
 
-def log_to_wandb(source: ModelSource, results: dict) -> str:
+def log_to_wandb(checkpoint: Checkpoint, results: dict) -> str:
     """Into the summary of the run that trained the checkpoint (history would collide with the
     trainer's steps: W&B drops rows below its current step, and rows beyond it would make a
     later resume of training lose its own)."""
     from titans_train.tracking import Tracker, TrackingConfig
 
-    run_id = source.trainer_state.get("wandb_run_id")
+    run_id = checkpoint.state.get("wandb_run_id")
     if not run_id:
-        raise CheckpointError(f"{source.path}: --wandb needs a training checkpoint with a run id")
-    config = source.trainer_state["config"]
-    run_dir = source.path.parent.parent
+        raise CheckpointError(
+            f"{checkpoint.path}: --wandb needs a training checkpoint with a run id"
+        )
+    config = checkpoint.config
+    run_dir = checkpoint.run_dir
     tracker = Tracker(
         TrackingConfig(**config.get("tracking", {})),
-        run_dir=run_dir,
+        run_dir=run_dir.path,
         run_name=config.get("name", run_dir.name),
         config=config,
         rank=0,
         run_id=run_id,
     )
-    tracker.summary({**flat_metrics(results), "eval/checkpoint_step": source.step})
+    tracker.summary({**flat_metrics(results), "eval/checkpoint_step": checkpoint.step})
     tracker.finish()
     return f"W&B run {run_id} ({tracker.mode}) {tracker.run_path or ''}"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="titans-eval",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    ap.add_argument("--checkpoint", required=True, help="checkpoint, run dir, latest, or export")
-    ap.add_argument("--run", help="run directory for --checkpoint latest")
-    ap.add_argument("--data", help="shard manifest for ppl (default: the run's val data)")
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    add_source_args(ap, data_help="shard manifest for ppl (default: the run's val data)")
     ap.add_argument("--lengths", type=parse_ints, default="512,1024,2048,4096")
     ap.add_argument(
         "--suites",
@@ -219,27 +218,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--wandb", action="store_true", help="log into the checkpoint's W&B run")
     add_placement_args(ap)
-    return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        source = open_model(args.checkpoint, args.run, args.data)
-        source.model = place(source.model, args.device, args.dtype)
-        with torch.no_grad():
-            results = run_suites(source, args)
-    except (CheckpointError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"titans-eval: error: {e}", file=sys.stderr)
-        return 2
+DESCRIPTION = __doc__.split("\n\n")[0]
+
+
+def parse_args(argv: list[str] | None, prog: str = "titans-eval") -> argparse.Namespace:
+    return tool_parser(prog, DESCRIPTION, add_arguments).parse_args(argv)
+
+
+def run_args(args: argparse.Namespace) -> int:
+    checkpoint = open_checkpoint(args.checkpoint, args.run, args.data)
+    model = place(checkpoint.model(), args.device, args.dtype)
+    with torch.no_grad():
+        results = run_suites(checkpoint, model, args)
     print(format_table(results, args.lengths))
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k not in ("json", "wandb")}
-        dump_json({"model": describe(source), "settings": settings, "results": results}, args.json)
+        provenance = describe(checkpoint, model)
+        dump_json({"model": provenance, "settings": settings, "results": results}, args.json)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.wandb:
-        print(log_to_wandb(source, results), file=sys.stderr)
+        print(log_to_wandb(checkpoint, results), file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None, prog: str = "titans-eval") -> int:
+    return tool_main(prog, DESCRIPTION, add_arguments, run_args, argv)
 
 
 if __name__ == "__main__":

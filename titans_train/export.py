@@ -16,69 +16,77 @@ import shutil
 import sys
 from pathlib import Path
 
-from titans_train.checkpoint import CheckpointError
-from titans_train.data.errors import DataError
-from titans_train.load import DTYPES, TOKENIZER_FILE, ModelSource, add_placement_args, open_model
+from titans_train.cli_common import add_source_args, tool_main, tool_parser
+from titans_train.data.tokenizer import TOKENIZER_FILE, recorded_file
+from titans_train.load import (
+    DTYPES,
+    Checkpoint,
+    add_placement_args,
+    open_checkpoint,
+)
+from titans_train.models import TitansLM
 from titans_train.models.pretrained import CONFIG_FILE, save_pretrained
 
 
-def export(source: ModelSource, out: str | Path, dtype: str = "fp32") -> Path:
-    """Write ``source`` as an exported directory (weights stored in ``dtype``); the tokenizer goes
-    along when one is known."""
+def export(checkpoint: Checkpoint, model: TitansLM, out: str | Path, dtype: str = "fp32") -> Path:
+    """Write ``model`` (loaded from ``checkpoint``) as an exported directory (weights stored in
+    ``dtype``); the tokenizer goes along when one is known."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
         raise FileExistsError(f"{out} exists and is not an exported model; choose another --out")
-    identity = source.tokenizer_identity
+    identity = checkpoint.tokenizer_identity
+    # Checked before anything is written: the recorded name is untrusted (a plain file name).
+    src = None
+    if identity and identity.get("file"):
+        src = recorded_file(identity, checkpoint.tokenizer_dir, checkpoint.path)
     extra = {
         "tokenizer": identity,
         "source": {
-            "checkpoint": str(source.path),
-            "step": source.step,
-            "git_sha": source.trainer_state.get("git_sha"),
-            "wandb_run_id": source.trainer_state.get("wandb_run_id"),
+            "checkpoint": str(checkpoint.path),
+            "step": checkpoint.step,
+            "git_sha": checkpoint.state.get("git_sha"),
+            "wandb_run_id": checkpoint.state.get("wandb_run_id"),
         },
     }
-    save_pretrained(source.model, out, extra, dtype=DTYPES[dtype])
-    if identity and identity.get("file"):
-        src = source.tokenizer_dir / identity["file"]
+    save_pretrained(model, out, extra, dtype=DTYPES[dtype])
+    if src is not None:
         if src.resolve() != (out / TOKENIZER_FILE).resolve():
             shutil.copyfile(src, out / TOKENIZER_FILE)
-        source.tokenizer()  # the copy is checked against the recorded sha256 on the way in
+        checkpoint.tokenizer()  # the copy is checked against the recorded sha256 on the way in
     return out
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="titans-export",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    ap.add_argument("--checkpoint", required=True, help="checkpoint, run dir, or latest (+--run)")
-    ap.add_argument("--run", help="run directory for --checkpoint latest")
+DESCRIPTION = __doc__.split("\n\n")[0]
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    add_source_args(ap, data_help="shard manifest naming the tokenizer (default: the run's)")
     ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--data", help="shard manifest naming the tokenizer (default: the run's)")
     # No --device: export computes nothing; the weights are cast on the CPU and written.
     add_placement_args(ap, device=False)
-    return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        source = open_model(args.checkpoint, args.run, args.data)
-        if source.tokenizer_identity is None:
-            print(
-                f"titans-export: warning: the tokenizer of {source.path} was not found (its "
-                "data paths are not reachable from here); pass --data MANIFEST to include it",
-                file=sys.stderr,
-            )
-        out = export(source, args.out, args.dtype)
-    except (CheckpointError, DataError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"titans-export: error: {e}", file=sys.stderr)
-        return 2
-    n = source.model.num_params()
-    print(f"exported {source.path} ({source.model.cfg.variant}, {n / 1e6:.2f}M params) to {out}")
+def parse_args(argv: list[str] | None, prog: str = "titans-export") -> argparse.Namespace:
+    return tool_parser(prog, DESCRIPTION, add_arguments).parse_args(argv)
+
+
+def run_args(args: argparse.Namespace) -> int:
+    checkpoint = open_checkpoint(args.checkpoint, args.run, args.data)
+    if checkpoint.tokenizer_identity is None:
+        print(
+            f"titans-export: warning: the tokenizer of {checkpoint.path} was not found (its "
+            "data paths are not reachable from here); pass --data MANIFEST to include it",
+            file=sys.stderr,
+        )
+    model = checkpoint.model()
+    out = export(checkpoint, model, args.out, args.dtype)
+    variant, n = checkpoint.model_config.variant, model.num_params()
+    print(f"exported {checkpoint.path} ({variant}, {n / 1e6:.2f}M params) to {out}")
     return 0
+
+
+def main(argv: list[str] | None = None, prog: str = "titans-export") -> int:
+    return tool_main(prog, DESCRIPTION, add_arguments, run_args, argv)
 
 
 if __name__ == "__main__":

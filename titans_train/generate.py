@@ -18,20 +18,14 @@ from pathlib import Path
 
 import torch
 
-from titans_train.checkpoint import CheckpointError
-from titans_train.data.errors import DataError
-from titans_train.load import add_placement_args, dump_json, open_model, place
+from titans_train.cli_common import add_source_args, tool_main, tool_parser
+from titans_train.load import add_placement_args, dump_json, open_checkpoint, place
+
+DESCRIPTION = __doc__.split("\n\n")[0]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="titans-generate",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    ap.add_argument("--checkpoint", required=True, help="checkpoint, run dir, latest, or export")
-    ap.add_argument("--run", help="run directory for --checkpoint latest")
-    ap.add_argument("--data", help="shard manifest naming the tokenizer (default: the run's)")
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    add_source_args(ap, data_help="shard manifest naming the tokenizer (default: the run's)")
     prompt = ap.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt-file", help="read the prompt from this file ('-' = stdin)")
@@ -45,7 +39,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--stop-at-eos", action="store_true", help="stop at the tokenizer's EOS")
     ap.add_argument("--json", help="also write ids, text and timings here")
     add_placement_args(ap)
-    return ap.parse_args(argv)
+
+
+def parse_args(argv: list[str] | None, prog: str = "titans-generate") -> argparse.Namespace:
+    return tool_parser(prog, DESCRIPTION, add_arguments).parse_args(argv)
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -56,22 +53,17 @@ def read_prompt(args: argparse.Namespace) -> str:
     return Path(args.prompt_file).read_text(encoding="utf-8")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        source = open_model(args.checkpoint, args.run, args.data)
-        source.model = place(source.model, args.device, args.dtype)
-        tok = source.tokenizer()
-        text = read_prompt(args)
-    except (CheckpointError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"titans-generate: error: {e}", file=sys.stderr)
-        return 2
+def run_args(args: argparse.Namespace) -> int:
+    checkpoint = open_checkpoint(args.checkpoint, args.run, args.data)
+    model = place(checkpoint.model(), args.device, args.dtype)
+    tok = checkpoint.tokenizer()
+    text = read_prompt(args)
     ids = torch.from_numpy(tok.encode_batch([text])[0].astype("int64"))
     if len(ids) == 0:
         ids = torch.tensor([tok.eos_id])  # an empty prompt starts a new document
-    ids = ids.to(next(source.model.parameters()).device)
+    ids = ids.to(next(model.parameters()).device)
     t0 = time.perf_counter()
-    out = source.model.generate(
+    out = model.generate(
         ids,
         args.max_new_tokens,
         temperature=args.temperature,
@@ -101,8 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     if args.json:
-        dump_json({**stats, "ids": new, "text": completion, "source": str(source.path)}, args.json)
+        dump_json(
+            {**stats, "ids": new, "text": completion, "source": str(checkpoint.path)}, args.json
+        )
     return 0
+
+
+def main(argv: list[str] | None = None, prog: str = "titans-generate") -> int:
+    return tool_main(prog, DESCRIPTION, add_arguments, run_args, argv)
 
 
 if __name__ == "__main__":

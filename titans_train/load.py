@@ -1,9 +1,11 @@
-"""What eval, generate and export work on: a model, its tokenizer and where both came from.
+"""What eval, generate and export work on: a ``Checkpoint``, and the model and tokenizer in it.
 
-``open_model`` takes either a training checkpoint (a ``step_XXXXXXXX`` directory, a run
-directory, ``latest``...) or a ``titans-export`` directory, so every tool works on both. The
-tokenizer is the one the training data was tokenized with: the manifest's identity (``bytes`` is
-built in; otherwise the ``tokenizer.json`` beside the manifest, checked by sha256).
+``open_checkpoint`` takes a training checkpoint (whatever ``checkpoint.resolve_checkpoint``
+accepts: a ``step_XXXXXXXX`` directory, a run directory, ``latest``...) or a ``titans-export``
+directory, so every tool works on both. Opening reads the small files only; ``model()`` loads
+the weights. The tokenizer is the one the training data was tokenized with: the manifest's
+identity (``bytes`` is built in; otherwise the ``tokenizer.json`` beside the manifest, checked by
+sha256).
 """
 
 from __future__ import annotations
@@ -16,15 +18,18 @@ from pathlib import Path
 
 import torch
 
-from data_pipelines.tokenizer import BYTES, TextTokenizer, load_tokenizer
-from titans_train.checkpoint import CheckpointError, load_trainer_state
-from titans_train.consolidate import load_checkpoint_model, resolve_checkpoint
-from titans_train.data import ShardManifest
+from titans_train.checkpoint import STATE, CheckpointError, resolve_checkpoint
+from titans_train.consolidate import load_checkpoint_model, trainer_state
 from titans_train.data.errors import DataError
-from titans_train.models import TitansLM
-from titans_train.models.pretrained import CONFIG_FILE, load_pretrained, read_config
+from titans_train.data.tokenizer import (
+    TextTokenizer,
+    manifest_identity,
+    tokenizer_from_identity,
+)
+from titans_train.models import ModelConfig, TitansLM
+from titans_train.models.pretrained import CONFIG_FILE, load_pretrained, model_config, read_config
+from titans_train.run_dir import RunDir
 
-TOKENIZER_FILE = "tokenizer.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -62,13 +67,31 @@ def place(model: TitansLM, device: str | None, dtype: str) -> TitansLM:
 
 
 @dataclass
-class ModelSource:
-    model: TitansLM
-    path: Path  # the checkpoint or export directory
-    tokenizer_identity: dict | None  # the manifest's "tokenizer" entry
-    tokenizer_dir: Path | None  # where a tokenizer.json lives (None for bytes)
-    step: int | None = None
-    trainer_state: dict = field(default_factory=dict)  # empty for an export
+class Checkpoint:
+    """A training checkpoint or an exported model, read but not loaded: its typed model config,
+    step and trainer state, and where its tokenizer comes from."""
+
+    path: Path  # the step_XXXXXXXX or export directory
+    model_config: ModelConfig
+    step: int | None = None  # None for an export
+    state: dict = field(default_factory=dict)  # trainer_state.json; empty for an export
+    tokenizer_identity: dict | None = None  # the manifest's "tokenizer" entry
+    tokenizer_dir: Path | None = None  # where a tokenizer.json lives (None for bytes)
+    exported: bool = False
+
+    @property
+    def config(self) -> dict:
+        """The resolved (redacted) training config; empty for an export."""
+        return self.state.get("config", {})
+
+    @property
+    def run_dir(self) -> RunDir | None:
+        """The training run this checkpoint belongs to (None for an export)."""
+        return None if self.exported else RunDir.of_checkpoint(self.path)
+
+    def model(self) -> TitansLM:
+        """The model in fp32 and eval mode on the CPU, without DeepSpeed (loaded on each call)."""
+        return load_pretrained(self.path) if self.exported else load_checkpoint_model(self.path)
 
     def tokenizer(self) -> TextTokenizer:
         if self.tokenizer_identity is None:
@@ -76,84 +99,67 @@ class ModelSource:
         return tokenizer_from_identity(self.tokenizer_identity, self.tokenizer_dir, self.path)
 
     def data_manifests(self) -> list[str]:
-        data = self.trainer_state.get("config", {}).get("data", {})
+        data = self.config.get("data", {})
         return list(data.get("val") or data.get("train") or [])
 
 
-def tokenizer_from_identity(identity: dict, folder: Path | None, where: Path) -> TextTokenizer:
-    if identity.get("kind") == BYTES or identity.get("name") == BYTES:
-        return load_tokenizer(BYTES)
-    file = None if folder is None else folder / (identity.get("file") or TOKENIZER_FILE)
-    if file is None or not file.is_file():
-        raise CheckpointError(f"{where}: tokenizer file {file} not found")
-    tok = load_tokenizer(str(file), eos_token=identity.get("eos_token"))
-    if identity.get("sha256") and tok.sha256 != identity["sha256"]:
-        raise CheckpointError(
-            f"{file}: sha256 {tok.sha256[:12]} differs from the recorded {identity['sha256'][:12]}"
-        )
-    return tok
-
-
-def manifest_tokenizer(manifest: str) -> tuple[dict, Path | None]:
-    """The tokenizer identity of a shard manifest, and the folder holding its tokenizer.json."""
-    m = ShardManifest.load(manifest)
-    folder = None if "://" in m.location else Path(m.location).parent
-    return m.data["tokenizer"], folder
-
-
-def check_data_matches(source: ModelSource, manifest: str) -> None:
+def check_data_matches(checkpoint: Checkpoint, manifest: str) -> None:
     """Refuse data tokenized differently from what the model was trained on."""
-    identity, _ = manifest_tokenizer(manifest)
-    vocab = source.model.cfg.vocab_size
+    identity, _ = manifest_identity(manifest)
+    vocab = checkpoint.model_config.vocab_size
     if identity["vocab_size"] > vocab:
         raise DataError(
             f"{manifest}: tokenizer vocab_size {identity['vocab_size']} exceeds the model's "
-            f"{vocab} ({source.path})"
+            f"{vocab} ({checkpoint.path})"
         )
-    mine = source.tokenizer_identity
+    mine = checkpoint.tokenizer_identity
     if mine and mine.get("sha256") and mine.get("sha256") != identity.get("sha256"):
         raise DataError(
             f"{manifest}: tokenizer {identity.get('name')!r} (sha256 {identity['sha256'][:12]}) "
-            f"is not the one {source.path} was trained with ({mine.get('name')!r}, "
+            f"is not the one {checkpoint.path} was trained with ({mine.get('name')!r}, "
             f"sha256 {mine['sha256'][:12]})"
         )
 
 
-def open_model(spec: str | Path, run: str | Path | None = None, data: str | None = None):
-    """A ModelSource from a checkpoint or an exported directory. ``data`` (a manifest) must use
-    the model's tokenizer; it names the tokenizer when the run's own data is not reachable."""
+def open_checkpoint(
+    spec: str | Path, run: str | Path | None = None, data: str | None = None
+) -> Checkpoint:
+    """A Checkpoint from a training checkpoint or an exported directory. ``data`` (a manifest)
+    must use the model's tokenizer; it names the tokenizer when the run's own data is not
+    reachable."""
     path = Path(spec)
     if path.is_dir() and (path / CONFIG_FILE).is_file():
         config = read_config(path)
-        source = ModelSource(load_pretrained(path), path, config.get("tokenizer"), path)
+        cfg = model_config(config, path / CONFIG_FILE)
+        checkpoint = Checkpoint(path, cfg, None, {}, config.get("tokenizer"), path, exported=True)
     else:
         path = resolve_checkpoint(spec, run)
-        state = load_trainer_state(path)
-        source = ModelSource(
-            load_checkpoint_model(path), path, None, None, state.get("step"), state
-        )
+        state = trainer_state(path)
+        cfg = model_config(state["config"], path / STATE)
+        checkpoint = Checkpoint(path, cfg, state.get("step"), state)
         # The run's own data names the tokenizer; its paths may be relative to another working
         # directory, in which case ``data`` stands in (and suites needing it say so otherwise).
-        for manifest in source.data_manifests()[:1]:
+        for manifest in checkpoint.data_manifests()[:1]:
             with contextlib.suppress(DataError):
-                source.tokenizer_identity, source.tokenizer_dir = manifest_tokenizer(manifest)
+                checkpoint.tokenizer_identity, checkpoint.tokenizer_dir = manifest_identity(
+                    manifest
+                )
     if data:
-        check_data_matches(source, data)
-        if source.tokenizer_identity is None:
-            source.tokenizer_identity, source.tokenizer_dir = manifest_tokenizer(data)
-    return source
+        check_data_matches(checkpoint, data)
+        if checkpoint.tokenizer_identity is None:
+            checkpoint.tokenizer_identity, checkpoint.tokenizer_dir = manifest_identity(data)
+    return checkpoint
 
 
-def describe(source: ModelSource) -> dict:
+def describe(checkpoint: Checkpoint, model: TitansLM) -> dict:
     """JSON-able provenance for results files."""
-    cfg = source.model.cfg
     return {
-        "source": str(source.path),
-        "step": source.step,
-        "variant": cfg.variant,
-        "parameters": source.model.num_params(),
-        "tokenizer": (source.tokenizer_identity or {}).get("name"),
-        "wandb_run_id": source.trainer_state.get("wandb_run_id"),
+        "source": str(checkpoint.path),
+        "step": checkpoint.step,
+        "variant": checkpoint.model_config.variant,
+        "parameters": model.num_params(),
+        "tokenizer": (checkpoint.tokenizer_identity or {}).get("name"),
+        "wandb_run_id": checkpoint.state.get("wandb_run_id"),
     }
 
 

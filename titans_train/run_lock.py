@@ -29,7 +29,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LOCK_NAME = ".lock"
+from titans_train.run_dir import LOCK, RunDir
+
+LOCK_NAME = LOCK  # <run>/.lock (run_dir.py owns the layout)
 _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
@@ -132,7 +134,7 @@ def _take_over(path: Path, prev: dict | None, locked: bool, break_lock: bool) ->
 
 def acquire(run_dir: str | Path, break_lock: bool = False) -> RunLock:
     """Take the run directory's lock or raise RunLockError naming the holder."""
-    path = Path(run_dir) / LOCK_NAME
+    path = RunDir(run_dir).lock
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # the umask applies (checkpoint.private)
     notes = []

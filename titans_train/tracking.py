@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from titans_train.run_dir import WANDB
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PROJECT = "titans-train"
@@ -281,7 +283,7 @@ class Tracker:
         root = Path(cfg.dir) if cfg.dir else Path(run_dir)
         # The highest step this run dir has logged for the run, written before each log call
         # so that it never lags behind what W&B has.
-        self._marker = root / "wandb" / f"titans-last-step-{self.run_id}.json"
+        self._marker = root / WANDB / f"titans-last-step-{self.run_id}.json"
         branch = branch_args(run_id, resume_step, _read_marker(self._marker))
         self._run = self._init_run(settings, root, scrub_secrets(config), branch)
         if self.rewound:

@@ -30,6 +30,7 @@ from titans_train import rng_state as rng_codec
 from titans_train.config import Config, public_dict
 from titans_train.distributed import DistEnv, device
 from titans_train.preemption import ignore_stop_signals
+from titans_train.run_dir import RunDir
 
 UNIVERSAL = "universal"
 # The exit status of a run stopped by a full disk: EX_IOERR, never preemption.REQUEUE_EXIT, so
@@ -77,7 +78,7 @@ def find_resume_point(cfg: Config, denv: DistEnv) -> ResumePoint:
 
 
 def _decide(cfg: Config, world_size: int) -> ResumePoint:
-    root = cfg.run_path / "checkpoints"
+    root = RunDir(cfg.run_path).checkpoints
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         path = ckpt.resolve_resume(cfg.checkpoint.resume, root)
@@ -224,7 +225,7 @@ def save(
 ) -> Path:
     """Collective: commit a checkpoint of everything above; rank 0 applies retention. ``extra``
     holds the callbacks' state (e.g. ``wandb_run_id``), stored at the top level."""
-    root = cfg.run_path / "checkpoints"
+    root = RunDir(cfg.run_path).checkpoints
     check_finite(engine, step)
     state = {
         "step": step,

@@ -25,6 +25,7 @@ from titans_train.data import MicroBatch
 from titans_train.distributed import DistEnv, device, mark_progress, set_tf32, timeout_for
 from titans_train.models import TitansLM
 from titans_train.models.attention import attention_backend_report
+from titans_train.run_dir import RunDir
 from titans_train.validation import all_mean
 
 
@@ -40,7 +41,7 @@ class Trainer:
     def __init__(self, cfg: Config, denv: DistEnv, callbacks: list[Callback]):
         self.cfg, self.denv = cfg, denv
         self.callbacks = Callbacks(callbacks)
-        self.run_dir = cfg.run_path
+        self.run = RunDir(cfg.run_path)
         self.tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
         self.max_steps = planned_steps(cfg)
         self.step = self.tokens = self.start_step = self.saved_step = 0
@@ -62,9 +63,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         set_tf32(cfg.train.tf32)
         if denv.is_main:
-            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            self.run.create()
             resolved = public_yaml(cfg)
-            (self.run_dir / "config.yaml").write_text(resolved)
+            self.run.config.write_text(resolved)
             self.log_main(f"resolved config:\n{resolved}")
         point = train_state.find_resume_point(cfg, denv)
         for message in point.messages:

@@ -77,8 +77,8 @@ class Console(Callback):
         if trainer.stop_reason:
             return
         trainer.log_main(f"done: {trainer.step} steps, {trainer.tokens} tokens")
-        trainer.log_main(f"  run dir:     {trainer.run_dir} (config.yaml, metrics.jsonl)")
-        newest = ckpt.find_latest(trainer.run_dir / "checkpoints", checksums=False)
+        trainer.log_main(f"  run dir:     {trainer.run.path} (config.yaml, metrics.jsonl)")
+        newest = ckpt.find_latest(trainer.run.checkpoints, checksums=False)
         trainer.log_main(f"  checkpoints: {newest or 'none'}")
 
     def on_error(self, trainer, error: BaseException) -> None:

@@ -13,18 +13,19 @@ from pathlib import Path
 
 from titans_train.callbacks.base import Callback, StepResult
 from titans_train.config import DebugConfig
+from titans_train.run_dir import RunDir
 
 
 class FaultInjection(Callback):
-    def __init__(self, debug: DebugConfig, rank: int, run_dir: Path):
-        self.debug, self.rank, self.run_dir = debug, rank, run_dir
+    def __init__(self, debug: DebugConfig, rank: int, run: RunDir):
+        self.debug, self.rank, self.run = debug, rank, run
         self._nan_hook = None
 
     def on_batch(self, trainer, micro_batches) -> None:
         step, d = trainer.step + 1, self.debug
         if d.record_samples:  # the (source, shard, row) ids this rank trains on
             ids = [row for mb in micro_batches for row in mb.sample_ids.tolist()]
-            with open(self.run_dir / f"samples.rank{self.rank}.jsonl", "a") as f:
+            with open(self.run.samples(self.rank), "a") as f:
                 f.write(json.dumps({"step": step, "samples": ids}) + "\n")
         if d.hang_at_step == step and d.hang_rank == self.rank:
             while True:  # a rank stuck outside any collective (a dead mount, a deadlock)

@@ -26,7 +26,7 @@ class WandbRun(Callback):
         cfg = self.cfg
         self.tracker = Tracker(
             cfg.tracking,
-            run_dir=trainer.run_dir,
+            run_dir=trainer.run.path,
             run_name=cfg.name,
             config={**public_dict(cfg), "attention_backend": trainer.attention},
             rank=self.rank,
