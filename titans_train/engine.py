@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from titans_train.config import OptimConfig, TrainConfig, ZeroConfig
 from titans_train.distributed import accelerator, device_type
+
+if TYPE_CHECKING:  # the config sections build through this module (config.py imports it)
+    from titans_train.config import OptimConfig, TrainConfig, ZeroConfig
 
 # Parameters that are learned states rather than weights: no weight decay.
 NO_DECAY_NAMES = ("persistent", "mem_queries", "init_weights")
