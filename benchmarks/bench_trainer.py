@@ -49,11 +49,12 @@ def new_engine(cfg, world_size: int):
     import torch
 
     from titans_train.engine import build_engine
-    from titans_train.models import TitansLM
+    from titans_train.models import TitansLM, apply_activation_checkpointing
 
     torch.manual_seed(cfg.train.seed)  # as train.train() builds it
-    model = TitansLM(cfg.model)
-    model.activation_checkpointing = cfg.zero.activation_checkpointing
+    model = TitansLM(cfg.model, runtime=cfg.runtime)
+    if cfg.runtime.activation_checkpointing:
+        apply_activation_checkpointing(model)
     engine, _, _ = build_engine(cfg, model, world_size)
     return engine, model
 

@@ -59,7 +59,7 @@ def trainer_config(path: Path) -> dict:
 
 def model_config(config: dict, path: Path) -> ModelConfig:
     try:
-        return ModelConfig(**config["model"])
+        return ModelConfig.from_dict(config["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}/trainer_state.json: bad model config ({e})") from e
 

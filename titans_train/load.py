@@ -22,7 +22,7 @@ from titans_train.consolidate import load_checkpoint_model, resolve_checkpoint
 from titans_train.data import ShardManifest
 from titans_train.data.errors import DataError
 from titans_train.models import TitansLM
-from titans_train.models.pretrained import CONFIG_FILE, load_pretrained, read_config
+from titans_train.pretrained import CONFIG_FILE, load_pretrained, read_config
 
 TOKENIZER_FILE = "tokenizer.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -49,7 +49,7 @@ from titans_train.distributed import (
 from titans_train.engine import build_engine
 from titans_train.fsutil import write_text_atomically
 from titans_train.metrics import StepMeter, peak_flops_per_device
-from titans_train.models import TitansLM
+from titans_train.models import TitansLM, apply_activation_checkpointing
 from titans_train.models.attention import attention_backend_report
 from titans_train.preemption import (
     REQUEUE_EXIT,
@@ -189,8 +189,9 @@ def train(cfg: Config, denv: DistEnv, preemption: Preemption) -> dict:
     if denv.is_main and (dropped := rewind_metrics(run_dir / "metrics.jsonl", point.step)):
         log0(denv, f"metrics.jsonl: dropped {dropped} rows after step {point.step} (rewound)")
 
-    model = TitansLM(cfg.model)
-    model.activation_checkpointing = cfg.zero.activation_checkpointing
+    model = TitansLM(cfg.model, runtime=cfg.runtime)
+    if cfg.runtime.activation_checkpointing:
+        apply_activation_checkpointing(model)
     engine, _, scheduler = build_engine(cfg, model, denv.world_size, point.universal)
     loader, common = loaders(cfg, denv)
     step, tokens, run_id = 0, 0, None
@@ -202,7 +203,7 @@ def train(cfg: Config, denv: DistEnv, preemption: Preemption) -> dict:
         log0(denv, f"resumed from {point.path} at step {step}")
     param = next(engine.module.parameters())  # the activations' device and dtype
     attn = attention_backend_report(
-        param.device, param.dtype, cfg.model.attn_backend, cfg.model.head_dim
+        param.device, param.dtype, cfg.runtime.attn_backend, cfg.model.head_dim
     )
     log0(denv, f"attention backend: {attn['backend']} ({json.dumps(attn)})")
     if denv.is_main:
