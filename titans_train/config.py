@@ -259,8 +259,8 @@ def load_model_config(path: str | Path, overrides: list[str] | None = None) -> M
     if not path.is_file():
         raise FileNotFoundError(f"model config not found: {path}")
     try:
-        layers = [_load_yaml(path), OmegaConf.from_dotlist(overrides or [])]
-        layers = [_upgrade_node(OmegaConf.create({"model": n}), str(path)) for n in layers]
+        given = [(_load_yaml(path), str(path)), (OmegaConf.from_dotlist(overrides or []), "")]
+        layers = [_upgrade_node(OmegaConf.create({"model": n}), w or "overrides") for n, w in given]
         runtime = {k: v for n in layers for k, v in n.get("runtime", {}).items()}
         merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), *(n.model for n in layers))
         cfg = OmegaConf.to_object(merged)
