@@ -45,7 +45,8 @@ def run_memory(T: int, group: int, repeats: int, compiled: int = 0) -> dict:
     from titans_train.models import NeuralMemory
 
     torch.manual_seed(0)
-    mem = NeuralMemory(256, 4, chunk_size=16, checkpoint_group=group, compiled=bool(compiled))
+    backend = "compile" if compiled else "eager"
+    mem = NeuralMemory(256, 4, chunk_size=16, checkpoint_group=group, backend=backend)
     x = torch.randn(2, T, 256, requires_grad=True)
 
     def step():

@@ -56,11 +56,12 @@ def make_config(data: str, run_dir: str, *overrides: str):
 def new_engine(cfg, world_size: int):
     import torch
 
-    from titans_train.models import TitansLM
+    from titans_train.models import TitansLM, apply_activation_checkpointing
 
     torch.manual_seed(cfg.train.seed)  # as Trainer.setup() builds it
-    model = TitansLM(cfg.model)
-    model.activation_checkpointing = cfg.zero.activation_checkpointing
+    model = TitansLM(cfg.model, runtime=cfg.runtime)
+    if cfg.runtime.activation_checkpointing:
+        apply_activation_checkpointing(model)
     engine, _, _ = cfg.zero.build_engine(model, cfg.optim, cfg.train, world_size)
     return engine, model
 

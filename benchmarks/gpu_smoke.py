@@ -80,7 +80,7 @@ def flash_info() -> dict:
     info = {"version": package_version("flash-attn"), "fa3_interface": None}
     try:
         from flash_attn.flash_attn_interface import _flash_attn_forward
-    except Exception as e:  # the same import the adapter does (models/attention_flash.py)
+    except Exception as e:  # the same import the adapter does (models/attention/flash.py)
         return {**info, "usable": False, "reason": f"{type(e).__name__}: {e}"}
     # flash-attn >= 2.7 registers it as a torch custom op; the signature is on _init_fn
     params = inspect.signature(getattr(_flash_attn_forward, "_init_fn", _flash_attn_forward))
@@ -221,7 +221,7 @@ def check_backend(smoke, run_dir: Path) -> tuple[list[dict], list[str]]:
     select_backend picks for the tiny model's heads in the training dtype."""
     import torch
 
-    from titans_train.models import load_model_config
+    from titans_train.config import load_model_config
     from titans_train.models.attention import select_backend
 
     cfg = load_model_config(ROOT / "configs" / "model" / "tiny.yaml")

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 
 from titans_train.models.attention import Causal, KeyGroup, Visible, attend
-from titans_train.models.attention_flash import flash_api
-from titans_train.models.attention_flex import flex_attend
-from titans_train.models.attention_rules import key_layout
+from titans_train.models.attention.flash import flash_api
+from titans_train.models.attention.flex import flex_attend
+from titans_train.models.attention.rules import key_layout
 from titans_train.testing.flash_contract import (
     contract_backward,
     contract_forward,

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from titans_train.models import ModelConfig, TitansLM, memory_math
-from titans_train.models import attention as attention_mod
 from titans_train.models import memory as memory_mod
+from titans_train.models.attention import dispatch as attention_mod
 from titans_train.models.attention import select_backend
 from titans_train.models.blocks import make_memory
 
@@ -174,13 +174,13 @@ ATTENTION_ENTRIES = {"flash": "merge_attend", "flex": "flex_attend", "sdpa": "_s
 
 @contextlib.contextmanager
 def count_attention():
-    """Counts the calls of each backend's entry in models/attention.py during the block."""
+    """Counts the calls of each backend's entry in models/attention/dispatch.py during the block."""
     calls = dict.fromkeys(ATTENTION_ENTRIES, 0)
     saved = {}
     for backend, name in ATTENTION_ENTRIES.items():
         fn = getattr(attention_mod, name, None)
         if fn is None:
-            raise RuntimeError(f"models/attention.py has no {name}: update ATTENTION_ENTRIES")
+            raise RuntimeError(f"models/attention/dispatch.py has no {name}: update the entries")
         saved[name] = fn
 
         def counted(*args, _fn=fn, _backend=backend, **kwargs):
@@ -356,7 +356,7 @@ def time_model(smoke: Smoke, model: TitansLM, T: int, iters: int) -> dict:
 def throughput_stage(smoke: Smoke) -> dict:
     """The 170M MAC preset at 2K and 4K tokens for every memory backend (tiny preset at 64 and
     128 tokens on the dry run)."""
-    from titans_train.models import load_model_config
+    from titans_train.config import load_model_config
 
     preset = "tiny" if smoke.dry_run else "mac_170m"
     lengths, iters = ((64, 128), 1) if smoke.dry_run else ((2048, 4096), 2)

@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
-from titans_train.models import attention
 from titans_train.models.attention import Causal, KeyGroup, Visible, attend, select_backend
-from titans_train.models.attention_merge import (
+from titans_train.models.attention import dispatch as attention
+from titans_train.models.attention.merge import (
     MATH_PRIMITIVE,
     merge_attend,
     plan_pieces,
@@ -403,8 +403,8 @@ def test_flex_compiles_once_across_mac_segments():
     pytest.importorskip("torch.nn.attention.flex_attention")
     import torch._dynamo
 
-    from titans_train.models.attention_flex import flex_attend
-    from titans_train.models.attention_rules import key_layout
+    from titans_train.models.attention.flex import flex_attend
+    from titans_train.models.attention.rules import key_layout
 
     graphs = []
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from titans_train.models import ModelConfig, TitansLM
+from titans_train.models import ModelConfig, RuntimeConfig, TitansLM
 from titans_train.perplexity import perplexity
 from titans_train.recall import recall_suite
 
@@ -55,9 +55,8 @@ def tiny(variant: str, mode: str | None) -> TitansLM:
         num_persistent=2,
         num_memory_tokens=3,
         mac_retrieval=mode or "per_token",
-        memory_checkpoint_group=0,
     )
-    return TitansLM(cfg).to("meta")
+    return TitansLM(cfg, RuntimeConfig(memory_checkpoint_group=0)).to("meta")
 
 
 def test_probe_catches_a_cpu_operand():

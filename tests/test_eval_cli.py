@@ -1,4 +1,4 @@
-"""titans-eval perplexity, titans-generate and from_pretrained on an exported (randomly initialised)
+"""titans-eval perplexity, titans-generate and load_pretrained on an exported (randomly initialised)
 tiny model: fast, no DeepSpeed. Checkpoints of every ZeRO stage: test_eval_export.py."""
 
 import json
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from titans_train import evaluate, generate
 from titans_train.data import ShardManifest
 from titans_train.models import ModelConfig, TitansLM
-from titans_train.models.pretrained import save_pretrained
+from titans_train.pretrained import load_pretrained, save_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +110,9 @@ def test_generation_with_and_without_cache_gives_the_same_tokens(exported, tmp_p
     assert "new tokens/s" in err and "cached state" in err and "no cache" in err
 
 
-def test_from_pretrained_reproduces_and_rejects_a_mismatch(exported, tmp_path):
+def test_load_pretrained_reproduces_and_rejects_a_mismatch(exported, tmp_path):
     path, model = exported
-    loaded = TitansLM.from_pretrained(str(path))
+    loaded = load_pretrained(str(path))
     x = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, model(x).logits)
@@ -123,5 +123,5 @@ def test_from_pretrained_reproduces_and_rejects_a_mismatch(exported, tmp_path):
     config["model"]["dim"] = 48
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"bad/model.safetensors does not match .*config.json"):
-        TitansLM.from_pretrained(str(bad))
+        load_pretrained(str(bad))
     assert generate.main(["--checkpoint", str(tmp_path / "none"), "--prompt", "x"]) == 2

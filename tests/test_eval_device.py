@@ -10,7 +10,7 @@ from titans_train import evaluate, export, generate
 from titans_train.data import ShardManifest
 from titans_train.load import open_checkpoint, resolve_device
 from titans_train.models import ModelConfig, TitansLM
-from titans_train.models.pretrained import save_pretrained
+from titans_train.pretrained import save_pretrained
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from wandb_helpers import clean_env, read_records, run_record, wandb_home
 
 from titans_train import evaluate, export
 from titans_train.models import TitansLM
+from titans_train.pretrained import load_pretrained
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 STAGES = (0, 2, 3)
@@ -47,7 +48,7 @@ def test_export_round_trip_matches_the_engine(runs, demo_shards, tmp_path, stage
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["tokenizer"]["name"] == "bytes" and config["source"]["step"] == 2
-    model = TitansLM.from_pretrained(str(out))
+    model = load_pretrained(str(out))
     with torch.no_grad():
         logits = model(ref["tokens"]).logits
     want = ref["logits"][str(step_dir(paths[stage]))]

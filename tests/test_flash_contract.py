@@ -13,7 +13,6 @@ import types
 import pytest
 import torch
 
-from titans_train.models import attention_flash
 from titans_train.models.attention import (
     Causal,
     KeyGroup,
@@ -21,7 +20,8 @@ from titans_train.models.attention import (
     attend,
     attention_backend_report,
 )
-from titans_train.models.attention_flash import make_flash_kernel, reset_flash_import
+from titans_train.models.attention import flash as attention_flash
+from titans_train.models.attention.flash import make_flash_kernel, reset_flash_import
 from titans_train.testing.flash_contract import (
     contract_forward,
     flash_attn_module,

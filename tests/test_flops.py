@@ -56,7 +56,7 @@ def test_attention_keys_match_the_masks(variant, mode):
     seen = []
 
     def counting_attend(q, groups, **kw):
-        from titans_train.models.attention_rules import dense_mask, key_layout
+        from titans_train.models.attention.rules import dense_mask, key_layout
 
         mask = dense_mask(key_layout(groups), q.shape[-2], q.device)
         visible = [g for g in groups if type(g.rule).__name__ == "Visible"]

@@ -442,7 +442,7 @@ def test_export_copies_no_file_a_hostile_config_names(tmp_path, capsys, name):
     out of its folder is refused before titans-export copies anything into the new export."""
     from titans_train import export
     from titans_train.models import ModelConfig, TitansLM
-    from titans_train.models.pretrained import save_pretrained
+    from titans_train.pretrained import save_pretrained
 
     secret = tmp_path / "secret.txt"
     secret.write_text("TOP SECRET")

@@ -159,19 +159,20 @@ def test_checkpointed_chunks_give_identical_outputs_and_grads(group):
 
 @pytest.mark.slow
 def test_compiled_chunk_step_matches_eager():
-    """torch.compile of the per-chunk step (memory_compile) computes the same function: in fp32,
-    compiled and eager are equally close to an fp64 ground truth (relative to each tensor's scale).
+    """torch.compile of the per-chunk step (memory_backend=compile) computes the same function: in
+    fp32, compiled and eager are equally close to an fp64 ground truth (relative to each tensor's
+    scale).
     """
     x = torch.randn(2, 21, 16, generator=torch.Generator().manual_seed(3))
 
-    def run(compiled, dtype):
+    def run(backend, dtype):
         torch.manual_seed(0)
-        mem = NeuralMemory(16, 2, chunk_size=4, compiled=compiled).to(dtype)
+        mem = NeuralMemory(16, 2, chunk_size=4, backend=backend).to(dtype)
         out, _ = mem(x.to(dtype))
         out.square().sum().backward()
         return [out.double()] + [p.grad.double() for p in mem.parameters()]
 
-    truth = run(False, torch.float64)
-    for compiled in (False, True):
-        for got, want in zip(run(compiled, torch.float32), truth):
+    truth = run("eager", torch.float64)
+    for backend in ("eager", "compile"):
+        for got, want in zip(run(backend, torch.float32), truth):
             assert (got - want).abs().max() <= 1e-4 * want.abs().max()

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from titans_train.models import ModelConfig, TitansLM, load_model_config
+from titans_train.config import load_model_config
+from titans_train.models import ModelConfig, TitansLM
 
 DT = torch.float64
 # (variant, mac_retrieval, window)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from titans_train.config import load_model_config
 from titans_train.describe import count_params, nominal_size
-from titans_train.models import load_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs" / "model").glob("*.yaml"))

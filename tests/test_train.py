@@ -31,7 +31,7 @@ def reference(demo_shards, tmp_path_factory):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("variant", ["mac", "mag"])
 def test_zero_stages_match_one_process(demo_shards, reference, tmp_path, stage, variant):
-    extra = ["zero.activation_checkpointing=true"] if stage == 3 else []
+    extra = ["runtime.activation_checkpointing=true"] if stage == 3 else []
     train(
         demo_shards,
         tmp_path,

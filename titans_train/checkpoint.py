@@ -30,7 +30,10 @@ from titans_train.run_dir import CHECKPOINTS, LATEST, STEP_RE, step_name
 MARKER = "COMPLETE"
 STATE = "trainer_state.json"
 # Changing these on resume changes what is trained on or what is trained: refused unless forced.
+# Not runtime.* (how it runs) nor data.num_workers (workers only read shards; the order is the
+# plan's, docs/data.md).
 PROTECTED = ("model.", "data.", "train.seq_len", "train.seed")
+UNPROTECTED = ("data.num_workers",)
 
 
 class CheckpointError(RuntimeError):
@@ -328,7 +331,8 @@ def config_diff(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
             line = f"{key}: {a.get(key)!r} -> {b.get(key)!r}"
-            (protected if key.startswith(PROTECTED) else other).append(line)
+            guarded = key.startswith(PROTECTED) and not key.startswith(UNPROTECTED)
+            (protected if guarded else other).append(line)
     return protected, other
 
 

@@ -9,6 +9,11 @@ An experiment YAML names its presets and overrides what it needs:
 Merge order: schema defaults < presets < experiment < command-line ``key=value``
 (``presets.model=mag_170m`` on the command line swaps a preset). Unknown keys and invalid values
 are errors that name the key, raised before anything starts.
+
+``runtime`` holds the execution settings (models/runtime.py). Earlier versions kept them as
+``model.attn_backend``, ``model.memory_compile``, ``model.memory_checkpoint_group`` and
+``zero.activation_checkpointing``: those keys still load, with a FutureWarning (a warning users
+see by default), and land in ``runtime`` (``upgrade_legacy``).
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from titans_train.data.manifest import MANIFEST_NAME, is_url
 from titans_train.models.config import ModelConfig
+from titans_train.models.runtime import RuntimeConfig
 from titans_train.tracking import TrackingConfig, resolve_mode, scrub_secrets
 
 PRESET_KINDS = ("model", "data", "zero")
@@ -105,7 +111,6 @@ class ZeroConfig:
         False  # ZeRO-Offload: optimizer state in CPU memory (DeepSpeedCPUAdam)
     )
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
-    activation_checkpointing: bool = False  # recompute each block in backward
     param_persistence_threshold: int | None = None  # ZeRO-3: params smaller than this stay whole
     # Under bf16: dtype of accumulated gradients and of their all-reduce/reduce-scatter (engine.py)
     grad_accum_dtype: str = "fp32"  # fp32 | bf16 (stage 0 always accumulates in bf16)
@@ -193,6 +198,7 @@ class Config:
     run_dir: str | None = None  # default runs/<name>
     presets: dict[str, str] = field(default_factory=dict)
     model: ModelConfig = field(default_factory=ModelConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
@@ -201,6 +207,18 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def __post_init__(self) -> None:
+        """``Config(model=ModelConfig(attn_backend=...))`` (deprecated keys, already warned about
+        by ModelConfig): the values move to ``runtime`` unless it says otherwise."""
+        legacy, self.model.legacy_runtime = self.model.legacy_runtime, {}
+        default = RuntimeConfig()
+        for key, value in legacy.items():
+            mine = getattr(self.runtime, key)
+            if mine != getattr(default, key) and mine != value:
+                raise ConfigError(f"model.{key}={value!r} (deprecated) and runtime.{key}={mine!r}")
+            if mine != value:
+                self.runtime = dataclasses.replace(self.runtime, **{key: value})
 
     @property
     def run_path(self) -> Path:
@@ -248,6 +266,75 @@ def _load_yaml(path: Path):
         raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
 
 
+# Execution keys of earlier versions: (section, key) -> the runtime key they became.
+LEGACY_KEYS = {
+    ("model", "attn_backend"): "attn_backend",
+    ("model", "memory_backend"): "memory_backend",
+    ("model", "memory_compile"): "memory_backend",  # true -> compile, false -> eager
+    ("model", "memory_checkpoint_group"): "memory_checkpoint_group",
+    ("zero", "activation_checkpointing"): "activation_checkpointing",
+}
+
+
+def upgrade_legacy(tree: dict, where: str | None = None) -> dict:
+    """``tree`` (a config as a dict, e.g. a stored trainer_state.json config) with the keys of
+    LEGACY_KEYS moved into ``runtime``. With ``where`` (a file, "the command line"), each moved key
+    is warned about by name; stored configs are upgraded silently."""
+    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in tree.items()}
+    for (section, key), new in LEGACY_KEYS.items():
+        part = tree.get(section)
+        if not isinstance(part, dict) or key not in part:
+            continue
+        value = part.pop(key)
+        if key == "memory_compile" and isinstance(value, bool):
+            value = "compile" if value else "eager"
+        runtime = tree.setdefault("runtime", {})
+        if not isinstance(runtime, dict):
+            runtime = tree["runtime"] = dict(runtime)
+        if new in runtime and runtime[new] != value:
+            raise ConfigError(
+                f"{where or 'config'}: {section}.{key}={value!r} (deprecated) contradicts "
+                f"runtime.{new}={runtime[new]!r}; set runtime.{new} alone"
+            )
+        runtime[new] = value
+        if where is not None:
+            warnings.warn(
+                f"{where}: {section}.{key} is deprecated (an execution setting); "
+                f"use runtime.{new}" + (f"={value}" if key == "memory_compile" else ""),
+                FutureWarning,
+                stacklevel=3,
+            )
+    return tree
+
+
+def _upgrade_node(node, where: str):
+    """upgrade_legacy for an OmegaConf node (interpolations stay unresolved)."""
+    if not isinstance(node, DictConfig):
+        return node
+    return OmegaConf.create(upgrade_legacy(OmegaConf.to_container(node), where))
+
+
+def load_model_config(path: str | Path, overrides: list[str] | None = None) -> ModelConfig:
+    """A model preset YAML plus ``key=value`` overrides; unknown keys are rejected by name.
+    Deprecated execution keys (attn_backend, ...) are warned about and kept in
+    ``legacy_runtime``, so ``TitansLM(cfg)`` still runs as they say."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model config not found: {path}")
+    try:
+        given = [(_load_yaml(path), str(path)), (OmegaConf.from_dotlist(overrides or []), "")]
+        layers = [_upgrade_node(OmegaConf.create({"model": n}), w or "overrides") for n, w in given]
+        runtime = {k: v for n in layers for k, v in n.get("runtime", {}).items()}
+        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), *(n.model for n in layers))
+        cfg = OmegaConf.to_object(merged)
+    except (OmegaConfBaseException, ConfigError) as e:
+        raise ValueError(f"{path}: {e}") from e
+    if runtime:
+        RuntimeConfig(**runtime)  # a bad value fails here, naming runtime.<key>
+        cfg.legacy_runtime = dict(runtime)
+    return cfg
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Compose and validate the config; raises ConfigError naming the key."""
     path = Path(path)
@@ -255,23 +342,27 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"config file not found: {path}")
     overrides = list(overrides or [])
     from_cli = override_keys(overrides)
+    for (section, key), new in LEGACY_KEYS.items():  # a bad value names the override
+        if f"{section}.{key}" in from_cli:
+            from_cli.setdefault(f"runtime.{new}", from_cli[f"{section}.{key}"])
     try:
-        experiment = _load_yaml(path)
+        experiment = _upgrade_node(_load_yaml(path), str(path))
         for item in overrides:  # one at a time, so a bad value names its override
             try:
                 OmegaConf.from_dotlist([item])
             except yaml.YAMLError as e:
                 problem = getattr(e, "problem", None) or str(e).splitlines()[0]
                 raise ConfigError(f"override {item!r}: YAML syntax error: {problem}") from None
-        cli = OmegaConf.from_dotlist(overrides)
+        cli = _upgrade_node(OmegaConf.from_dotlist(overrides), "the command line")
         presets = dict(experiment.get("presets", {}) or {})
         presets.update(dict(cli.get("presets", {}) or {}))
         merged = OmegaConf.structured(Config)
         for kind, value in presets.items():
             if kind not in PRESET_KINDS:
                 raise ConfigError(f"{path}: presets.{kind}: unknown preset kind ({PRESET_KINDS})")
-            preset = _load_yaml(_preset_path(kind, str(value), path))
-            merged = OmegaConf.merge(merged, {kind: preset})
+            file = _preset_path(kind, str(value), path)
+            preset = _upgrade_node(OmegaConf.create({kind: _load_yaml(file)}), str(file))
+            merged = OmegaConf.merge(merged, preset)
         merged = OmegaConf.merge(merged, experiment, cli)
         cfg: Config = OmegaConf.to_object(merged)
     except ConfigError:

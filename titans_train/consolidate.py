@@ -17,7 +17,7 @@ import torch
 
 from titans_train.checkpoint import STATE, CheckpointError, load_trainer_state
 from titans_train.models import TitansLM
-from titans_train.models.pretrained import model_config
+from titans_train.pretrained import model_config
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 

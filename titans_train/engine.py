@@ -9,12 +9,10 @@ import torch
 import torch.nn as nn
 
 from titans_train.distributed import accelerator, device_type
+from titans_train.models.policy import takes_weight_decay
 
 if TYPE_CHECKING:  # the config sections build through this module (config.py imports it)
     from titans_train.config import OptimConfig, TrainConfig, ZeroConfig
-
-# Parameters that are learned states rather than weights: no weight decay.
-NO_DECAY_NAMES = ("persistent", "mem_queries", "init_weights")
 
 
 def lr_at(step: int, o: OptimConfig, total: int) -> float:
@@ -37,13 +35,15 @@ def lr_at(step: int, o: OptimConfig, total: int) -> float:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices; none on norms, biases, persistent tokens, memory queries, M_0."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or any(part in name.split(".") for part in NO_DECAY_NAMES)
-        (no_decay if skip else decay).append(p)
+    """Weight decay on matrices; none on norms, biases, and the learned states their modules mark
+    (persistent tokens, memory queries, M_0: ``models.policy``). In named_parameters order."""
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue  # a tied weight is listed once, under its first module
+            seen.add(id(p))
+            (decay if takes_weight_decay(module, name, p) else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

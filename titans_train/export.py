@@ -5,7 +5,7 @@
 writes ``model.safetensors`` (fp32, or ``--dtype bf16|fp16``; tied tensors once),
 ``config.json`` (the model config, the tokenizer identity and where the weights came from) and,
 for a tokenizers-based tokenizer, the
-``tokenizer.json`` the shards were made with. ``TitansLM.from_pretrained(out)`` loads it with
+``tokenizer.json`` the shards were made with. ``pretrained.load_pretrained(out)`` loads it with
 torch and safetensors alone; ``titans-eval`` and ``titans-generate`` accept it as --checkpoint.
 """
 
@@ -25,7 +25,7 @@ from titans_train.load import (
     open_checkpoint,
 )
 from titans_train.models import TitansLM
-from titans_train.models.pretrained import CONFIG_FILE, save_pretrained
+from titans_train.pretrained import CONFIG_FILE, save_pretrained
 
 
 def export(checkpoint: Checkpoint, model: TitansLM, out: str | Path, dtype: str = "fp32") -> Path:

@@ -27,7 +27,7 @@ from titans_train.data.tokenizer import (
     tokenizer_from_identity,
 )
 from titans_train.models import ModelConfig, TitansLM
-from titans_train.models.pretrained import CONFIG_FILE, load_pretrained, model_config, read_config
+from titans_train.pretrained import CONFIG_FILE, load_pretrained, model_config, read_config
 from titans_train.run_dir import RunDir
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

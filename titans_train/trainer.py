@@ -23,7 +23,7 @@ from titans_train.callbacks.base import Callback, Callbacks, StepResult
 from titans_train.config import Config, public_yaml
 from titans_train.data import MicroBatch
 from titans_train.distributed import DistEnv, device, mark_progress, set_tf32, timeout_for
-from titans_train.models import TitansLM
+from titans_train.models import TitansLM, apply_activation_checkpointing
 from titans_train.models.attention import attention_backend_report
 from titans_train.run_dir import RunDir
 from titans_train.validation import all_mean
@@ -81,8 +81,9 @@ class Trainer:
             )
             return False
         train_state.prepare(point, denv)  # the universal conversion, when the world size changed
-        model = TitansLM(cfg.model)
-        model.activation_checkpointing = cfg.zero.activation_checkpointing
+        model = TitansLM(cfg.model, runtime=cfg.runtime)
+        if cfg.runtime.activation_checkpointing:
+            apply_activation_checkpointing(model)
         self.engine, _, self.scheduler = cfg.zero.build_engine(
             model, cfg.optim, cfg.train, denv.world_size, point.universal
         )
@@ -99,7 +100,7 @@ class Trainer:
             self.log_main(f"resumed from {point.path} at step {self.step}")
         param = next(self.engine.module.parameters())  # the activations' device and dtype
         self.attention = attention_backend_report(
-            param.device, param.dtype, cfg.model.attn_backend, cfg.model.head_dim
+            param.device, param.dtype, cfg.runtime.attn_backend, cfg.model.head_dim
         )
         self.log_main(
             f"attention backend: {self.attention['backend']} ({json.dumps(self.attention)})"

@@ -18,6 +18,8 @@ from .attention import Causal, KeyGroup, Visible
 from .config import ModelConfig
 from .layers import KV, SelfAttention, SwiGLU, append_kv
 from .memory import MemoryState, NeuralMemory
+from .policy import no_weight_decay, residual_proj
+from .runtime import RuntimeConfig, runtime_from_legacy
 
 
 @dataclass
@@ -43,7 +45,8 @@ class BlockState:
         )
 
 
-def make_memory(cfg: ModelConfig) -> NeuralMemory:
+def make_memory(cfg: ModelConfig, runtime: RuntimeConfig | None = None) -> NeuralMemory:
+    runtime = runtime or runtime_from_legacy(cfg)
     return NeuralMemory(
         cfg.dim,
         cfg.mem_heads,
@@ -54,24 +57,28 @@ def make_memory(cfg: ModelConfig) -> NeuralMemory:
         max_lr=cfg.memory_max_lr,
         per_layer_gates=cfg.memory_per_layer_gates,
         residual_norm=cfg.memory_residual_norm,
-        checkpoint_group=cfg.memory_checkpoint_group,
-        compiled=cfg.memory_compile,
+        checkpoint_group=runtime.memory_checkpoint_group,
+        backend=runtime.memory_backend,
     )
 
 
 class Block(nn.Module):
     """Shared parts: pre-norms, SwiGLU, persistent tokens; subclasses define ``mix``."""
 
-    def __init__(self, cfg: ModelConfig, attention: bool = True):
+    def __init__(
+        self, cfg: ModelConfig, runtime: RuntimeConfig | None = None, attention: bool = True
+    ):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.runtime = cfg, runtime or runtime_from_legacy(cfg)
         self.norm1 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.norm2 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.hidden)
         if attention:
-            self.attn = SelfAttention(cfg.dim, cfg.heads, cfg.rope_theta, cfg.attn_backend)
+            self.attn = SelfAttention(cfg.dim, cfg.heads, cfg.rope_theta, self.runtime.attn_backend)
         n_p = cfg.num_persistent
         self.persistent = nn.Parameter(torch.empty(1, n_p, cfg.dim)) if n_p else None
+        if self.persistent is not None:
+            no_weight_decay(self, "persistent")
 
     def forward(self, x: Tensor, state: BlockState | None = None) -> tuple[Tensor, BlockState]:
         st = replace(state) if state is not None else BlockState()
@@ -94,9 +101,9 @@ class Block(nn.Module):
 class TransformerBlock(Block):
     """Transformer++: sliding-window (or full) attention, optional persistent tokens."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
-        self.attn_out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+    def __init__(self, cfg: ModelConfig, runtime: RuntimeConfig | None = None):
+        super().__init__(cfg, runtime)
+        self.attn_out = residual_proj(nn.Linear(cfg.dim, cfg.dim, bias=False))
 
     def mix(self, x, st):
         y, kv = self.attn.sliding(self.norm1(x), st.pos, st.kv, self.cfg.window, self.persistent)
@@ -110,7 +117,7 @@ class GatedCombine(nn.Module):
         super().__init__()
         self.y_norm = nn.RMSNorm(dim, eps=eps)
         self.m_norm = nn.RMSNorm(dim, eps=eps)
-        self.out = nn.Linear(dim, dim, bias=False)
+        self.out = residual_proj(nn.Linear(dim, dim, bias=False))
 
     def forward(self, y: Tensor, m: Tensor) -> Tensor:
         return self.out(self.y_norm(y) * torch.sigmoid(self.m_norm(m)))
@@ -119,9 +126,9 @@ class GatedCombine(nn.Module):
 class MAGBlock(Block):
     """Memory as a gate: SWA* over [P | window] and the LMM over P || x, combined by a gate."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
-        self.memory = make_memory(cfg)
+    def __init__(self, cfg: ModelConfig, runtime: RuntimeConfig | None = None):
+        super().__init__(cfg, runtime)
+        self.memory = make_memory(cfg, self.runtime)
         self.combine = GatedCombine(cfg.dim, cfg.norm_eps)
 
     def mix(self, x, st):
@@ -134,9 +141,9 @@ class MAGBlock(Block):
 class LMMBlock(Block):
     """The memory alone as the token mixer (no attention)."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, attention=False)
-        self.memory = make_memory(cfg)
+    def __init__(self, cfg: ModelConfig, runtime: RuntimeConfig | None = None):
+        super().__init__(cfg, runtime, attention=False)
+        self.memory = make_memory(cfg, self.runtime)
 
     def mix(self, x, st):
         m, mem = self.write_memory(self.norm1(x), st)
@@ -150,11 +157,11 @@ class MALBlock(Block):
     prefix, kept in the state for later calls.
     """
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
-        self.memory = make_memory(cfg)
+    def __init__(self, cfg: ModelConfig, runtime: RuntimeConfig | None = None):
+        super().__init__(cfg, runtime)
+        self.memory = make_memory(cfg, self.runtime)
         self.norm_attn = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attn_out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.attn_out = residual_proj(nn.Linear(cfg.dim, cfg.dim, bias=False))
 
     def mix(self, x, st):
         prefix, mem = st.prefix, st.mem
@@ -185,9 +192,9 @@ class MACBlock(Block):
     4. gate y with the per-token read of the memory after each write.
     """
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
-        self.memory = make_memory(cfg)
+    def __init__(self, cfg: ModelConfig, runtime: RuntimeConfig | None = None):
+        super().__init__(cfg, runtime)
+        self.memory = make_memory(cfg, self.runtime)
         self.h_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.y_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.combine = GatedCombine(cfg.dim, cfg.norm_eps)
@@ -195,6 +202,7 @@ class MACBlock(Block):
         if cfg.mac_retrieval == "memory_tokens":
             d = cfg.dim // cfg.mem_heads
             self.mem_queries = nn.Parameter(torch.empty(cfg.mem_heads, cfg.num_memory_tokens, d))
+            no_weight_decay(self, "mem_queries")
 
     def mix(self, x, st):
         C, xn, outs, t = self.cfg.segment_len, self.norm1(x), [], 0

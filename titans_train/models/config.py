@@ -1,12 +1,19 @@
-"""ModelConfig: the one description of a Titans / Transformer++ language model."""
+"""ModelConfig: the one description of a Titans / Transformer++ language model (its maths).
+
+How it runs (attention and memory backends, checkpointing) is ``runtime.RuntimeConfig``. The
+execution keys earlier versions kept here (``attn_backend``, ``memory_compile``,
+``memory_checkpoint_group``, and ``memory_backend``) are still accepted, with a
+DeprecationWarning; ``TitansLM(cfg)`` without a runtime then runs as they say. They are not
+fields: ``to_dict`` (config.yaml, exported config.json) never carries them.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import InitVar, asdict, dataclass
+
+from .runtime import LEGACY_MODEL_KEYS, RuntimeConfig, legacy_runtime_values, warn_legacy
 
 VARIANTS = ("mac", "mag", "mal", "lmm", "transformer")
-BACKENDS = ("auto", "sdpa", "flex", "flash")
 
 
 @dataclass
@@ -29,23 +36,47 @@ class ModelConfig:
     memory_max_lr: float = 0.1  # theta = max_lr * sigmoid(.); see docs/memory.md "Inner step size"
     memory_per_layer_gates: bool = False
     memory_residual_norm: bool = True  # M(x) = x + LN(MLP(x)); False with depth 1 = delta rule
-    # Chunks per activation-checkpoint group inside the memory (0 = off): keeps M and S only at
-    # group boundaries and recomputes the rest in backward (4x less peak memory at 4K tokens for
-    # one more forward of the inner loop). See docs/memory.md.
-    memory_checkpoint_group: int = 16
-    # torch.compile the memory's per-chunk step: ~2.5x faster inner loop after a one-time compile
-    # (~40 s on CPU, cached in TORCHINDUCTOR_CACHE_DIR). Recommended for long runs and on GPU.
-    memory_compile: bool = False
     conv_kernel: int = 4
     ffn_hidden: int | None = None  # SwiGLU hidden size; default 8/3 * dim rounded up to 64
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
-    attn_backend: str = "auto"  # auto | sdpa | flex | flash
     init_std: float = 0.02
+    # Deprecated execution keys (module docstring): init-only, kept in ``self.legacy_runtime``
+    # (a plain attribute, not a field: asdict, OmegaConf and to_dict never see it).
+    attn_backend: InitVar[str | None] = None
+    memory_backend: InitVar[str | None] = None
+    memory_compile: InitVar[bool | None] = None
+    memory_checkpoint_group: InitVar[int | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, attn_backend, memory_backend, memory_compile, memory_checkpoint_group):
+        given = dict(
+            attn_backend=attn_backend,
+            memory_backend=memory_backend,
+            memory_compile=memory_compile,
+            memory_checkpoint_group=memory_checkpoint_group,
+        )
+        given = {k: v for k, v in given.items() if v is not None}
+        self.legacy_runtime: dict = {}
+        if given:
+            warn_legacy(sorted(given))
+            try:
+                self.legacy_runtime = legacy_runtime_values(**given)
+                RuntimeConfig(**self.legacy_runtime)  # a bad value fails here, not at first use
+            except ValueError as e:
+                raise ValueError(str(e).replace("runtime.", "model.", 1)) from None
         self.validate()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        """A stored model config (trainer_state.json, an export's config.json). Execution keys that
+        earlier versions stored are kept as ``legacy_runtime``, silently: stored data is not code
+        to fix. Unknown keys raise TypeError, bad values ValueError, naming the key."""
+        d = dict(d)
+        legacy = {k: d.pop(k) for k in LEGACY_MODEL_KEYS if k in d}
+        cfg = cls(**d)
+        cfg.legacy_runtime = legacy_runtime_values(**legacy)
+        return cfg
 
     @property
     def head_dim(self) -> int:
@@ -65,16 +96,13 @@ class ModelConfig:
 
         if self.variant not in VARIANTS:
             bad("variant", f"must be one of {', '.join(VARIANTS)}")
-        if self.attn_backend not in BACKENDS:
-            bad("attn_backend", f"must be one of {', '.join(BACKENDS)}")
         if self.mac_retrieval not in ("per_token", "memory_tokens"):
             bad("mac_retrieval", "must be per_token or memory_tokens")
         for key in ("vocab_size", "dim", "depth", "heads", "chunk_size", "memory_depth"):
             if getattr(self, key) < 1:
                 bad(key, "must be >= 1")
-        for key in ("num_persistent", "memory_checkpoint_group"):
-            if getattr(self, key) < 0:
-                bad(key, "must be >= 0")
+        if self.num_persistent < 0:
+            bad("num_persistent", "must be >= 0")
         if self.dim % self.heads:
             bad("dim", f"must be divisible by heads={self.heads}")
         if self.head_dim % 2:
@@ -92,22 +120,5 @@ class ModelConfig:
                 bad("num_memory_tokens", "must be >= 1 for mac_retrieval=memory_tokens")
 
     def to_dict(self) -> dict:
+        """The maths only: the execution keys are not fields."""
         return asdict(self)
-
-
-def load_model_config(path: str | Path, overrides: list[str] | None = None) -> ModelConfig:
-    """A model preset YAML plus ``key=value`` overrides; unknown keys are rejected by name."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model config not found: {path}")
-    try:
-        base = OmegaConf.structured(ModelConfig)
-        merged = OmegaConf.merge(
-            base, OmegaConf.load(path), OmegaConf.from_dotlist(overrides or [])
-        )
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        raise ValueError(f"{path}: {e}") from e

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import Causal, KeyGroup, Visible, attend
+from .policy import residual_proj
 
 KV = tuple[Tensor, Tensor]  # keys, values: [B, H, S, d]
 
@@ -40,7 +41,7 @@ class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w2 = residual_proj(nn.Linear(hidden, dim, bias=False))
 
     def forward(self, x: Tensor) -> Tensor:
         a, b = self.w13(x).chunk(2, dim=-1)

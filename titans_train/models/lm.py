@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from .blocks import BLOCKS, BlockState
 from .config import ModelConfig
 from .memory import NeuralMemory
+from .runtime import RuntimeConfig, runtime_from_legacy
 
 
 @dataclass
@@ -38,26 +38,32 @@ class LMOutput:
 
 
 class TitansLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """``cfg`` is the maths; ``runtime`` how it runs (backends, the memory's checkpoint groups).
+    Without a runtime: the deprecated execution keys ``cfg`` was given, else the defaults.
+    Activation checkpointing is applied from outside: ``runtime.apply_activation_checkpointing``.
+    """
+
+    def __init__(self, cfg: ModelConfig, runtime: RuntimeConfig | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.runtime = cfg, runtime or runtime_from_legacy(cfg)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList([BLOCKS[cfg.variant](cfg) for _ in range(cfg.depth)])
+        self.blocks = nn.ModuleList(
+            [BLOCKS[cfg.variant](cfg, self.runtime) for _ in range(cfg.depth)]
+        )
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        self.activation_checkpointing = False  # recompute each block in backward (set by trainer)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Llama/GPT-2 style: N(0, 0.02); projections into the residual stream scaled by depth."""
+        """Llama/GPT-2 style: N(0, 0.02); projections into the residual stream (marked by
+        ``policy.residual_proj`` where they are made) scaled by depth."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.depth)
-        for name, module in self.named_modules():
+        for module in self.modules():
             if isinstance(module, nn.Linear):
-                last = name.rsplit(".", 1)[-1]
-                residual_out = last in ("w2", "attn_out", "to_out", "out")
+                residual_out = getattr(module, "_residual_proj", False)
                 nn.init.normal_(module.weight, std=out_std if residual_out else std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
@@ -72,13 +78,6 @@ class TitansLM(nn.Module):
             if getattr(block, "mem_queries", None) is not None:
                 nn.init.normal_(block.mem_queries)
 
-    @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.float32) -> TitansLM:
-        """Load a ``titans-export`` directory (safetensors + config.json); no DeepSpeed needed."""
-        from .pretrained import load_pretrained
-
-        return load_pretrained(path, dtype)
-
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
@@ -92,11 +91,7 @@ class TitansLM(nn.Module):
         x = self.embed(tokens)
         new_states = []
         for i, block in enumerate(self.blocks):
-            s = None if state is None else state.blocks[i]
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                x, s = checkpoint(block, x, s, use_reentrant=False)
-            else:
-                x, s = block(x, s)
+            x, s = block(x, None if state is None else state.blocks[i])
             new_states.append(s)
         logits = self.head(self.norm(x))
         loss = None

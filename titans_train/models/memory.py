@@ -26,6 +26,8 @@ from .memory_math import (
     memory_scan,
     mlp_forward,
 )
+from .policy import no_weight_decay, residual_proj
+from .runtime import RuntimeConfig, resolve_memory_backend
 
 
 @dataclass
@@ -96,16 +98,17 @@ class NeuralMemory(nn.Module):
         per_layer_gates: bool = False,
         residual_norm: bool = True,
         checkpoint_group: int = 0,
-        compiled: bool = False,
+        backend: str = "eager",
     ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"memory dim {dim} is not divisible by heads {heads}")
+        RuntimeConfig(memory_backend=backend, memory_checkpoint_group=checkpoint_group)  # checks
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.chunk_size, self.depth, self.max_lr = chunk_size, depth, max_lr
         self.residual_norm = residual_norm
         self.checkpoint_group = checkpoint_group  # chunks per activation-checkpoint group; 0 = off
-        self.compiled = compiled  # torch.compile the per-chunk step (full chunks only)
+        self.backend = backend  # eager | compile | auto (resolved per device at each call)
         self.n_gates = depth if per_layer_gates else 1
         d = self.head_dim
         # Owned directly (not nn.Linear) so read-only calls can use the q rows alone under ZeRO-3.
@@ -116,9 +119,10 @@ class NeuralMemory(nn.Module):
         self.init_weights = nn.ParameterList(
             [nn.Parameter(torch.empty(heads, a, b)) for a, b in zip(dims[:-1], dims[1:])]
         )
+        no_weight_decay(self.init_weights, *(str(i) for i in range(depth)))  # M_0: a state
         self.out_norm = nn.RMSNorm(d, eps=1e-6)
         self.to_gate = nn.Linear(dim, dim, bias=False)  # W_g
-        self.to_out = nn.Linear(dim, dim, bias=False)  # W_o
+        self.to_out = residual_proj(nn.Linear(dim, dim, bias=False))  # W_o
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -231,7 +235,7 @@ class NeuralMemory(nn.Module):
                 self.chunk_size,
                 self.residual_norm,
                 self.checkpoint_group,
-                self.compiled,
+                resolve_memory_backend(self.backend, x.device) == "compile",
             )
         N = k.shape[1]
         rem = N % self.chunk_size

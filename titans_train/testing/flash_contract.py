@@ -1,6 +1,6 @@
 """An independent fp64 model of flash-attn 2's calling contract (v2.6.0 - v2.8.3), for CPU tests.
 
-It re-implements what our adapter (``models/attention_flash.py``) and any caller of the public
+It re-implements what our adapter (``models/attention/flash.py``) and any caller of the public
 ``flash_attn_func`` rely on, written from flash-attn's own sources, never from this project's
 mask or band kernels (so a shared misunderstanding shows up as a test failure). Sources, all in
 Dao-AILab/flash-attention:
@@ -39,7 +39,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from titans_train.models.attention_flash import CONTRACT_MARK, reset_flash_import
+from titans_train.models.attention.flash import CONTRACT_MARK, reset_flash_import
 
 __all__ = ["CONTRACT_MARK", "flash_attn_module", "installed", "visible_keys"]
 

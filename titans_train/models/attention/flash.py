@@ -1,7 +1,7 @@
-"""flash-attn band kernel: the thin adapter between ``attention_merge`` and flash-attn 2.x.
+"""flash-attn band kernel: the thin adapter between ``merge`` and flash-attn 2.x.
 
 Everything above the kernel call (rule -> pieces, LSE merge, custom backward) lives in
-``attention_merge`` and is tested on CPU through its math twin. This file only converts layouts
+``merge`` and is tested on CPU through its math twin. This file only converts layouts
 and calls flash-attn's low-level ``_flash_attn_forward`` / ``_flash_attn_backward``, which
 return and consume softmax_lse (the public ``flash_attn_func`` cannot take a global out/lse).
 
@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from titans_train.models.attention_merge import BandKernel, BlockPrimitive, piecewise_primitive
+from .merge import BandKernel, BlockPrimitive, piecewise_primitive
 
 
 def _params_ordered(fn: Callable) -> list[str]:

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from titans_train.models.attention_rules import Causal, KeyGroup, Rule, Visible
+from .rules import Causal, KeyGroup, Rule, Visible
 
 
 class BlockPrimitive(NamedTuple):

@@ -1,13 +1,13 @@
 """Window and segment attention with persistent tokens, over three backends.
 
 ``attend(q, groups)`` computes one softmax over the union of the keys of all groups; each group
-says which queries see its keys (``Visible`` or ``Causal``, see ``attention_rules``). Backends:
+says which queries see its keys (``Visible`` or ``Causal``, see ``rules``). Backends:
 
 - "sdpa": ``scaled_dot_product_attention`` with an explicit boolean mask. Runs anywhere, has
   autograd, and is the reference the other two are tested against.
 - "flex": ``flex_attention`` with a ``mask_mod`` (compiled on CUDA; forward-only on CPU).
 - "flash": flash-attn, one call per group (and per segment), merged by log-sum-exp with a
-  custom backward (``attention_merge``, ``attention_flash``). CUDA, fp16/bf16 only.
+  custom backward (``merge``, ``flash``). CUDA, fp16/bf16 only.
 
 ``select_backend`` picks flash, then flex, then sdpa; an explicit choice that cannot run raises.
 """
@@ -18,18 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from titans_train.models.attention_flash import (
+from .flash import (
     flash_api,
     flash_primitive,
     flash_unusable_reason_for,
 )
-from titans_train.models.attention_flex import (
+from .flex import (
     flex_attend,
     flex_unusable_reason,
     flex_unusable_reason_for,
 )
-from titans_train.models.attention_merge import merge_attend
-from titans_train.models.attention_rules import (
+from .merge import merge_attend
+from .rules import (
     Causal,
     KeyGroup,
     Visible,

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from titans_train.models.attention_rules import (
+from .rules import (
     Causal,
     KeyGroup,
     Layout,

@@ -1,7 +1,9 @@
 """An exported model directory: ``model.safetensors`` + ``config.json`` (+ the tokenizer).
 
 Reading one needs torch and safetensors only (no DeepSpeed, no trainer): this is what
-``titans-export`` writes and ``TitansLM.from_pretrained`` reads.
+``titans-export`` writes and ``load_pretrained`` reads. It lives outside ``models/``, which does no
+file I/O. config.json holds the model's maths only (``ModelConfig.to_dict``); how to run it is the
+reader's choice (``runtime``).
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from .config import ModelConfig
-from .lm import TitansLM
+from titans_train.models import ModelConfig, RuntimeConfig, TitansLM
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -61,19 +62,23 @@ def read_config(path: str | Path) -> dict:
 
 
 def model_config(config: dict, where: str | Path) -> ModelConfig:
+    """Older exports also stored execution keys (attn_backend, ...): read, not warned about."""
     try:
-        return ModelConfig(**config["model"])
+        return ModelConfig.from_dict(config["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{where}: bad model config ({e})") from e
 
 
-def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> TitansLM:
-    """The model of an exported directory, in eval mode; errors name the file and the mismatch."""
+def load_pretrained(
+    path: str | Path, dtype: torch.dtype = torch.float32, runtime: RuntimeConfig | None = None
+) -> TitansLM:
+    """The model of an exported directory, in eval mode; errors name the file and the mismatch.
+    ``runtime``: how to run it (default: RuntimeConfig(), or what an older export recorded)."""
     cfg = model_config(read_config(path), Path(path) / CONFIG_FILE)
     weights = Path(path) / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE}")
-    model = TitansLM(cfg)
+    model = TitansLM(cfg, runtime)
     try:
         load_model(model, str(weights), strict=True)
     except Exception as e:  # safetensors raises RuntimeError/SafetensorError/OSError

@@ -1,0 +1,23 @@
+"""Attention for the Titans blocks: who sees whom (``rules``), one ``attend`` over three backends
+(``dispatch``: SDPA, ``flex``, ``flash`` merged by log-sum-exp in ``merge``). See docs/attention.md.
+"""
+
+from .dispatch import (
+    BACKENDS,
+    Causal,
+    KeyGroup,
+    Visible,
+    attend,
+    attention_backend_report,
+    select_backend,
+)
+
+__all__ = [
+    "BACKENDS",
+    "Causal",
+    "KeyGroup",
+    "Visible",
+    "attend",
+    "attention_backend_report",
+    "select_backend",
+]
