@@ -186,24 +186,9 @@ class NeuralMemory(nn.Module):
         weights without writing (MAC retrieval) and returns the raw reads, merged over heads;
         ``queries`` ([H, N, d], learned) replaces the queries projected from x.
         """
-        B, T, D = x.shape
         if read_only:
-            if state is not None and state.buffer is not None:
-                raise RuntimeError("read-only retrieval needs weights at a chunk boundary")
-            tail = state.conv_tail if state else None
-            if queries is None:
-                qc, tail = causal_conv(F.linear(x, self.w_qkv[:D]), self.conv[:D], tail)
-                q = self._heads(F.silu(qc))
-            else:
-                q = queries.unsqueeze(0).expand(B, *queries.shape).flatten(0, 1)
-            q = F.normalize(upcast(q), dim=-1)
-            weights = state.weights if state and state.weights else self._initial(B)[0]
-            momentum = state.momentum if state else None
-            with autocast_off(x.device.type):
-                y = mlp_forward(weights, q, self.residual_norm)[0]
-            pos = state.pos if state else 0
-            return self._merge(y, B).to(x.dtype), MemoryState(weights, momentum, None, tail, pos)
-
+            return self._retrieve(x, state, queries)
+        B, T, D = x.shape
         qkv, tail = causal_conv(
             F.linear(x, self.w_qkv), self.conv, state.conv_tail if state else None
         )
@@ -245,6 +230,27 @@ class NeuralMemory(nn.Module):
         y = self.out_norm(y[:, r:].to(x.dtype))
         out = self.to_out(self._merge(y, B) * F.silu(self.to_gate(x)))
         return out, new_state
+
+    def _retrieve(
+        self, x: Tensor, state: MemoryState | None, queries: Tensor | None
+    ) -> tuple[Tensor, MemoryState]:
+        """M*(q_t) at the state's chunk-start weights, no write (MAC: h = M*_{t-1}(q))."""
+        B, _, D = x.shape
+        if state is not None and state.buffer is not None:
+            raise RuntimeError("read-only retrieval needs weights at a chunk boundary")
+        tail = state.conv_tail if state else None
+        if queries is None:
+            qc, tail = causal_conv(F.linear(x, self.w_qkv[:D]), self.conv[:D], tail)
+            q = self._heads(F.silu(qc))
+        else:
+            q = queries.unsqueeze(0).expand(B, *queries.shape).flatten(0, 1)
+        q = F.normalize(upcast(q), dim=-1)
+        weights = state.weights if state and state.weights else self._initial(B)[0]
+        momentum = state.momentum if state else None
+        with autocast_off(x.device.type):
+            y = mlp_forward(weights, q, self.residual_norm)[0]
+        pos = state.pos if state else 0
+        return self._merge(y, B).to(x.dtype), MemoryState(weights, momentum, None, tail, pos)
 
     def current_weights(self, state: MemoryState) -> tuple[list[Tensor], list[Tensor]]:
         """Materialise M_t and S_t after the last written token (inspection and tests)."""
