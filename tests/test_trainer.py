@@ -1,13 +1,16 @@
 """The Trainer's seams in one process (gloo): the hook order of fit(), train_step() on its own,
 callback state through a checkpoint, and a requested stop."""
 
+import logging
 import math
 
+import pytest
 import torch
 from trainer_helpers import EXPERIMENT, base_overrides
 
 from titans_train.callbacks import Callback, default_callbacks
 from titans_train.config import load_config
+from titans_train.models import TitansLM
 from titans_train.preemption import Preemption
 from titans_train.trainer import Trainer
 
@@ -101,3 +104,23 @@ def test_train_step_is_a_seam(demo_shards, process_group, tmp_path):
     assert math.isfinite(result.loss) and not result.skipped
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
     trainer.loader.close()
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_engine_start_up_draws_no_untested_optimizer_warning(
+    demo_shards, process_group, tmp_path, stage
+):
+    """DeepSpeed warns "You are using ZeRO with an untested optimizer" for any optimizer type not
+    on its list; every run printed it. At stages 1-3 the optimizer is torch's AdamW itself."""
+    cfg = config(demo_shards, tmp_path / "run", 1, f"zero.stage={stage}")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    ds_logger = logging.getLogger("DeepSpeed")
+    ds_logger.addHandler(handler)
+    try:
+        model = TitansLM(cfg.model, runtime=cfg.runtime)
+        cfg.zero.build_engine(model, cfg.optim, cfg.train, process_group.world_size)
+    finally:
+        ds_logger.removeHandler(handler)
+    assert not [m for m in seen if "untested optimizer" in m], seen

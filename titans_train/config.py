@@ -91,8 +91,9 @@ class OptimConfig:
     warmup_steps: int = 100
     decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays to min_lr
 
-    def build(self, model, clip: float = 0.0, offload: bool = False):
-        """AdamW over ``model``'s decay / no-decay groups; ``clip`` > 0 clips inside its step."""
+    def build(self, model, clip: float | None = None, offload: bool = False):
+        """AdamW over ``model``'s decay / no-decay groups; a float ``clip`` (ZeRO stage 0) makes
+        the optimizer clip, keep the norm and skip non-finite steps (engine.build_optimizer)."""
         from titans_train.engine import build_optimizer
 
         return build_optimizer(self, model, clip, offload)

@@ -81,9 +81,10 @@ class AdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def clip_split(z: ZeroConfig, grad_clip: float) -> tuple[float, float]:
-    """(our optimizer's clip, DeepSpeed's clip): exactly one of them is ``grad_clip``."""
-    return (grad_clip, 0.0) if z.clip_in_optimizer else (0.0, grad_clip)
+def clip_split(z: ZeroConfig, grad_clip: float) -> tuple[float | None, float]:
+    """(our optimizer's clip, DeepSpeed's clip): exactly one side clips. None: the optimizer is
+    wrapped by ZeRO, which clips, counts and skips itself (build_optimizer)."""
+    return (grad_clip, 0.0) if z.clip_in_optimizer else (None, grad_clip)
 
 
 def use_bf16(z: ZeroConfig) -> bool:
@@ -137,15 +138,21 @@ def reduce_dtypes(z: ZeroConfig) -> dict:
 
 
 def build_optimizer(
-    o: OptimConfig, model: nn.Module, clip: float = 0.0, offload: bool = False
+    o: OptimConfig, model: nn.Module, clip: float | None = None, offload: bool = False
 ) -> torch.optim.Optimizer:
+    """``clip=None``: plain torch AdamW, for ZeRO stages 1-3, which do the clipping, the norm and
+    the skip themselves and take torch's AdamW as a tested optimizer (any subclass draws
+    DeepSpeed's "untested optimizer" warning). A float: our stage-0 AdamW, clipping at it."""
     groups = param_groups(model, o.weight_decay)
     kw = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
-    return AdamW(groups, max_grad_norm=clip, fused=device_type() == "cuda", **kw)
+    kw["fused"] = device_type() == "cuda"
+    if clip is None:
+        return torch.optim.AdamW(groups, **kw)
+    return AdamW(groups, max_grad_norm=clip, **kw)
 
 
 def build_engine(
