@@ -24,6 +24,26 @@ def demo_shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def zero_run(demo_shards, tmp_path_factory):
+    """zero_run(stage, variant="mac"): the tiny run at one ZeRO stage (2 processes, 20 steps,
+    checkpoints at 10 and 20; ZeRO-3 with activation checkpointing), trained once per session on
+    first use. The ZeRO-parity, exact-resume, finished-run and export tests share these runs, so
+    copy one before changing anything in it."""
+    from trainer_helpers import SHARED_STEPS, shared_run_args, train
+
+    runs = {}
+
+    def get(stage: int, variant: str = "mac"):
+        if (stage, variant) not in runs:
+            run = tmp_path_factory.mktemp(f"zero{stage}-{variant}")
+            train(demo_shards, run, SHARED_STEPS, *shared_run_args(stage, variant))
+            runs[stage, variant] = run
+        return runs[stage, variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def launch_reference(demo_shards, tmp_path_factory):
     """The uninterrupted tiny run the launcher tests compare with: launch/torchrun.sh, one
     node, 2 processes, every checkpoint kept, sample ids recorded."""

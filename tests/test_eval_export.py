@@ -1,6 +1,6 @@
-"""Real checkpoints from the trainer (2 gloo processes, ZeRO 0, 2 and 3): export round trip against
-the logits of a DeepSpeed engine that loaded the checkpoint, titans-eval with W&B, and clear
-messages for missing, corrupt and mismatched checkpoints."""
+"""Real checkpoints from the trainer (2 gloo processes, ZeRO 0, 2 and 3: conftest.py's shared
+zero_run): export round trip against the logits of a DeepSpeed engine that loaded the checkpoint,
+titans-eval with W&B, and clear messages for missing, corrupt and mismatched checkpoints."""
 
 import json
 import shutil
@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from distributed import ROOT, torchrun
-from trainer_helpers import train
+from trainer_helpers import SHARED_STEPS
 from wandb_helpers import clean_env, read_records, run_record, wandb_home
 
 from titans_train import evaluate, export
@@ -22,18 +22,14 @@ STAGES = (0, 2, 3)
 
 
 def step_dir(run):
-    (path,) = (run / "checkpoints").glob("step_*")
-    return path
+    return run / "checkpoints" / f"step_{SHARED_STEPS:08d}"  # the newest
 
 
 @pytest.fixture(scope="module")
-def runs(demo_shards, tmp_path_factory):
-    """Two optimizer steps per ZeRO stage, then the engines' logits on the saved checkpoints."""
-    root = tmp_path_factory.mktemp("runs")
-    out = {s: root / f"zero{s}" for s in STAGES}
-    for s in STAGES:
-        train(demo_shards, out[s], 2, f"zero.stage={s}")
-    ref = root / "logits.pt"
+def runs(zero_run, tmp_path_factory):
+    """The shared run of each ZeRO stage, then the engines' logits on their newest checkpoints."""
+    out = {s: zero_run(s) for s in STAGES}
+    ref = tmp_path_factory.mktemp("logits") / "logits.pt"
     script = ROOT / "tests" / "scripts" / "checkpoint_logits.py"
     torchrun(script, str(ref), *(str(step_dir(out[s])) for s in STAGES))
     return out, torch.load(ref)
@@ -47,7 +43,7 @@ def test_export_round_trip_matches_the_engine(runs, demo_shards, tmp_path, stage
     assert export.main(argv) == 0, capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
-    assert config["tokenizer"]["name"] == "bytes" and config["source"]["step"] == 2
+    assert config["tokenizer"]["name"] == "bytes" and config["source"]["step"] == SHARED_STEPS
     model = load_pretrained(str(out))
     with torch.no_grad():
         logits = model(ref["tokens"]).logits
@@ -59,19 +55,26 @@ def test_export_round_trip_matches_the_engine(runs, demo_shards, tmp_path, stage
 
 
 def test_eval_logs_into_the_training_run(runs, demo_shards, tmp_path):
-    run = runs[0][2]
+    run = tmp_path / "run"  # a copy: the shared run's W&B files stay as training left them
+    shutil.copytree(runs[0][2], run)
     out = tmp_path / "eval.json"
     env = clean_env(WANDB_MODE="offline", **wandb_home(tmp_path / "home"))
     env.update(PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "titans_train.evaluate", "--checkpoint", "latest"]
     cmd += ["--run", str(run), "--data", str(demo_shards), "--lengths", "128,256"]
+    # A few windows of perplexity: the default (the whole split) is test_eval_cli.py's.
     cmd += ["--suites", "ppl,passkey,mqar", "--samples", "2", "--pairs", "3"]
+    cmd += ["--ppl-tokens", "1024"]
     cmd += ["--json", str(out), "--wandb"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ppl" in proc.stdout and "mqar exact%" in proc.stdout
     result = json.loads(out.read_text())
-    assert result["model"]["step"] == 2 and set(result["results"]) == {"ppl", "passkey", "mqar"}
+    assert result["model"]["step"] == SHARED_STEPS and set(result["results"]) == {
+        "ppl",
+        "passkey",
+        "mqar",
+    }
     assert result["results"]["mqar"]["256"]["answers"] == 6
     run_id = json.loads((step_dir(run) / "trainer_state.json").read_text())["wandb_run_id"]
     segments = sorted((run / "wandb").glob(f"offline-run-*-{run_id}"))
@@ -84,7 +87,7 @@ def test_eval_logs_into_the_training_run(runs, demo_shards, tmp_path):
             summary.update(r["summary"]["update"])
     assert summary["eval/ppl@128"] == pytest.approx(result["results"]["ppl"]["128"]["ppl"])
     assert summary["eval/mqar@256"] == result["results"]["mqar"]["256"]["accuracy"]
-    assert summary["eval/checkpoint_step"] == 2
+    assert summary["eval/checkpoint_step"] == SHARED_STEPS
 
 
 def bad_copy(runs, tmp_path):

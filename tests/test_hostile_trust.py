@@ -206,23 +206,34 @@ def test_pipe_urls_quote_the_shard_name():
 
 
 # -- 3. secrets in config values -----------------------------------------------------------------
+SECRET = "s3cr3t-VALUE-42"
+
+
+@pytest.fixture(scope="module")
+def private_run_with_a_secret(demo_shards, tmp_path_factory):
+    """A private run (checkpoint.private=true) whose data URL holds a secret, and its resume:
+    one pair of launches for items 3 and 4."""
+    source = f"pipe:cat {demo_shards}/manifest.json # auth={SECRET}"
+    run = tmp_path_factory.mktemp("private") / "run"
+    args = (f"data.train=['{source}']", "checkpoint.interval=2", "checkpoint.private=true")
+    first = ok(cli(demo_shards, run, 2, *args))
+    second = ok(cli(demo_shards, run, 3, *args))
+    return run, first, second
+
+
 @pytest.mark.slow
-def test_secret_in_a_data_url_is_never_written(demo_shards, tmp_path):
-    secret = "s3cr3t-VALUE-42"
-    source = f"pipe:cat {demo_shards}/manifest.json # auth={secret}"
-    run = tmp_path / "run"
-    first = ok(cli(demo_shards, run, 2, f"data.train=['{source}']", "checkpoint.interval=2"))
-    second = ok(cli(demo_shards, run, 3, f"data.train=['{source}']", "checkpoint.interval=2"))
+def test_secret_in_a_data_url_is_never_written(private_run_with_a_secret):
+    run, first, second = private_run_with_a_secret
     assert "resumed from" in second.stderr  # the redacted stored config matches the live one
     for proc in (first, second):
-        assert secret not in proc.stdout + proc.stderr  # the resolved-config dump, the log
+        assert SECRET not in proc.stdout + proc.stderr  # the resolved-config dump, the log
         assert f"auth={REDACTED}" in proc.stderr
     written = [p for p in run.rglob("*") if p.is_file()]
     assert any(p.name == "config.yaml" for p in written)
     assert any(p.name == ckpt.STATE for p in written)
     assert any(p.suffix == ".wandb" for p in written)  # W&B's config and recorded argv
     for p in written:
-        assert secret.encode() not in p.read_bytes(), p
+        assert SECRET.encode() not in p.read_bytes(), p
 
 
 def test_one_redaction_rule_for_strings():
@@ -244,9 +255,8 @@ def test_one_redaction_rule_for_strings():
 
 # -- 4. private run directories ------------------------------------------------------------------
 @pytest.mark.slow
-def test_private_run_dir_is_owner_only(demo_shards, tmp_path):
-    run = tmp_path / "run"
-    ok(cli(demo_shards, run, 2, "checkpoint.private=true", "checkpoint.interval=2"))
+def test_private_run_dir_is_owner_only(private_run_with_a_secret):
+    run = private_run_with_a_secret[0]  # written by a start and a resume
     paths = [run, *run.rglob("*")]
     assert len(paths) > 8 and stat.S_IMODE(run.stat().st_mode) == 0o700
     loose = [f"{p} {oct(p.stat().st_mode)}" for p in paths if p.stat().st_mode & 0o077]

@@ -1,6 +1,7 @@
 """launch/slurm.sbatch on a real single-node SLURM (tests/slurm_cluster.py): a job that trains
-and checkpoints; a job preempted by its early-warning signal that checkpoints, requeues itself
-and resumes into the same W&B run; the wall-time guard stopping a job before its end."""
+and checkpoints, preempted by its early-warning signal on the way, so that it also checkpoints,
+requeues itself and resumes into the same W&B run; the wall-time guard stopping a job before its
+end; a cancelled job."""
 
 import subprocess
 from pathlib import Path
@@ -31,11 +32,20 @@ def job_log(slurm, job: str) -> str:
     return Path(slurm.job_field(job, "StdOut")).read_text(errors="replace").replace("\r", "\n")
 
 
-def test_sbatch_job_trains_and_checkpoints(slurm, demo_shards, launch_reference, tmp_path):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def preempted(slurm, demo_shards, launch_reference, tmp_path_factory):
+    """One job for the two tests below: the early-warning signal (what --signal=B:USR1@300
+    sends) mid-run; it checkpoints, exits 85, requeues itself and runs to the end."""
+    run_dir = tmp_path_factory.mktemp("preempted") / "run"
     job = submit(slurm, demo_shards, run_dir)
+    wait_for_step(run_dir, 2)
+    slurm.run("scancel", "--signal=USR1", "--batch", job)
     state = slurm.wait_state(job, DONE, timeout=600)
-    log = job_log(slurm, job)
+    return job, run_dir, state, job_log(slurm, job)
+
+
+def test_sbatch_job_trains_and_checkpoints(slurm, preempted, launch_reference):
+    job, run_dir, state, log = preempted
     assert state == "COMPLETED", log[-4000:]
     port = 29500 + int(job) % 2000
     assert f"job {job}, attempt 1, nodes {slurm.host}, rendezvous {slurm.host}:{port}" in log
@@ -43,15 +53,10 @@ def test_sbatch_job_trains_and_checkpoints(slurm, demo_shards, launch_reference,
     assert losses(run_dir) == losses(launch_reference)  # 2 processes from the 2 CPUs, bitwise
 
 
-def test_preempted_job_requeues_and_resumes(slurm, demo_shards, launch_reference, tmp_path):
-    """The early-warning signal (what --signal=B:USR1@300 sends) mid-run: checkpoint, exit 85,
-    `scontrol requeue`, auto-resume; the final loss is the uninterrupted run's, one W&B run."""
-    run_dir = tmp_path / "run"
-    job = submit(slurm, demo_shards, run_dir)
-    wait_for_step(run_dir, 2)
-    slurm.run("scancel", "--signal=USR1", "--batch", job)
-    state = slurm.wait_state(job, DONE, timeout=600)
-    log = job_log(slurm, job)
+def test_preempted_job_requeues_and_resumes(slurm, preempted, launch_reference):
+    """Checkpoint, exit 85, `scontrol requeue`, auto-resume; the final loss is the
+    uninterrupted run's, one W&B run."""
+    job, run_dir, state, log = preempted
     assert state == "COMPLETED", log[-4000:]
     assert slurm.job_field(job, "Restarts") == "1"
     stopped = [line for line in log.splitlines() if line.startswith("stopping at step")]

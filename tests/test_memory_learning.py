@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from titans_train.models import ModelConfig, TitansLM
 
+STEPS, LIMIT = 500, 3.0
+
 
 def copy_loss_after_training(steps: int, n: int = 8, vocab: int = 32) -> float:
     """Train on [a, a] for random a of n tokens; return the loss on the copied half."""
@@ -21,25 +23,38 @@ def copy_loss_after_training(steps: int, n: int = 8, vocab: int = 32) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(1)
     losses = []
-    for step in range(steps):
-        a = torch.randint(0, vocab, (16, n), generator=gen)
-        x = torch.cat([a, a], 1)
-        for group in opt.param_groups:
-            group["lr"] = 3e-3 * min(1.0, (step + 1) / 50)
-        logits = model(x[:, :-1]).logits
-        loss = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
-        opt.zero_grad()
-        loss.mean().backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss[:, n:].mean().item())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # when the copy is discovered depends on the thread count
+    try:
+        for step in range(steps):
+            losses.append(train_step(model, opt, gen, step, n, vocab))
+    finally:
+        torch.set_num_threads(threads)
     return sum(losses[-50:]) / 50
+
+
+def train_step(model, opt, gen, step: int, n: int, vocab: int) -> float:
+    a = torch.randint(0, vocab, (16, n), generator=gen)
+    x = torch.cat([a, a], 1)
+    for group in opt.param_groups:
+        group["lr"] = 3e-3 * min(1.0, (step + 1) / 50)
+    logits = model(x[:, :-1]).logits
+    loss = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+    opt.zero_grad()
+    loss.mean().backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss[:, n:].mean().item()
 
 
 @pytest.mark.slow
 def test_lmm_learns_to_copy_in_context():
-    # Chance is ln 32 = 3.47 nats. Measured (1 thread): 0.35 after 1,000 steps; with the old 0.02
-    # init of W_QKV 2.52. The threshold sits between, with room for thread-count differences in
-    # when the copy is discovered (after 800 steps it was 0.83 with 1 thread, ~2 with 2).
-    loss = copy_loss_after_training(steps=1000)
-    assert loss < 1.5, f"copy loss {loss:.3f} nats after 1000 steps (chance {math.log(32):.2f})"
+    # Chance is ln 32 = 3.47 nats; copying 8 tokens back is out of the convolutions' reach (2
+    # blocks x 4 taps), so only the memory can do it. Measured (1 thread, mean of the last 50
+    # steps): 3.27 after 300 steps, 2.94 after 400, 2.60 after 500, 0.35 after 1,000. After 500
+    # steps a memory that never writes (theta = 0) stays at 3.47, and the old 0.02 init of W_QKV
+    # (too small to write with; 2.52 after 1,000 steps) at 3.37: both fail the limit.
+    loss = copy_loss_after_training(steps=STEPS)
+    assert loss < LIMIT, (
+        f"copy loss {loss:.3f} nats after {STEPS} steps (chance {math.log(32):.2f})"
+    )

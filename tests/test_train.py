@@ -6,15 +6,14 @@ import shutil
 
 import pytest
 import torch
-from trainer_helpers import consolidated, losses, metrics, train
+from trainer_helpers import SHARED_STEPS, consolidated, losses, metrics, shared_run_args, train
 from wandb_helpers import history, read_records, run_record
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-STEPS = 20
+STEPS = SHARED_STEPS  # the 2-process runs are conftest.py's zero_run, shared with other tests
 # Different reduction orders (4 accumulated micro-batches vs 2 per rank + all-reduce) differ by
 # ~1e-7 at step 1; Adam turns such noise in near-zero gradient coordinates into lr-sized updates,
-# so the gap grows ~10x per step at lr 3e-3. At 3e-4 it stays far below the 1e-4 bound.
-PARITY: list[str] = []
+# so the gap could grow ~10x per step at lr 3e-3; the parity runs still pass at the default lr.
 
 
 @pytest.fixture(scope="module")
@@ -23,25 +22,16 @@ def reference(demo_shards, tmp_path_factory):
     out = {}
     for variant in ("mac", "mag"):
         run = tmp_path_factory.mktemp(f"ref-{variant}")
-        train(demo_shards, run, STEPS, f"model.variant={variant}", "zero.stage=0", *PARITY, nproc=1)
+        train(demo_shards, run, STEPS, f"model.variant={variant}", "zero.stage=0", nproc=1)
         out[variant] = losses(run)
     return out
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("variant", ["mac", "mag"])
-def test_zero_stages_match_one_process(demo_shards, reference, tmp_path, stage, variant):
-    extra = ["runtime.activation_checkpointing=true"] if stage == 3 else []
-    train(
-        demo_shards,
-        tmp_path,
-        STEPS,
-        f"model.variant={variant}",
-        f"zero.stage={stage}",
-        *PARITY,
-        *extra,
-    )
-    got, want = losses(tmp_path), reference[variant]
+def test_zero_stages_match_one_process(reference, zero_run, stage, variant):
+    # zero_run: 2 processes (2 micro-batches each), ZeRO-3 with activation checkpointing.
+    got, want = losses(zero_run(stage, variant)), reference[variant]
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-4), step
@@ -50,12 +40,12 @@ def test_zero_stages_match_one_process(demo_shards, reference, tmp_path, stage, 
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_exact_resume_after_sigkill(demo_shards, tmp_path, stage):
-    """2n steps in one go == n steps, SIGKILL of every rank after the step-n checkpoint, resume."""
-    n = 5
-    common = [f"zero.stage={stage}", f"checkpoint.interval={n}"]
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    train(demo_shards, whole, 2 * n, *common)
+def test_exact_resume_after_sigkill(demo_shards, zero_run, tmp_path, stage):
+    """2n steps in one go (the shared run) == n steps, SIGKILL of every rank after the step-n
+    checkpoint, resume."""
+    n = STEPS // 2
+    whole, killed = zero_run(stage), tmp_path / "killed"
+    common = shared_run_args(stage)  # the shared run's: checkpoint.interval=n
     proc = train(demo_shards, killed, 2 * n, *common, f"debug.kill_after_step={n}", check=False)
     assert proc.returncode != 0  # the ranks died by SIGKILL
     assert sorted(losses(killed)) == list(range(1, n + 1))
@@ -72,10 +62,13 @@ def test_exact_resume_after_sigkill(demo_shards, tmp_path, stage):
 
 
 @pytest.fixture(scope="module")
-def finished_run(demo_shards, tmp_path_factory):
-    run = tmp_path_factory.mktemp("finished")
-    train(demo_shards, run, 6, "checkpoint.interval=3", "checkpoint.keep_last=5")
-    return run
+def finished_run(zero_run):
+    """ZeRO-2, 20 steps, checkpoints at 10 and 20 (shared: copy before changing it)."""
+    return zero_run(2)
+
+
+FINISHED = shared_run_args(2)
+NEWEST, PREVIOUS = f"step_{STEPS:08d}", f"step_{STEPS // 2:08d}"
 
 
 def copy_run(src, dst):
@@ -86,20 +79,20 @@ def copy_run(src, dst):
 
 def test_incomplete_checkpoint_and_corrupt_latest_are_skipped(demo_shards, finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path / "run")
-    newest = run / "checkpoints" / "step_00000006"
+    newest = run / "checkpoints" / NEWEST
     victim = max(newest.glob("*.pt"), key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # truncated
     (run / "checkpoints" / "latest").write_bytes(b"\x00garbage")
-    proc = train(demo_shards, run, 8, "checkpoint.interval=3")
+    proc = train(demo_shards, run, STEPS, *FINISHED)
     assert f"skipping incomplete checkpoint {newest}: truncated file {victim.name}" in proc.stderr
     assert "ignoring unusable content" in proc.stderr
-    assert "resumed from" in proc.stderr and "step_00000003 at step 3" in proc.stderr
-    assert sorted(losses(run)) == [4, 5, 6, 7, 8]
+    assert "resumed from" in proc.stderr and f"{PREVIOUS} at step {STEPS // 2}" in proc.stderr
+    assert sorted(losses(run)) == list(range(STEPS // 2 + 1, STEPS + 1))
 
 
 def test_checkpoint_from_another_model_is_refused(demo_shards, finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path / "run")
-    proc = train(demo_shards, run, 8, "model.dim=96", check=False)
+    proc = train(demo_shards, run, STEPS + 2, *FINISHED, "model.dim=96", check=False)
     assert proc.returncode != 0
     assert "different model or data config" in proc.stderr and "model.dim: 64 -> 96" in proc.stderr
     assert "name=<new-name>" in proc.stderr  # a new run first; force only for a deliberate change
@@ -108,66 +101,65 @@ def test_checkpoint_from_another_model_is_refused(demo_shards, finished_run, tmp
 
 def test_a_finished_run_says_so_instead_of_training_nothing(demo_shards, finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path / "run")
-    proc = train(demo_shards, run, 6, "checkpoint.interval=3")
-    assert "already reached its 6 steps" in proc.stderr and "train.max_steps=12" in proc.stderr
+    proc = train(demo_shards, run, STEPS, *FINISHED)
+    assert f"already reached its {STEPS} steps" in proc.stderr
+    assert f"train.max_steps={2 * STEPS}" in proc.stderr
     assert "resumed from" not in proc.stderr  # stopped before the engine was built
 
 
 def test_corrupt_checkpoint_names_the_path(demo_shards, finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path / "run")
-    newest = run / "checkpoints" / "step_00000006"
+    newest = run / "checkpoints" / NEWEST
     victim = next(newest.glob("*model_states.pt"))
     victim.write_bytes(b"\x00" * victim.stat().st_size)  # same size
     marker = json.loads((newest / "COMPLETE").read_text())
     marker.pop("digests")  # as written before checksums: only loading can tell
     (newest / "COMPLETE").write_text(json.dumps(marker))
-    proc = train(demo_shards, run, 8, check=False)
+    proc = train(demo_shards, run, STEPS + 2, *FINISHED, check=False)
     assert proc.returncode != 0
     assert f"loading {newest} failed" in proc.stderr
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(demo_shards, tmp_path):
-    train(demo_shards, tmp_path / "one", 6, "debug.nan_loss_at_steps=[3]")
-    rows = {m["step"]: m for m in metrics(tmp_path / "one")}
-    assert rows[2]["skipped_steps"] == 0 and rows[3]["skipped_steps"] == 1
-    assert rows[6]["skipped_steps"] == 1
+    """One run: a single skipped step (3) is counted and training goes on; the good step 4
+    resets the count, so 5, 6, 7 (not 3-6) are the 3 in a row that stop it."""
     proc = train(
         demo_shards,
-        tmp_path / "many",
+        tmp_path,
         8,
-        "debug.nan_loss_at_steps=[2,3,4]",
+        "debug.nan_loss_at_steps=[3,5,6,7]",
         "train.max_consecutive_skips=3",
         check=False,
     )
     assert proc.returncode != 0
-    assert "3 consecutive steps had non-finite loss or gradients (last at step 4)" in proc.stderr
+    assert "3 consecutive steps had non-finite loss or gradients (last at step 7)" in proc.stderr
+    rows = {m["step"]: m for m in metrics(tmp_path)}
+    assert rows[2]["skipped_steps"] == 0 and rows[3]["skipped_steps"] == 1
+    assert rows[4]["skipped_steps"] == 1 and rows[4]["loss"] == rows[4]["loss"]  # trained on
 
 
 def test_wandb_offline_history_and_resumed_run_id(finished_run, demo_shards, tmp_path):
     (run_dir,) = list((finished_run / "wandb").glob("offline-run-*"))
     records = read_records(run_dir)
     rows = history(records)
-    for step in range(1, 7):
+    for step in range(1, STEPS + 1):
         for key in ("loss", "lr", "tokens_per_second", "mfu"):
             assert key in rows[step], (step, key)
     run_id = run_record(records)["run_id"]
-    config = json.loads(
-        (finished_run / "checkpoints" / "step_00000006" / "trainer_state.json").read_text()
-    )
+    config = json.loads((finished_run / "checkpoints" / NEWEST / "trainer_state.json").read_text())
     assert config["wandb_run_id"] == run_id
 
 
 def test_bf16_offload_and_token_budget(demo_shards, tmp_path):
     """bf16 on CPU (the CUDA default path), ZeRO-Offload (DeepSpeedCPUAdam, JIT-built once), and a
-    token budget that stops the run before max_steps."""
+    token budget that stops the (offloaded) run before max_steps."""
     train(demo_shards, tmp_path / "bf16", 4, "zero.precision=bf16", "zero.stage=2")
     bf16 = losses(tmp_path / "bf16")
     assert sorted(bf16) == [1, 2, 3, 4] and bf16[4] < bf16[1]
-    train(demo_shards, tmp_path / "offload", 4, "zero.offload_optimizer=true", "zero.stage=2")
+    offload = ("zero.offload_optimizer=true", "zero.stage=2", f"train.max_tokens={3 * 8 * 128}")
+    train(demo_shards, tmp_path / "offload", 100, *offload)
     off = losses(tmp_path / "offload")
-    assert sorted(off) == [1, 2, 3, 4] and off[4] < off[1]
-    train(demo_shards, tmp_path / "budget", 100, f"train.max_tokens={3 * 8 * 128}")
-    assert sorted(losses(tmp_path / "budget")) == [1, 2, 3]
+    assert sorted(off) == [1, 2, 3] and off[3] < off[1]
 
 
 def test_attention_backend_in_metrics_header_and_wandb_config(finished_run):

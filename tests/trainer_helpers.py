@@ -9,6 +9,7 @@ from distributed import ROOT, torchrun
 from wandb_helpers import clean_env, wandb_home
 
 EXPERIMENT = ROOT / "configs" / "experiments" / "tiny_mac.yaml"
+SHARED_STEPS = 20  # the shared runs (conftest.py's zero_run): checkpoints at steps 10 and 20
 
 
 def build_demo(out: Path, seq_len: int = 128) -> Path:
@@ -50,6 +51,13 @@ def train(data, run_dir, steps, *overrides, nproc=2, check=True, timeout=600):
     args = ["titans_train.cli", "--config", str(EXPERIMENT)]
     args += base_overrides(data, run_dir, steps) + list(overrides)
     return torchrun("-m", *args, nproc=nproc, env=env, check=check, timeout=timeout)
+
+
+def shared_run_args(stage: int, variant: str = "mac") -> list[str]:
+    """Overrides of the shared runs; a run that must match one (a resumed copy) uses them too."""
+    extra = ["runtime.activation_checkpointing=true"] if stage == 3 else []
+    interval = f"checkpoint.interval={SHARED_STEPS // 2}"
+    return [f"model.variant={variant}", f"zero.stage={stage}", interval, *extra]
 
 
 def metrics(run_dir, headers: bool = False) -> list[dict]:
