@@ -59,3 +59,14 @@ def test_bad_value_names_the_key(value):
 def test_round_trips_through_to_dict():
     cfg = ModelConfig(variant="mac", memory_forget_bias=-6.9, **TINY)
     assert ModelConfig.from_dict(cfg.to_dict()).memory_forget_bias == -6.9
+
+
+def test_yaml_and_override_reach_the_model(tmp_path):
+    from titans_train.config import load_model_config
+
+    path = tmp_path / "model.yaml"
+    path.write_text("variant: mac\nmemory_forget_bias: -7\n")
+    assert load_model_config(path).memory_forget_bias == -7.0
+    assert load_model_config(path, ["memory_forget_bias=-6.9"]).memory_forget_bias == -6.9
+    with pytest.raises(ValueError, match="memory_forget_bias"):
+        load_model_config(path, ["memory_forget_bias=abc"])
