@@ -120,6 +120,10 @@ def train(name: str, ffn: int, data: tuple[Path, Path], run_dir: Path, args) -> 
         f"model.variant={variant}",
         f"model.ffn_hidden={ffn}",
         f"model.memory_max_lr={args.memory_max_lr}",
+        *(
+            [f"model.memory_forget_bias={args.memory_forget_bias}"]
+            * (args.memory_forget_bias is not None)
+        ),
         f"data.train=[{data[0]},{data[1]}]",
         f"data.weights=[{1 - args.recall_share},{args.recall_share}]",
         f"run_dir={run_dir}",
@@ -185,6 +189,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--memory-max-lr", type=float, default=0.1)
+    ap.add_argument(
+        "--memory-forget-bias",
+        type=float,
+        default=None,
+        help="model.memory_forget_bias (default: the model's own)",
+    )
     ap.add_argument("--recall-share", type=float, default=0.9)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--suites", default=SUITES)
@@ -207,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     if previous.is_file():  # a resumed or extended study: keep the models already done
         old = json.loads(previous.read_text())
         old["args"].setdefault("ppl_tokens", "4096")  # studies from before the option
+        old["args"].setdefault("memory_forget_bias", "None")
         same = {k: v for k, v in old["args"].items() if k != "variants"}
         if same == {k: v for k, v in report["args"].items() if k != "variants"}:
             report["models"] = old["models"]

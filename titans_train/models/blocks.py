@@ -57,6 +57,7 @@ def make_memory(cfg: ModelConfig, runtime: RuntimeConfig | None = None) -> Neura
         max_lr=cfg.memory_max_lr,
         per_layer_gates=cfg.memory_per_layer_gates,
         residual_norm=cfg.memory_residual_norm,
+        forget_bias=cfg.memory_forget_bias,
         checkpoint_group=runtime.memory_checkpoint_group,
         backend=runtime.memory_backend,
     )

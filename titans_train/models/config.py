@@ -9,6 +9,7 @@ fields: ``to_dict`` (config.yaml, exported config.json) never carries them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import InitVar, asdict, dataclass
 
 from .runtime import LEGACY_MODEL_KEYS, RuntimeConfig, legacy_runtime_values, warn_legacy
@@ -36,6 +37,8 @@ class ModelConfig:
     memory_max_lr: float = 0.1  # theta = max_lr * sigmoid(.); see docs/memory.md "Inner step size"
     memory_per_layer_gates: bool = False
     memory_residual_norm: bool = True  # M(x) = x + LN(MLP(x)); False with depth 1 = delta rule
+    # Initial bias of the forgetting gate: alpha = sigmoid(bias) ~ 0.0067 at -5 (docs/memory.md).
+    memory_forget_bias: float = -5.0
     conv_kernel: int = 4
     ffn_hidden: int | None = None  # SwiGLU hidden size; default 8/3 * dim rounded up to 64
     rope_theta: float = 10000.0
@@ -109,6 +112,9 @@ class ModelConfig:
             bad("heads", f"head dim {self.head_dim} must be even for RoPE")
         if self.dim % self.mem_heads:
             bad("memory_heads", f"dim={self.dim} must be divisible by it")
+        fb = self.memory_forget_bias
+        if isinstance(fb, bool) or not isinstance(fb, (int, float)) or not math.isfinite(fb):
+            bad("memory_forget_bias", "must be a finite number (alpha = sigmoid(bias) at init)")
         if self.window is not None and self.window < 1:
             bad("window", "must be >= 1 (or null for full attention)")
         if self.window is None and self.variant in ("mag", "mal"):

@@ -97,6 +97,7 @@ class NeuralMemory(nn.Module):
         max_lr: float = 0.1,
         per_layer_gates: bool = False,
         residual_norm: bool = True,
+        forget_bias: float = -5.0,
         checkpoint_group: int = 0,
         backend: str = "eager",
     ):
@@ -107,6 +108,7 @@ class NeuralMemory(nn.Module):
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.chunk_size, self.depth, self.max_lr = chunk_size, depth, max_lr
         self.residual_norm = residual_norm
+        self.forget_bias = forget_bias  # initial pre-sigmoid bias of alpha (reset_parameters)
         self.checkpoint_group = checkpoint_group  # chunks per activation-checkpoint group; 0 = off
         self.backend = backend  # eager | compile | auto (resolved per device at each call)
         self.n_gates = depth if per_layer_gates else 1
@@ -138,13 +140,14 @@ class NeuralMemory(nn.Module):
             nn.init.normal_(w, std=1 / math.sqrt(w.shape[-2]))
         nn.init.normal_(self.to_gates.weight, std=std)
         # Small inner steps at init: theta = max_lr * sigmoid(-2) ~ 0.012 (max_lr 0.1), eta = 0.5,
-        # alpha = sigmoid(-5) ~ 0.007. With large steps (max_lr 0.5, theta 0.25, eta ~ 0.9) the deep
-        # memory's inner descent overshoots and training turns chaotic: runs that differ only in
-        # fp32 reduction order drift 1e-3 apart within 10 steps (docs/memory.md, "Inner step size").
+        # alpha = sigmoid(forget_bias), by default sigmoid(-5) ~ 0.007. With large steps (max_lr
+        # 0.5, theta 0.25, eta ~ 0.9) the deep memory's inner descent overshoots and training turns
+        # chaotic: runs that differ only in fp32 reduction order drift 1e-3 apart within 10 steps
+        # (docs/memory.md, "Inner step size"). A lower forget_bias keeps writes across segments.
         bias = self.to_gates.bias.detach().view(3, -1)
         bias[0].fill_(-2.0)
         bias[1].fill_(0.0)
-        bias[2].fill_(-5.0)
+        bias[2].fill_(self.forget_bias)
 
     # -- helpers -----------------------------------------------------------------------------
     def _heads(self, x: Tensor) -> Tensor:
