@@ -2,15 +2,8 @@
 (``dispatch``: SDPA, ``flex``, ``flash`` merged by log-sum-exp in ``merge``). See docs/attention.md.
 """
 
-from .dispatch import (
-    BACKENDS,
-    Causal,
-    KeyGroup,
-    Visible,
-    attend,
-    attention_backend_report,
-    select_backend,
-)
+from .dispatch import BACKENDS, attend, attention_backend_report, select_backend
+from .rules import Causal, KeyGroup, Visible
 
 __all__ = [
     "BACKENDS",

@@ -38,15 +38,7 @@ from .rules import (
     key_layout,
 )
 
-__all__ = [
-    "BACKENDS",
-    "Causal",
-    "KeyGroup",
-    "Visible",
-    "attend",
-    "attention_backend_report",
-    "select_backend",
-]
+__all__ = ["BACKENDS", "attend", "attention_backend_report", "select_backend"]
 
 BACKENDS = ("flash", "flex", "sdpa")
 
