@@ -280,7 +280,7 @@ def compiled_graphs() -> int:
 # -- stage 6: throughput -----------------------------------------------------------------------
 @contextlib.contextmanager
 def time_memory_scan(smoke: Smoke):
-    """Total seconds spent inside memory_math.memory_scan (the inner loop) during the block:
+    """Total seconds spent inside memory_scan.memory_scan (the inner loop) during the block:
     CUDA events on GPU (no extra synchronisation), wall clock on CPU."""
     spans, original = [], memory_mod.memory_scan
     cuda = smoke.device.type == "cuda"

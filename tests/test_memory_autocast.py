@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from titans_train.models.memory_math import _CheckpointedChunks, autocast_off, span_coeffs
+from titans_train.models.memory_math import span_coeffs
+from titans_train.models.memory_scan import _CheckpointedChunks, autocast_off
 
 
 def group_grads(autocast_backward: bool) -> list[torch.Tensor]:

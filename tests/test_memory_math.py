@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from reference import naive_memory
 
-from titans_train.models.memory_math import memory_scan, segsum
+from titans_train.models.memory_math import segsum
+from titans_train.models.memory_scan import memory_scan
 
 
 @pytest.fixture(autouse=True)

@@ -18,14 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .memory_math import (
-    autocast_off,
-    chunk_coeffs,
-    chunk_step,
-    layer_coeffs,
-    memory_scan,
-    mlp_forward,
-)
+from .memory_math import chunk_coeffs, chunk_step, layer_coeffs, mlp_forward
+from .memory_scan import autocast_off, memory_scan
 from .policy import no_weight_decay, residual_proj
 from .runtime import RuntimeConfig, resolve_memory_backend
 

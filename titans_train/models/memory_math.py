@@ -23,7 +23,6 @@ the per-token reads (the dual form) are batched matmuls.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -212,6 +211,36 @@ def span_coeffs(theta: Tensor, log_eta: Tensor, log_keep: Tensor, chunk: int) ->
     return [getattr(co, f) for f in COEFF_FIELDS]
 
 
+@dataclass
+class DocFlags:
+    """Document boundaries of a span, per group and chunk (docs/memory.md, "Documents").
+
+    ``reset[g, c]``: before chunk c, group g's memory restarts at M_0 (``init``) with zero momentum,
+    because a document starts at the chunk's first token. ``commit[g, c]`` False: the chunk is not
+    committed (it holds a document's unfinished tail or padding) and the state stays as it was
+    before it. Chunks are counted over the whole span, a trailing partial chunk included
+    (never committed). A kernel gets the same two bits per (group, chunk).
+    """
+
+    init: list[Tensor]  # M_0 per memory layer, [G, d_in, d_out]
+    reset: Tensor  # bool [G, chunks]
+    commit: Tensor  # bool [G, chunks]
+
+    def chunks(self, start: int, stop: int) -> DocFlags:
+        return DocFlags(self.init, self.reset[:, start:stop], self.commit[:, start:stop])
+
+
+def apply_reset(
+    weights: list[Tensor], momentum: list[Tensor], flags: DocFlags, c: int
+) -> tuple[list[Tensor], list[Tensor]]:
+    """M and S before chunk c: M_0 and 0 where a document starts there (torch.where, so no
+    gradient reaches the previous document's state through a reset)."""
+    r = flags.reset[:, c, None, None]
+    weights = [torch.where(r, w0, w) for w0, w in zip(flags.init, weights)]
+    momentum = [torch.where(r, torch.zeros_like(s), s) for s in momentum]
+    return weights, momentum
+
+
 def scan_chunks(
     weights: list[Tensor],
     momentum: list[Tensor],
@@ -222,10 +251,11 @@ def scan_chunks(
     chunk: int,
     residual_norm: bool,
     compiled: bool = False,
+    flags: DocFlags | None = None,
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
     """Whole chunks (N a multiple of ``chunk``), committed one after the other; ``coeffs`` from
     ``span_coeffs`` (computed once per call, outside any checkpoint group, so the recompute in
-    backward does not redo them).
+    backward does not redo them). ``flags``: document resets and commits per chunk.
 
     Chunks and gate layers are split off with unbind, not indexing, so autograd stacks their
     gradients once instead of zero-filling a full-size tensor per chunk (quadratic in N).
@@ -245,152 +275,13 @@ def scan_chunks(
     reads = []
     for c, (kc, vc, qc) in enumerate(zip(split(k), split(v), split(q))):
         layers = [per_gate[min(l, len(per_gate) - 1)][c] for l in range(len(weights))]
-        y, weights, momentum = step(weights, momentum, kc, vc, qc, layers, residual_norm)
+        if flags is not None:
+            weights, momentum = apply_reset(weights, momentum, flags, c)
+        y, new_w, new_s = step(weights, momentum, kc, vc, qc, layers, residual_norm)
+        if flags is not None:
+            keep = flags.commit[:, c, None, None]
+            new_w = [torch.where(keep, a, b) for a, b in zip(new_w, weights)]
+            new_s = [torch.where(keep, a, b) for a, b in zip(new_s, momentum)]
+        weights, momentum = new_w, new_s
         reads.append(y)
     return (None if q is None else torch.cat(reads, dim=1)), weights, momentum
-
-
-def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    """Autocast disabled for this device type; nothing to disable where autocast does not exist
-    (``torch.autocast("meta", enabled=False)`` raises, and the device probe runs on meta)."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
-# Largest per-op tensor (G x chunk x widest memory layer, in elements) for which the chunk loop
-# runs on one intra-op thread. Below it a second thread buys nothing (aten's own elementwise
-# kernels stay on one thread under 32768 elements), while every op of the loop still pays an
-# OpenMP fork/join, and on a loaded machine a join waits for a descheduled thread (issue 16).
-SINGLE_THREAD_ELEMENTS = 32768
-
-
-@contextlib.contextmanager
-def loop_threads(k: Tensor, chunk: int, weights: list[Tensor]):
-    """One intra-op thread for a small chunk loop on CPU; the caller's setting otherwise."""
-    old = torch.get_num_threads()
-    small = k.shape[0] * chunk * max(w.shape[-1] for w in weights) <= SINGLE_THREAD_ELEMENTS
-    if k.device.type != "cpu" or old == 1 or not small:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-class _CheckpointedChunks(torch.autograd.Function):
-    """Activation checkpointing for a group of chunks: the forward runs without autograd and keeps
-    only its inputs (M and S at the group start, the group's k/v/q/gates); the backward recomputes
-    the group with autograd and back-propagates through it.
-
-    A plain Function rather than torch.utils.checkpoint: its non-reentrant mode kept more memory
-    alive after the forward than no checkpointing at all (2.3 vs 1.4 GB at 4K tokens here).
-    """
-
-    @staticmethod
-    def forward(ctx, n_layers: int, chunk: int, residual_norm: bool, compiled: bool, *inputs):
-        ctx.meta = (n_layers, chunk, residual_norm, compiled)
-        ctx.save_for_backward(*inputs)
-        with torch.no_grad():
-            y, w, s = _scan_flat(inputs, n_layers, chunk, residual_norm, compiled)
-        return (y, *w, *s)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        n_layers, chunk, residual_norm, compiled = ctx.meta
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
-        # The recompute and its backward must be the fp32 forward's: backward may run under
-        # autocast (it is thread-local state), which would redo the group in bf16.
-        threads = loop_threads(inputs[2 * n_layers], chunk, inputs[:n_layers])
-        with torch.enable_grad(), autocast_off(inputs[0].device.type), threads:
-            y, w, s = _scan_flat(inputs, n_layers, chunk, residual_norm, compiled)
-            outs = zip((y, *w, *s), grads)
-            pairs = [(o, g) for o, g in outs if g is not None and o.requires_grad]
-            if pairs:
-                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return (None, None, None, None, *(t.grad if t.requires_grad else None for t in inputs))
-
-
-def _scan_flat(inputs, n_layers: int, chunk: int, residual_norm: bool, compiled: bool):
-    weights, momentum = list(inputs[:n_layers]), list(inputs[n_layers : 2 * n_layers])
-    k, v, q, *coeffs = inputs[2 * n_layers :]
-    return scan_chunks(weights, momentum, k, v, q, coeffs, chunk, residual_norm, compiled)
-
-
-def memory_scan(
-    weights: list[Tensor],
-    momentum: list[Tensor],
-    k: Tensor,
-    v: Tensor,
-    q: Tensor | None,
-    theta: Tensor,
-    log_eta: Tensor,
-    log_keep: Tensor,
-    chunk: int,
-    residual_norm: bool,
-    checkpoint_group: int = 0,
-    compiled: bool = False,
-) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
-    """Run the memory over N tokens starting at a chunk boundary.
-
-    k, v, q: [G, N, d]; gates [G, N, P]. Full chunks are committed one after the other (the
-    recurrence across chunks is sequential); a trailing partial chunk is read but not committed,
-    so the returned weights/momentum are those at the last chunk boundary inside the span.
-    With ``checkpoint_group = g > 0`` (and autograd on) the chunks run in groups of g under
-    activation checkpointing: only M and S at group boundaries are kept for backward, which is
-    recomputed group by group (memory O(N/g + g) chunks instead of O(N), one more forward).
-    ``compiled`` runs full chunks through torch.compile (see ``compiled_chunk_step``).
-    Returns (reads [G, N, d] or None, weights, momentum).
-    """
-    with loop_threads(k, chunk, weights):
-        return _memory_scan(
-            weights, momentum, k, v, q, theta, log_eta, log_keep, chunk, residual_norm,
-            checkpoint_group, compiled,
-        )  # fmt: skip
-
-
-def _memory_scan(
-    weights, momentum, k, v, q, theta, log_eta, log_keep, chunk, residual_norm,
-    checkpoint_group, compiled,
-):  # fmt: skip
-    N = k.shape[1]
-    end = N - N % chunk
-    reads = []
-    if end:
-        span = chunk * checkpoint_group
-        grouped = checkpoint_group > 0 and q is not None and torch.is_grad_enabled()
-        coeffs = span_coeffs(theta[:, :end], log_eta[:, :end], log_keep[:, :end], chunk)
-        if not grouped:
-            kvq = [None if t is None else t[:, :end] for t in (k, v, q)]
-            y, weights, momentum = scan_chunks(
-                weights, momentum, *kvq, coeffs, chunk, residual_norm, compiled
-            )
-            reads.append(y)
-        else:  # torch.split: one backward (a cat) for all groups, not a zero-fill per group
-            sizes = [span] * (end // span) + ([end % span] if end % span else [])
-            parts = [t[:, :end].split(sizes, 1) for t in (k, v, q)]
-            parts += [t.split([s // chunk for s in sizes], 2) for t in coeffs]  # chunk axis
-            n = len(weights)
-            for args in zip(*parts):
-                out = _CheckpointedChunks.apply(
-                    n, chunk, residual_norm, compiled, *weights, *momentum, *args
-                )
-                reads.append(out[0])
-                weights, momentum = list(out[1 : 1 + n]), list(out[1 + n :])
-    if end < N and q is not None:  # the trailing partial chunk: read, don't commit
-        co = chunk_coeffs(*(g[:, end:].permute(2, 0, 1) for g in (theta, log_eta, log_keep)))
-        y, _, _ = chunk_step(
-            weights,
-            momentum,
-            k[:, end:],
-            v[:, end:],
-            q[:, end:],
-            [layer_coeffs(co, l) for l in range(len(weights))],
-            residual_norm,
-            commit=False,
-        )
-        reads.append(y)
-    out = None if q is None else torch.cat(reads, dim=1)
-    return out, weights, momentum
