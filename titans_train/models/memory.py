@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .memory_math import chunk_coeffs, chunk_step, layer_coeffs, mlp_forward
+from .memory_docs import doc_causal_conv, gather_slots, scatter_slots, stream_layout
+from .memory_math import DocFlags, chunk_coeffs, chunk_step, layer_coeffs, mlp_forward
 from .memory_scan import autocast_off, memory_scan
 from .policy import no_weight_decay, residual_proj
 from .runtime import RuntimeConfig, resolve_memory_backend
@@ -33,6 +34,9 @@ class MemoryState:
         whose gradients are still taken at ``weights`` (DESIGN 1); None at a boundary.
     conv_tail: the last (kernel - 1) projected inputs before the causal conv, [B, kernel-1, C].
     pos: tokens written so far; chunk boundaries are absolute positions (pos % chunk == r).
+    doc_pos: with documents (``doc_starts``), [B] stream tokens of every row's current document
+        (persistent tokens included); chunk boundaries are then relative to the document's start,
+        and ``buffer`` is [B*H, chunk, .] with the first doc_pos % chunk tokens of a row valid.
     The current weights M_t are a function of these (``NeuralMemory.current_weights``).
     """
 
@@ -41,6 +45,7 @@ class MemoryState:
     buffer: tuple[Tensor, ...] | None
     conv_tail: Tensor | None
     pos: int = 0
+    doc_pos: Tensor | None = None
 
     def detach(self) -> MemoryState:
         """Cut the autograd graph (truncated backprop through time)."""
@@ -53,8 +58,9 @@ class MemoryState:
             return x.detach()
 
         return MemoryState(
-            d(self.weights), d(self.momentum), d(self.buffer), d(self.conv_tail), self.pos
-        )
+            d(self.weights), d(self.momentum), d(self.buffer), d(self.conv_tail), self.pos,
+            self.doc_pos,
+        )  # fmt: skip
 
 
 def upcast(x: Tensor) -> Tensor:
@@ -175,6 +181,8 @@ class NeuralMemory(nn.Module):
         state: MemoryState | None = None,
         read_only: bool = False,
         queries: Tensor | None = None,
+        doc_starts: Tensor | None = None,
+        prefix: Tensor | None = None,
     ) -> tuple[Tensor, MemoryState]:
         """x: [B, T, D]. Returns (output [B, T, D], new state).
 
@@ -182,9 +190,19 @@ class NeuralMemory(nn.Module):
         and project (the LMM mixer). ``read_only=True`` retrieves M(q_t) at the state's chunk-start
         weights without writing (MAC retrieval) and returns the raw reads, merged over heads;
         ``queries`` ([H, N, d], learned) replaces the queries projected from x.
+
+        ``doc_starts`` ([B, T] bool) restarts the memory at every marked token: M_0, zero momentum,
+        an empty conv tail, chunks counted from the document's start; ``prefix`` ([1, P, D], the
+        persistent tokens) is written first at every document start, its reads dropped. Each
+        document then reads what it would read run alone (docs/memory.md, "Documents").
         """
         if read_only:
+            if doc_starts is not None:
+                raise ValueError("read-only retrieval takes no doc_starts")
             return self._retrieve(x, state, queries)
+        documents = state is not None and state.doc_pos is not None
+        if doc_starts is not None or prefix is not None or documents:
+            return self._forward_documents(x, state, doc_starts, prefix)
         B, T, D = x.shape
         qkv, tail = causal_conv(
             F.linear(x, self.w_qkv), self.conv, state.conv_tail if state else None
@@ -228,6 +246,108 @@ class NeuralMemory(nn.Module):
         out = self.to_out(self._merge(y, B) * F.silu(self.to_gate(x)))
         return out, new_state
 
+    def _document_state(self, state: MemoryState | None, x: Tensor):
+        """(M, S, buffer [G, chunk, .] or None, conv tail [B, K-1, 3D], doc_pos [B]) to continue."""
+        B, n = x.shape[0], self.chunk_size
+        tail = x.new_zeros(B, self.conv.shape[-1] - 1, 3 * self.dim)
+        if state is None or state.weights is None:
+            weights, momentum = self._initial(B)
+            return weights, momentum, None, tail, torch.zeros(B, dtype=torch.long, device=x.device)
+        if state.conv_tail is not None:
+            tail = state.conv_tail
+        doc_pos, buffer = state.doc_pos, state.buffer
+        if doc_pos is None:  # a state written without documents: one document so far
+            doc_pos = torch.full((B,), state.pos, dtype=torch.long, device=x.device)
+            if buffer is not None:
+                buffer = tuple(F.pad(b, (0, 0, 0, n - b.shape[1])) for b in buffer)
+        return state.weights, state.momentum, buffer, tail, doc_pos
+
+    def _forward_documents(
+        self, x: Tensor, state: MemoryState | None, doc_starts: Tensor | None, prefix: Tensor | None
+    ) -> tuple[Tensor, MemoryState]:
+        """The memory over packed documents: tokens go to a stream where every document starts
+        on a chunk boundary (``memory_docs.stream_layout``), one scan with resets runs over it, and
+        each token's read comes back from its slot."""
+        B, T, D = x.shape
+        H, n, K = self.heads, self.chunk_size, self.conv.shape[-1]
+        starts = torch.zeros(B, T, dtype=torch.bool, device=x.device)
+        if doc_starts is not None:
+            if tuple(doc_starts.shape) != (B, T):
+                raise ValueError(
+                    f"doc_starts has shape {tuple(doc_starts.shape)}, expected {(B, T)}"
+                )
+            starts = doc_starts.to(device=x.device, dtype=torch.bool)
+        if state is None or state.weights is None:
+            starts = starts.clone()
+            starts[:, 0] = True  # a sequence starts with a document
+        weights, momentum, buffer, tail, doc_pos = self._document_state(state, x)
+        p = 0 if prefix is None else prefix.shape[1]
+        lay = stream_layout(starts, doc_pos, p, n)
+        S, heads = lay.doc.shape[1], (lambda t: t.repeat_interleave(H, 0))
+
+        # Projections before the conv, on the stream: P at prefix slots, the conv tail before slot r
+        cont = ~starts[:, 0]  # the row continues the state's document
+        u = F.linear(x, self.w_qkv)
+        base = u.new_zeros(B, S, 3 * D)
+        if p:
+            up = F.linear(prefix.to(x.dtype), self.w_qkv)[0][lay.prefix_index.clamp(min=0)]
+            base = torch.where(lay.prefix_index[..., None] >= 0, up, base)
+        base = scatter_slots(base, u, lay.slot)
+        at = (doc_pos % n * cont)[:, None] + torch.arange(K - 1, device=x.device)  # tail slots
+        stream = scatter_slots(
+            torch.cat([torch.zeros_like(tail), base], 1), tail.to(u.dtype) * cont[:, None, None], at
+        )
+        doc = torch.cat([lay.doc.new_full((B, K - 1), -1), lay.doc], 1)
+        doc = doc.scatter(1, at, torch.where(cont, 0, -1)[:, None].expand_as(at))
+        qkv = F.silu(doc_causal_conv(stream, doc, self.conv))
+        q, k, v = (upcast(self._heads(t)) for t in qkv.split(D, dim=-1))
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+
+        gates = []
+        pidx = heads(lay.prefix_index)
+        for g, pg in zip(self._gates(x), self._gates(prefix.to(x.dtype)) if p else [None] * 3):
+            base = g.new_zeros(B * H, S, g.shape[-1])
+            if p:
+                pg = pg.repeat(B, 1, 1).gather(
+                    1, pidx.clamp(min=0)[..., None].expand(-1, -1, g.shape[-1])
+                )
+                base = torch.where(pidx[..., None] >= 0, pg, base)
+            gates.append(scatter_slots(base, g, heads(lay.slot)))
+        k, v, *gates = self._with_buffer(buffer, heads(lay.buffered), k, v, *gates)
+
+        flags = DocFlags(self._initial(B)[0], heads(lay.reset), heads(lay.commit))
+        with autocast_off(x.device.type):
+            y, weights, momentum = memory_scan(
+                weights, momentum, k, v, q, *gates, n, self.residual_norm, self.checkpoint_group,
+                resolve_memory_backend(self.backend, x.device) == "compile", flags,
+            )  # fmt: skip
+
+        # The state: every row's unfinished chunk, the conv inputs of its last document's last slots
+        idx = (lay.end - lay.tail)[:, None] + torch.arange(n, device=x.device)
+        valid = heads(torch.arange(n, device=x.device) < lay.tail[:, None])[..., None]
+        idx_h = heads(idx.clamp(max=S - 1))
+        buffer = tuple(torch.where(valid, gather_slots(t, idx_h), 0) for t in (k, v, *gates))
+        at = lay.end[:, None] + torch.arange(K - 1, device=x.device)
+        same = doc.gather(1, at) == lay.doc.gather(1, (lay.end - 1)[:, None])
+        tail = torch.where(same[..., None], gather_slots(stream, at), 0)
+        pos = (state.pos if state is not None else 0) + T
+        new_state = MemoryState(weights, momentum, buffer, tail, pos, lay.doc_pos)
+
+        y = self.out_norm(gather_slots(y, heads(lay.slot)).to(x.dtype))
+        return self.to_out(self._merge(y, B) * F.silu(self.to_gate(x))), new_state
+
+    @staticmethod
+    def _with_buffer(buffer, buffered: Tensor, *stream: Tensor) -> list[Tensor]:
+        """The state's buffered k, v and gates (post-conv) at their slots 0..r-1."""
+        if buffer is None:
+            return list(stream)
+        S, mask = stream[0].shape[1], buffered[..., None]
+        out = []
+        for b, t in zip(buffer, stream):
+            b = b[:, :S] if b.shape[1] >= S else F.pad(b, (0, 0, 0, S - b.shape[1]))
+            out.append(torch.where(mask, b.to(t.dtype), t))
+        return out
+
     def _retrieve(
         self, x: Tensor, state: MemoryState | None, queries: Tensor | None
     ) -> tuple[Tensor, MemoryState]:
@@ -253,10 +373,27 @@ class NeuralMemory(nn.Module):
         """Materialise M_t and S_t after the last written token (inspection and tests)."""
         if state.buffer is None:
             return state.weights, state.momentum
-        k, v, theta, log_eta, log_keep = state.buffer
+        if state.doc_pos is None:
+            return self._commit(state.weights, state.momentum, state.buffer)
+        # documents: rows hold different numbers of buffered tokens; commit each count apart
+        r = (state.doc_pos % self.chunk_size).repeat_interleave(self.heads, 0)
+        weights, momentum = list(state.weights), list(state.momentum)
+        for count in r.unique().tolist():
+            if count == 0:
+                continue
+            rows = r == count
+            w, s = self._commit(
+                [t[rows] for t in state.weights],
+                [t[rows] for t in state.momentum],
+                [t[rows, :count] for t in state.buffer],
+            )
+            weights = [a.index_put((rows,), b) for a, b in zip(weights, w)]
+            momentum = [a.index_put((rows,), b) for a, b in zip(momentum, s)]
+        return weights, momentum
+
+    def _commit(self, weights, momentum, buffer) -> tuple[list[Tensor], list[Tensor]]:
+        k, v, theta, log_eta, log_keep = buffer
         co = chunk_coeffs(*(g.permute(2, 0, 1) for g in (theta, log_eta, log_keep)))
         per_layer = [layer_coeffs(co, l) for l in range(self.depth)]
-        _, w, s = chunk_step(
-            state.weights, state.momentum, k, v, None, per_layer, self.residual_norm
-        )
+        _, w, s = chunk_step(weights, momentum, k, v, None, per_layer, self.residual_norm)
         return w, s
