@@ -25,7 +25,7 @@ class StreamLayout:
     prefix_index: Tensor  # [B, S] which persistent token a slot holds, -1 if none
     buffered: Tensor  # [B, S] bool: slot holds one of the state's buffered tokens
     reset: Tensor  # [B, chunks] bool: a document starts at the chunk's first slot
-    commit: Tensor  # [B, chunks] bool: the chunk is all tokens of one document
+    commit: Tensor  # [B, chunks] bool: False for a row's unfinished tail and its padding
     end: Tensor  # [B] one past the last used slot of the row
     tail: Tensor  # [B] slots of the row's last document after its last chunk boundary
     doc_pos: Tensor  # [B] stream tokens of the row's last document so far (P included)
@@ -77,6 +77,8 @@ def stream_layout(starts: Tensor, doc_pos: Tensor, prefix: int, chunk: int) -> S
     reset.scatter_(1, starts_at, torch.ones_like(starts))
     pad = torch.full((B, chunks * chunk - S), -1, dtype=torch.long, device=dev)
     commit = (torch.cat([doc, pad], 1).view(B, chunks, chunk) >= 0).all(-1)
+    reset = reset[:, :chunks]  # the last column took the masked scatters
+    commit[:, :-1] |= reset[:, 1:]  # a tail the next chunk resets anyway: commit it, no select
     tail = used_last % chunk
     doc_pos = torch.where(last == 0, doc_pos + cnt[:, 0], used_last)
     return StreamLayout(

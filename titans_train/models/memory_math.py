@@ -272,13 +272,17 @@ def scan_chunks(
         [ChunkCoeffs(*f) for f in zip(*(t.unbind(1) for t in fields))]
         for fields in zip(*(t.unbind(0) for t in coeffs))
     ]
+    # Which chunks need a select at all, read once: a select copies every weight, and most
+    # chunks neither start a document nor hold an uncommitted tail.
+    resets = [False] * n if flags is None else flags.reset.any(0).tolist()
+    holds = [False] * n if flags is None else (~flags.commit).any(0).tolist()
     reads = []
     for c, (kc, vc, qc) in enumerate(zip(split(k), split(v), split(q))):
         layers = [per_gate[min(l, len(per_gate) - 1)][c] for l in range(len(weights))]
-        if flags is not None:
+        if resets[c]:
             weights, momentum = apply_reset(weights, momentum, flags, c)
         y, new_w, new_s = step(weights, momentum, kc, vc, qc, layers, residual_norm)
-        if flags is not None:
+        if holds[c]:
             keep = flags.commit[:, c, None, None]
             new_w = [torch.where(keep, a, b) for a, b in zip(new_w, weights)]
             new_s = [torch.where(keep, a, b) for a, b in zip(new_s, momentum)]
