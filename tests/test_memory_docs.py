@@ -159,3 +159,26 @@ def test_bad_doc_starts_shape_names_it():
     mem = make(1)
     with pytest.raises(ValueError, match="doc_starts has shape"):
         mem(torch.randn(2, 8, D), doc_starts=torch.zeros(2, 9, dtype=torch.bool))
+
+
+def test_tokens_that_are_not_valid_are_left_out():
+    """valid=False tokens are neither written nor read (output 0): the others read what the
+    row's valid tokens alone read, documents included, and the state carries on."""
+    mem = make(2)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 24, D)
+    valid = torch.rand(2, 24, generator=g) < 0.7
+    starts = marks(24, [[10], [5, 17]]) & valid
+    out, st = mem(x, doc_starts=starts, valid=valid)
+    assert out[~valid].abs().max() == 0
+    for b in range(2):
+        v = valid[b]
+        one, _ = mem(x[b : b + 1, v], doc_starts=starts[b : b + 1, v])
+        torch.testing.assert_close(out[b : b + 1, v], one, rtol=0, atol=1e-12)
+    # a call where a row has no valid token at all leaves that row's state as it was
+    none = torch.zeros(2, 3, dtype=torch.bool)
+    none[0] = True
+    _, st2 = mem(torch.randn(2, 3, D), st, valid=none)
+    torch.testing.assert_close(st2.doc_pos[1], st.doc_pos[1])
+    for a, b in zip(mem.current_weights(st2)[0], mem.current_weights(st)[0]):
+        torch.testing.assert_close(a[HEADS:], b[HEADS:], rtol=0, atol=0)

@@ -18,7 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .memory_docs import doc_causal_conv, gather_slots, scatter_slots, stream_layout
+from .memory_docs import (
+    conv_on_stream,
+    conv_tail_at,
+    gather_slots,
+    place_buffer,
+    scatter_slots,
+    stream_layout,
+)
 from .memory_math import DocFlags, chunk_coeffs, chunk_step, layer_coeffs, mlp_forward
 from .memory_scan import autocast_off, memory_scan
 from .policy import no_weight_decay, residual_proj
@@ -183,6 +190,7 @@ class NeuralMemory(nn.Module):
         queries: Tensor | None = None,
         doc_starts: Tensor | None = None,
         prefix: Tensor | None = None,
+        valid: Tensor | None = None,
     ) -> tuple[Tensor, MemoryState]:
         """x: [B, T, D]. Returns (output [B, T, D], new state).
 
@@ -195,14 +203,15 @@ class NeuralMemory(nn.Module):
         an empty conv tail, chunks counted from the document's start; ``prefix`` ([1, P, D], the
         persistent tokens) is written first at every document start, its reads dropped. Each
         document then reads what it would read run alone (docs/memory.md, "Documents").
+        ``valid`` ([B, T] bool) leaves out the tokens marked False: not written, read as 0.
         """
         if read_only:
             if doc_starts is not None:
                 raise ValueError("read-only retrieval takes no doc_starts")
             return self._retrieve(x, state, queries)
         documents = state is not None and state.doc_pos is not None
-        if doc_starts is not None or prefix is not None or documents:
-            return self._forward_documents(x, state, doc_starts, prefix)
+        if doc_starts is not None or prefix is not None or valid is not None or documents:
+            return self._forward_documents(x, state, doc_starts, prefix, valid)
         B, T, D = x.shape
         qkv, tail = causal_conv(
             F.linear(x, self.w_qkv), self.conv, state.conv_tail if state else None
@@ -262,58 +271,70 @@ class NeuralMemory(nn.Module):
                 buffer = tuple(F.pad(b, (0, 0, 0, n - b.shape[1])) for b in buffer)
         return state.weights, state.momentum, buffer, tail, doc_pos
 
+    def _document_starts(
+        self, x: Tensor, state: MemoryState | None, doc_starts: Tensor | None, valid: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """(starts, valid) checked; with no state a document starts at the first valid token."""
+        B, T = x.shape[:2]
+        for name, t in (("doc_starts", doc_starts), ("valid", valid)):
+            if t is not None and tuple(t.shape) != (B, T):
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(B, T)}")
+        starts = torch.zeros(B, T, dtype=torch.bool, device=x.device)
+        if doc_starts is not None:
+            starts = doc_starts.to(device=x.device, dtype=torch.bool)
+        valid = None if valid is None else valid.to(device=x.device, dtype=torch.bool)
+        if state is None or state.weights is None:
+            first = torch.zeros(B, 1, dtype=torch.long, device=x.device)
+            if valid is not None:
+                first = valid.long().argmax(1, keepdim=True)
+            starts = starts.scatter(1, first, True)
+        return starts, valid
+
     def _forward_documents(
-        self, x: Tensor, state: MemoryState | None, doc_starts: Tensor | None, prefix: Tensor | None
+        self,
+        x: Tensor,
+        state: MemoryState | None,
+        doc_starts: Tensor | None,
+        prefix: Tensor | None,
+        valid: Tensor | None,
     ) -> tuple[Tensor, MemoryState]:
         """The memory over packed documents: tokens go to a stream where every document starts
         on a chunk boundary (``memory_docs.stream_layout``), one scan with resets runs over it, and
         each token's read comes back from its slot."""
         B, T, D = x.shape
         H, n, K = self.heads, self.chunk_size, self.conv.shape[-1]
-        starts = torch.zeros(B, T, dtype=torch.bool, device=x.device)
-        if doc_starts is not None:
-            if tuple(doc_starts.shape) != (B, T):
-                raise ValueError(
-                    f"doc_starts has shape {tuple(doc_starts.shape)}, expected {(B, T)}"
-                )
-            starts = doc_starts.to(device=x.device, dtype=torch.bool)
-        if state is None or state.weights is None:
-            starts = starts.clone()
-            starts[:, 0] = True  # a sequence starts with a document
+        starts, valid = self._document_starts(x, state, doc_starts, valid)
         weights, momentum, buffer, tail, doc_pos = self._document_state(state, x)
         p = 0 if prefix is None else prefix.shape[1]
-        lay = stream_layout(starts, doc_pos, p, n)
+        lay = stream_layout(starts, doc_pos, p, n, valid)
         S, heads = lay.doc.shape[1], (lambda t: t.repeat_interleave(H, 0))
+        slot_h = heads(lay.slot)
 
         # Projections before the conv, on the stream: P at prefix slots, the conv tail before slot r
-        cont = ~starts[:, 0]  # the row continues the state's document
         u = F.linear(x, self.w_qkv)
         base = u.new_zeros(B, S, 3 * D)
         if p:
             up = F.linear(prefix.to(x.dtype), self.w_qkv)[0][lay.prefix_index.clamp(min=0)]
             base = torch.where(lay.prefix_index[..., None] >= 0, up, base)
-        base = scatter_slots(base, u, lay.slot)
-        at = (doc_pos % n * cont)[:, None] + torch.arange(K - 1, device=x.device)  # tail slots
-        stream = scatter_slots(
-            torch.cat([torch.zeros_like(tail), base], 1), tail.to(u.dtype) * cont[:, None, None], at
+        # one more slot, S, for the tokens that are not valid
+        base = scatter_slots(F.pad(base, (0, 0, 0, 1)), u, lay.slot)[:, :S]
+        conv, u_s, doc_s = conv_on_stream(
+            base, lay.doc, tail, doc_pos % n, lay.continues, self.conv
         )
-        doc = torch.cat([lay.doc.new_full((B, K - 1), -1), lay.doc], 1)
-        doc = doc.scatter(1, at, torch.where(cont, 0, -1)[:, None].expand_as(at))
-        qkv = F.silu(doc_causal_conv(stream, doc, self.conv))
-        q, k, v = (upcast(self._heads(t)) for t in qkv.split(D, dim=-1))
+        q, k, v = (upcast(self._heads(t)) for t in F.silu(conv).split(D, dim=-1))
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
 
         gates = []
         pidx = heads(lay.prefix_index)
         for g, pg in zip(self._gates(x), self._gates(prefix.to(x.dtype)) if p else [None] * 3):
-            base = g.new_zeros(B * H, S, g.shape[-1])
+            base = g.new_zeros(B * H, S + 1, g.shape[-1])
             if p:
                 pg = pg.repeat(B, 1, 1).gather(
                     1, pidx.clamp(min=0)[..., None].expand(-1, -1, g.shape[-1])
                 )
-                base = torch.where(pidx[..., None] >= 0, pg, base)
-            gates.append(scatter_slots(base, g, heads(lay.slot)))
-        k, v, *gates = self._with_buffer(buffer, heads(lay.buffered), k, v, *gates)
+                base[:, :S] = torch.where(pidx[..., None] >= 0, pg, 0)
+            gates.append(scatter_slots(base, g, slot_h)[:, :S])
+        k, v, *gates = place_buffer(buffer, heads(lay.buffered), k, v, *gates)
 
         flags = DocFlags(self._initial(B)[0], heads(lay.reset), heads(lay.commit))
         with autocast_off(x.device.type):
@@ -324,29 +345,18 @@ class NeuralMemory(nn.Module):
 
         # The state: every row's unfinished chunk, the conv inputs of its last document's last slots
         idx = (lay.end - lay.tail)[:, None] + torch.arange(n, device=x.device)
-        valid = heads(torch.arange(n, device=x.device) < lay.tail[:, None])[..., None]
-        idx_h = heads(idx.clamp(max=S - 1))
-        buffer = tuple(torch.where(valid, gather_slots(t, idx_h), 0) for t in (k, v, *gates))
-        at = lay.end[:, None] + torch.arange(K - 1, device=x.device)
-        same = doc.gather(1, at) == lay.doc.gather(1, (lay.end - 1)[:, None])
-        tail = torch.where(same[..., None], gather_slots(stream, at), 0)
+        kept = heads(torch.arange(n, device=x.device) < lay.tail[:, None])[..., None]
+        idx_h = heads(idx.clamp(max=max(S - 1, 0)))
+        buffer = tuple(torch.where(kept, gather_slots(t, idx_h), 0) for t in (k, v, *gates))
+        tail = conv_tail_at(u_s, doc_s, lay.end, starts.long().sum(1), K)
         pos = (state.pos if state is not None else 0) + T
         new_state = MemoryState(weights, momentum, buffer, tail, pos, lay.doc_pos)
 
-        y = self.out_norm(gather_slots(y, heads(lay.slot)).to(x.dtype))
+        y = gather_slots(y, slot_h.clamp(max=max(S - 1, 0)))
+        if valid is not None:
+            y = y * heads(valid)[..., None]
+        y = self.out_norm(y.to(x.dtype))
         return self.to_out(self._merge(y, B) * F.silu(self.to_gate(x))), new_state
-
-    @staticmethod
-    def _with_buffer(buffer, buffered: Tensor, *stream: Tensor) -> list[Tensor]:
-        """The state's buffered k, v and gates (post-conv) at their slots 0..r-1."""
-        if buffer is None:
-            return list(stream)
-        S, mask = stream[0].shape[1], buffered[..., None]
-        out = []
-        for b, t in zip(buffer, stream):
-            b = b[:, :S] if b.shape[1] >= S else F.pad(b, (0, 0, 0, S - b.shape[1]))
-            out.append(torch.where(mask, b.to(t.dtype), t))
-        return out
 
     def _retrieve(
         self, x: Tensor, state: MemoryState | None, queries: Tensor | None

@@ -15,15 +15,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
 @dataclass
 class StreamLayout:
-    slot: Tensor  # [B, T] stream slot of every token
+    slot: Tensor  # [B, T] stream slot of every token (S for a token that is not valid)
     doc: Tensor  # [B, S] document of every slot: 0 = the continued one, -1 = padding
     prefix_index: Tensor  # [B, S] which persistent token a slot holds, -1 if none
     buffered: Tensor  # [B, S] bool: slot holds one of the state's buffered tokens
+    continues: Tensor  # [B] bool: the row goes on with the state's document
+    first_slot: Tensor  # [B, T + 1] first slot of every document (P included), by document id
     reset: Tensor  # [B, chunks] bool: a document starts at the chunk's first slot
     commit: Tensor  # [B, chunks] bool: False for a row's unfinished tail and its padding
     end: Tensor  # [B] one past the last used slot of the row
@@ -35,29 +38,35 @@ def _exclusive_cumsum(x: Tensor) -> Tensor:
     return x.cumsum(1) - x
 
 
-def stream_layout(starts: Tensor, doc_pos: Tensor, prefix: int, chunk: int) -> StreamLayout:
+def stream_layout(
+    starts: Tensor, doc_pos: Tensor, prefix: int, chunk: int, valid: Tensor | None = None
+) -> StreamLayout:
     """Layout of one call. starts: [B, T] bool, True where a document starts (in the call's
-    coordinates); doc_pos: [B] stream tokens the continued document had before the call."""
+    coordinates); doc_pos: [B] stream tokens the continued document had before the call; valid:
+    [B, T] bool, the tokens that exist (others get no slot: their ``slot`` is S, one past the end).
+    """
     B, T = starts.shape
     dev = starts.device
+    valid = torch.ones_like(starts) if valid is None else valid
+    starts = starts & valid
     did = starts.long().cumsum(1)  # document of every token; 0 = continued from the state
-    cnt = torch.zeros(B, T + 1, dtype=torch.long, device=dev).scatter_add_(
-        1, did, torch.ones_like(did)
-    )
+    cnt = torch.zeros(B, T + 1, dtype=torch.long, device=dev).scatter_add_(1, did, valid.long())
+    continues = (cnt[:, 0] > 0) | ~starts.any(1)  # the state's document goes on in this call
     j = torch.arange(T + 1, device=dev)
     r = doc_pos % chunk
     offset = torch.where(j == 0, r[:, None], prefix)  # slots before a document's first token
-    used = torch.where(cnt > 0, cnt + offset, 0)
+    used = torch.where((cnt > 0) | ((j == 0) & continues[:, None]), cnt + offset, 0)
     alloc = (used + chunk - 1) // chunk * chunk
     first_slot = _exclusive_cumsum(alloc)  # chunk-aligned start of every document
     first_token = _exclusive_cumsum(cnt)
-    t = torch.arange(T, device=dev)
-    slot = (first_slot + offset - first_token).gather(1, did) + t
+    rank = valid.long().cumsum(1) - 1  # index among the row's valid tokens
+    slot = (first_slot + offset - first_token).gather(1, did) + rank
 
     last = did[:, -1]
     used_last = used.gather(1, last[:, None])[:, 0]
     end = first_slot.gather(1, last[:, None])[:, 0] + used_last
     S = int(end.max())
+    slot = torch.where(valid, slot, S)
     doc = torch.full((B, S + 1), -1, dtype=torch.long, device=dev)  # slot S: a dump for masked
     doc.scatter_(1, slot, did)
     prefix_index = torch.full_like(doc, -1)
@@ -67,7 +76,7 @@ def stream_layout(starts: Tensor, doc_pos: Tensor, prefix: int, chunk: int) -> S
         prefix_index.scatter_(1, p_slot.flatten(1), i.expand(B, T, prefix).flatten(1))
         doc.scatter_(1, p_slot.flatten(1), did[..., None].expand(B, T, prefix).flatten(1))
     s = torch.arange(S + 1, device=dev)
-    buffered = (s < r[:, None]) & (cnt[:, :1] > 0)
+    buffered = (s < r[:, None]) & continues[:, None]
     doc = torch.where(buffered, 0, doc)
     doc, prefix_index, buffered = doc[:, :S], prefix_index[:, :S], buffered[:, :S]
 
@@ -75,14 +84,14 @@ def stream_layout(starts: Tensor, doc_pos: Tensor, prefix: int, chunk: int) -> S
     starts_at = torch.where(starts, (slot - prefix) // chunk, chunks)
     reset = torch.zeros(B, chunks + 1, dtype=torch.bool, device=dev)
     reset.scatter_(1, starts_at, torch.ones_like(starts))
+    reset = reset[:, :chunks]  # the last column took the masked scatters
     pad = torch.full((B, chunks * chunk - S), -1, dtype=torch.long, device=dev)
     commit = (torch.cat([doc, pad], 1).view(B, chunks, chunk) >= 0).all(-1)
-    reset = reset[:, :chunks]  # the last column took the masked scatters
     commit[:, :-1] |= reset[:, 1:]  # a tail the next chunk resets anyway: commit it, no select
     tail = used_last % chunk
     doc_pos = torch.where(last == 0, doc_pos + cnt[:, 0], used_last)
     return StreamLayout(
-        slot, doc, prefix_index, buffered, reset[:, :chunks], commit, end, tail, doc_pos
+        slot, doc, prefix_index, buffered, continues, first_slot, reset, commit, end, tail, doc_pos
     )
 
 
@@ -112,3 +121,41 @@ def doc_causal_conv(u: Tensor, doc: Tensor, weight: Tensor) -> Tensor:
     for j in range(1, K):
         y = y + u[:, j : j + S] * w[j] * (doc[:, j : j + S] == here)[..., None]
     return y
+
+
+def conv_on_stream(
+    base: Tensor, doc: Tensor, tail: Tensor, first: Tensor, continues: Tensor, weight: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The causal conv over a stream. base: [B, S, C] inputs at their slots, doc: [B, S];
+    tail: [B, K-1, C], the continued document's last K-1 inputs, which precede slot ``first`` [B]
+    in rows that continue (``continues`` [B]). Returns (output [B, S, C], inputs and documents
+    with the K-1 slots before the stream, for ``conv_tail_at``)."""
+    K = weight.shape[-1]
+    at = (first * continues)[:, None] + torch.arange(K - 1, device=base.device)
+    keep = continues[:, None, None].to(base.dtype)
+    u = scatter_slots(torch.cat([torch.zeros_like(tail), base], 1), tail.to(base.dtype) * keep, at)
+    d = torch.cat([doc.new_full((doc.shape[0], K - 1), -1), doc], 1)
+    d = d.scatter(1, at, torch.where(continues, 0, -1)[:, None].expand_as(at))
+    return doc_causal_conv(u, d, weight), u, d
+
+
+def conv_tail_at(u: Tensor, d: Tensor, end: Tensor, doc: Tensor, kernel: int) -> Tensor:
+    """The kernel-1 conv inputs before slot ``end`` [B] that belong to document ``doc`` [B] (zeros
+    before it started): the conv tail a later call continues from. u, d from ``conv_on_stream``
+    (slot s sits at index s + kernel - 1 there)."""
+    at = end[:, None] + torch.arange(kernel - 1, device=u.device)
+    same = d.gather(1, at) == doc[:, None]
+    return torch.where(same[..., None], gather_slots(u, at), 0)
+
+
+def place_buffer(buffer: tuple[Tensor, ...] | None, buffered: Tensor, *stream: Tensor) -> list:
+    """The state's buffered k, v and gates (post-conv, [G, chunk, .]) put at their slots 0..r-1
+    of the streams [G, S, .] (``buffered`` [G, S])."""
+    if buffer is None:
+        return list(stream)
+    S, mask = stream[0].shape[1], buffered[..., None]
+    out = []
+    for b, t in zip(buffer, stream):
+        b = b[:, :S] if b.shape[1] >= S else F.pad(b, (0, 0, 0, S - b.shape[1]))
+        out.append(torch.where(mask, b.to(t.dtype), t))
+    return out
