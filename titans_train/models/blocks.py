@@ -12,12 +12,14 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import Causal, KeyGroup, Visible
 from .config import ModelConfig
 from .layers import KV, SelfAttention, SwiGLU, append_kv
 from .memory import MemoryState, NeuralMemory
+from .memory_docs import StreamLayout, gather_slots, scatter_slots, stream_layout
 from .policy import no_weight_decay, residual_proj
 from .runtime import RuntimeConfig, runtime_from_legacy
 
@@ -30,6 +32,7 @@ class BlockState:
     mem: MemoryState | None = None  # the memory this block writes
     retr: MemoryState | None = None  # MAC: retrieval view (segment-start weights, own conv tail)
     prefix: Tensor | None = None  # MAL: persistent tokens after the memory sublayer
+    doc_pos: Tensor | None = None  # with documents: [B] tokens of each row's current document
 
     def detach(self) -> BlockState:
         def d(x):
@@ -42,6 +45,7 @@ class BlockState:
             self.mem and self.mem.detach(),
             self.retr and self.retr.detach(),
             None if self.prefix is None else self.prefix.detach(),
+            self.doc_pos,
         )
 
 
@@ -81,13 +85,23 @@ class Block(nn.Module):
         if self.persistent is not None:
             no_weight_decay(self, "persistent")
 
-    def forward(self, x: Tensor, state: BlockState | None = None) -> tuple[Tensor, BlockState]:
+    def forward(
+        self, x: Tensor, state: BlockState | None = None, doc_starts: Tensor | None = None
+    ) -> tuple[Tensor, BlockState]:
+        """``doc_starts`` ([B, T] bool): documents packed in each row restart at the marked tokens
+        (docs/memory.md, "Documents"); a state that has seen documents keeps using them."""
         st = replace(state) if state is not None else BlockState()
-        x, st = self.mix(x, st)
+        if doc_starts is None and st.doc_pos is None:
+            x, st = self.mix(x, st)
+        else:
+            x, st = self.mix_documents(x, st, document_starts(x, st, doc_starts))
         return x + self.mlp(self.norm2(x)), st
 
     def mix(self, x: Tensor, st: BlockState) -> tuple[Tensor, BlockState]:
         raise NotImplementedError
+
+    def mix_documents(self, x: Tensor, st: BlockState, starts: Tensor) -> tuple[Tensor, BlockState]:
+        raise NotImplementedError(f"{type(self).__name__} does not take doc_starts yet")
 
     def write_memory(self, xn: Tensor, st: BlockState) -> tuple[Tensor, MemoryState]:
         """Memory over P || xn: P is written once, at the start of a sequence; its reads dropped."""
@@ -97,6 +111,49 @@ class Block(nn.Module):
             m, mem = self.memory(torch.cat([p, xn], dim=1))
             return m[:, n_p:], mem
         return self.memory(xn, st.mem)
+
+    def write_documents(
+        self, xn: Tensor, st: BlockState, starts: Tensor
+    ) -> tuple[Tensor, MemoryState]:
+        """Memory over P || document for every document packed in xn: P at each start."""
+        p = None if self.persistent is None else self.persistent.to(xn.dtype)
+        return self.memory(xn, st.mem, doc_starts=starts, prefix=p)
+
+
+def document_starts(x: Tensor, st: BlockState, doc_starts: Tensor | None) -> Tensor:
+    """[B, T] bool starts, checked; a row with no earlier tokens starts a document at 0."""
+    B, T = x.shape[:2]
+    if doc_starts is None:
+        return torch.zeros(B, T, dtype=torch.bool, device=x.device)
+    if tuple(doc_starts.shape) != (B, T):
+        raise ValueError(f"doc_starts has shape {tuple(doc_starts.shape)}, expected {(B, T)}")
+    starts = doc_starts.to(device=x.device, dtype=torch.bool)
+    if st.pos == 0 and st.doc_pos is None:
+        starts = starts.clone()
+        starts[:, 0] = True
+    return starts
+
+
+def grid_positions(lay: StreamLayout, doc_pos: Tensor, align: int, length: int) -> Tensor:
+    """Every grid slot's position inside its document ([B, length]; 0 for padding): RoPE
+    restarts at each document (docs/memory.md, "Documents")."""
+    doc = F.pad(lay.doc, (0, length - lay.doc.shape[1]), value=-1)
+    s = torch.arange(length, device=doc.device)
+    first = lay.first_slot.gather(1, doc.clamp(min=0))
+    pos = s - first + torch.where(doc == 0, (doc_pos - doc_pos % align)[:, None], 0)
+    return torch.where(doc >= 0, pos, 0)
+
+
+def on_grid(values: Tensor, slot: Tensor, length: int) -> Tensor:
+    """Tokens [B, T, C] at their grid slots [B, T] of a zero grid [B, length, C]."""
+    grid = values.new_zeros(values.shape[0], length + 1, values.shape[-1])
+    return scatter_slots(grid, values, slot.clamp(max=length))[:, :length]
+
+
+def row_window(t: Tensor, start: Tensor, n: int) -> Tensor:
+    """t [B, H, S, d] at slots start_b .. start_b + n - 1 of each row -> [B, H, n, d]."""
+    idx = (start[:, None] + torch.arange(n, device=t.device)).clamp(max=t.shape[2] - 1)
+    return t.gather(2, idx[:, None, :, None].expand(t.shape[0], t.shape[1], n, t.shape[3]))
 
 
 class TransformerBlock(Block):
@@ -149,6 +206,10 @@ class LMMBlock(Block):
     def mix(self, x, st):
         m, mem = self.write_memory(self.norm1(x), st)
         return x + m, replace(st, pos=st.pos + x.shape[1], mem=mem)
+
+    def mix_documents(self, x, st, starts):
+        m, mem = self.write_documents(self.norm1(x), st, starts)
+        return x + m, replace(st, pos=st.pos + x.shape[1], mem=mem, doc_pos=mem.doc_pos)
 
 
 class MALBlock(Block):
@@ -242,6 +303,90 @@ class MACBlock(Block):
         m, mem = self.memory(self.y_norm(y), st.mem)
         st = replace(st, pos=pos + n, kv=kv, kv_mem=kv_mem, mem=mem, retr=retr)
         return self.combine(y, m), st
+
+    def mix_documents(self, x, st, starts):
+        """``mix`` with packed documents, on a grid where every document starts on a segment
+        boundary (``stream_layout`` aligned to C): a grid segment then holds one document per row,
+        so the segment loop and its Causal rules stay as they are. Slots of segment 0 that an
+        earlier call filled take their keys from the state's caches (``held``)."""
+        B, T, _ = x.shape
+        C, dev = self.cfg.segment_len, x.device
+        doc_pos = st.doc_pos
+        if doc_pos is None:  # a state written without documents: one document so far
+            doc_pos = torch.full((B,), st.pos, dtype=torch.long, device=dev)
+        lay = stream_layout(starts, doc_pos, 0, C)
+        S = -(-lay.doc.shape[1] // C) * C
+        valid = on_grid(x.new_ones(B, T, 1), lay.slot, S)[..., 0] > 0
+        begins = on_grid(starts[..., None].to(x.dtype), lay.slot, S)[..., 0] > 0
+        pos = grid_positions(lay, doc_pos, C, S)
+        xg = on_grid(self.norm1(x), lay.slot, S)
+        q, q_nope, k, v = self.attn.project(xg, pos)
+        phase = torch.where(lay.continues, doc_pos % C, 0)
+        held = (torch.arange(S, device=dev) < phase[:, None])[:, None, :, None]
+        if st.kv is not None:
+            k, v = (torch.where(held, fit(c, S), t) for c, t in zip(st.kv, (k, v)))
+
+        mem, tail, outs, h_keys, retr_ws = st.mem, None, [], [], []
+        if st.retr is not None:
+            tail = st.retr.conv_tail
+        prefix = [] if self.persistent is None else [self.attn.prefix_group(self.persistent, B)]
+        for g in range(S // C):
+            sl, rule = slice(g * C, (g + 1) * C), Causal(q_start=g * C, k_start=g * C, segment=C)
+            weights = mem.weights if mem is not None else None
+            if g == 0 and st.retr is not None and st.retr.weights is not None:
+                mid = (phase > 0).repeat_interleave(self.memory.heads, 0)[:, None, None]
+                weights = [torch.where(mid, a, b) for a, b in zip(st.retr.weights, weights)]
+            retr_in = MemoryState(weights, None, None, tail)
+            docs = dict(read_only=True, doc_starts=begins[:, sl], valid=valid[:, sl])
+            if self.mem_queries is None:
+                h, retr = self.memory(xg[:, sl], retr_in, **docs)
+                _, _, hk, hv = self.attn.project(self.h_norm(h), pos[:, sl])
+                if g == 0 and st.kv_mem is not None:
+                    hk, hv = (
+                        torch.where(held[:, :, :C], fit(c, C), t)
+                        for c, t in zip(st.kv_mem, (hk, hv))
+                    )
+                group = KeyGroup(hk, hv, rule)
+            else:
+                h, retr = self.memory(xg[:, sl], retr_in, queries=self.mem_queries, **docs)
+                group = self.attn.prefix_group(self.h_norm(h), B)
+                hk, hv = group.k, group.v
+                if g == 0 and st.kv_mem is not None:
+                    mid = (phase > 0)[:, None, None, None]
+                    hk, hv = (torch.where(mid, c, t) for c, t in zip(st.kv_mem, (hk, hv)))
+                group = KeyGroup(hk, hv, Visible())
+            groups = [*prefix, group, KeyGroup(k[:, :, sl], v[:, :, sl], rule)]
+            y = self.attn.attend(q[:, :, sl], q_nope[:, :, sl], groups)
+            m, mem = self.memory(self.y_norm(y), mem, doc_starts=begins[:, sl], valid=valid[:, sl])
+            outs.append(self.combine(y, m))
+            h_keys.append((hk, hv))
+            retr_ws.append(retr.weights)
+            tail = retr.conv_tail
+
+        # The state: each row's last segment (its caches, its retrieval weights)
+        last = (lay.end - 1).clamp(min=0) // C
+        kv = tuple(row_window(t, last * C, C) for t in (k, v))
+        if self.mem_queries is None:
+            kv_mem = tuple(row_window(torch.cat(t, 2), last * C, C) for t in zip(*h_keys))
+        else:
+            kv_mem = tuple(pick(list(t), last) for t in zip(*h_keys))
+        rows = last.repeat_interleave(self.memory.heads, 0)
+        retr = MemoryState([pick(list(w), rows) for w in zip(*retr_ws)], None, None, tail)
+        out = gather_slots(torch.cat(outs, 1), lay.slot.clamp(max=S - 1))
+        st = replace(st, pos=st.pos + T, kv=kv, kv_mem=kv_mem, mem=mem, retr=retr)
+        return x + out, replace(st, doc_pos=lay.doc_pos)
+
+
+def fit(t: Tensor, n: int) -> Tensor:
+    """A cache [B, H, c, d] cut or zero-padded to n slots along dim 2."""
+    return t[:, :, :n] if t.shape[2] >= n else F.pad(t, (0, 0, 0, n - t.shape[2]))
+
+
+def pick(per_segment: list[Tensor], index: Tensor) -> Tensor:
+    """Row r of segment index[r] from a list of per-segment tensors [R, ...]."""
+    stacked = torch.stack(per_segment)  # [n, R, ...]
+    idx = index.view(1, -1, *([1] * (stacked.dim() - 2))).expand(1, *stacked.shape[1:])
+    return stacked.gather(0, idx)[0]
 
 
 BLOCKS = {

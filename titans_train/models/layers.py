@@ -21,6 +21,16 @@ def rope_angles(pos0: int, n: int, head_dim: int, theta: float, device) -> tuple
     return ang.cos().float(), ang.sin().float()
 
 
+def rope_at(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin for per-row positions [B, T] (documents restart at 0), shape [B, 1, T, head_dim/2];
+    the same float64 angles as ``rope_angles`` for a row of consecutive positions."""
+    inv = theta ** (
+        -torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim
+    )
+    ang = positions.to(torch.float64)[..., None] * inv
+    return ang.cos().float()[:, None], ang.sin().float()[:, None]
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate [B, H, T, d] by half-split pairs (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -65,11 +75,17 @@ class SelfAttention(nn.Module):
         B, T, _ = t.shape
         return t.view(B, T, self.heads, self.head_dim).transpose(1, 2)
 
-    def project(self, x: Tensor, pos0: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(q rotated, q unrotated, k, v) for x: [B, T, D]; keys rotated unless pos0 is None."""
+    def project(
+        self, x: Tensor, pos0: int | Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(q rotated, q unrotated, k, v) for x: [B, T, D]; keys rotated unless pos0 is None.
+        pos0: the first position (int), or every token's position ([B, T], documents)."""
         q, k, v = (self._split(t) for t in self.qkv(x).chunk(3, dim=-1))
         if pos0 is None:
             return q, q, k, v
+        if isinstance(pos0, Tensor):
+            cos, sin = rope_at(pos0, self.head_dim, self.rope_theta)
+            return apply_rope(q, cos, sin), q, apply_rope(k, cos, sin), v
         cos, sin = rope_angles(pos0, x.shape[1], self.head_dim, self.rope_theta, x.device)
         return apply_rope(q, cos, sin), q, apply_rope(k, cos, sin), v
 

@@ -85,13 +85,22 @@ class TitansLM(nn.Module):
         return n
 
     def forward(
-        self, tokens: Tensor, targets: Tensor | None = None, state: LMState | None = None
+        self,
+        tokens: Tensor,
+        targets: Tensor | None = None,
+        state: LMState | None = None,
+        doc_starts: Tensor | None = None,
     ) -> LMOutput:
-        """tokens: [B, T] ids. targets: [B, T] ids (-100 = ignore). Returns logits, loss, state."""
+        """tokens: [B, T] ids. targets: [B, T] ids (-100 = ignore). Returns logits, loss, state.
+
+        doc_starts: [B, T] bool, True at the first token of each document packed in a row. Every
+        block restarts there (memory, conv, attention, positions), so a document gets the logits
+        it gets alone. Position 0 starts a document only when marked, or with no state.
+        """
         x = self.embed(tokens)
         new_states = []
         for i, block in enumerate(self.blocks):
-            x, s = block(x, None if state is None else state.blocks[i])
+            x, s = block(x, None if state is None else state.blocks[i], doc_starts)
             new_states.append(s)
         logits = self.head(self.norm(x))
         loss = None

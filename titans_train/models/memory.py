@@ -206,8 +206,8 @@ class NeuralMemory(nn.Module):
         ``valid`` ([B, T] bool) leaves out the tokens marked False: not written, read as 0.
         """
         if read_only:
-            if doc_starts is not None:
-                raise ValueError("read-only retrieval takes no doc_starts")
+            if doc_starts is not None or valid is not None:
+                return self._retrieve_documents(x, state, queries, doc_starts, valid)
             return self._retrieve(x, state, queries)
         documents = state is not None and state.doc_pos is not None
         if doc_starts is not None or prefix is not None or valid is not None or documents:
@@ -378,6 +378,44 @@ class NeuralMemory(nn.Module):
             y = mlp_forward(weights, q, self.residual_norm)[0]
         pos = state.pos if state else 0
         return self._merge(y, B).to(x.dtype), MemoryState(weights, momentum, None, tail, pos)
+
+    def _retrieve_documents(
+        self,
+        x: Tensor,
+        state: MemoryState | None,
+        queries: Tensor | None,
+        doc_starts: Tensor | None,
+        valid: Tensor | None,
+    ) -> tuple[Tensor, MemoryState]:
+        """``_retrieve`` over a span whose valid tokens are contiguous in every row (a MAC
+        segment): a row whose document starts in the span reads M_0, its conv starts empty."""
+        B, T, D = x.shape
+        K = self.conv.shape[-1]
+        starts, valid = self._document_starts(x, state, doc_starts, valid)
+        valid = torch.ones_like(starts) if valid is None else valid
+        weights = state.weights if state is not None and state.weights else self._initial(B)[0]
+        fresh = starts.any(1).repeat_interleave(self.heads, 0)[:, None, None]
+        weights = [torch.where(fresh, w0, w) for w0, w in zip(self._initial(B)[0], weights)]
+        tail = state.conv_tail if state is not None else None
+        if queries is None:
+            did = starts.long().cumsum(1)
+            first = valid.long().argmax(1)
+            continues = valid.any(1) & ~starts.gather(1, first[:, None])[:, 0]
+            old = x.new_zeros(B, K - 1, D) if tail is None else tail
+            u = F.linear(x, self.w_qkv[:D]) * valid[..., None]
+            doc = torch.where(valid, did, -1)
+            conv, u_s, d_s = conv_on_stream(u, doc, old, first, continues, self.conv[:D])
+            end = T - valid.flip(1).long().argmax(1)
+            tail = conv_tail_at(u_s, d_s, end, did[:, -1], K)
+            tail = torch.where(valid.any(1)[:, None, None], tail, old)
+            q = self._heads(F.silu(conv))
+        else:
+            q = queries.unsqueeze(0).expand(B, *queries.shape).flatten(0, 1)
+        q = F.normalize(upcast(q), dim=-1)
+        with autocast_off(x.device.type):
+            y = mlp_forward(weights, q, self.residual_norm)[0]
+        pos = (state.pos if state is not None else 0) + T
+        return self._merge(y, B).to(x.dtype), MemoryState(weights, None, None, tail, pos)
 
     def current_weights(self, state: MemoryState) -> tuple[list[Tensor], list[Tensor]]:
         """Materialise M_t and S_t after the last written token (inspection and tests)."""
