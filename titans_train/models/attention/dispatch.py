@@ -31,11 +31,13 @@ from .flex import (
 from .merge import merge_attend
 from .rules import (
     Causal,
+    DocCausal,
     KeyGroup,
     Visible,
     concat_groups,
     dense_mask,
     key_layout,
+    rule_allows,
 )
 
 __all__ = ["BACKENDS", "attend", "attention_backend_report", "select_backend"]
@@ -126,19 +128,35 @@ def _check(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None) -> None:
     b, h, t, d = q.shape
     dv = groups[0].v.shape[-1]
     for i, g in enumerate(groups):
-        if not isinstance(g.rule, (Visible, Causal)):
-            raise ValueError(f"group {i}: rule must be Visible or Causal, got {g.rule!r}")
+        if not isinstance(g.rule, (Visible, Causal, DocCausal)):
+            raise ValueError(
+                f"group {i}: rule must be Visible, Causal or DocCausal, got {g.rule!r}"
+            )
         if g.k.dim() != 4 or g.k.shape[:2] != (b, h) or g.k.shape[-1] != d:
             raise ValueError(f"group {i}: k must be [{b}, {h}, S, {d}], got {tuple(g.k.shape)}")
         if g.v.shape[:-1] != g.k.shape[:-1] or g.v.shape[-1] != dv:
             raise ValueError(f"group {i}: v must be [{b}, {h}, S, {dv}], got {tuple(g.v.shape)}")
         if g.k.dtype != q.dtype or g.v.dtype != q.dtype or g.k.device != q.device:
             raise ValueError(f"group {i}: k, v must match q's dtype and device")
+        if isinstance(g.rule, DocCausal):
+            _check_docs(i, g.rule, b, t, g.k.shape[-2], q.device)
     if any(isinstance(g.rule, Visible) for g in groups):
         if q_nope is None:
             raise ValueError("q_nope is required when a group is Visible (position-free keys)")
         if q_nope.shape != q.shape:
             raise ValueError(f"q_nope must have q's shape {tuple(q.shape)}")
+
+
+def _check_docs(i: int, r: DocCausal, b: int, t: int, s: int, device: torch.device) -> None:
+    for name, want in (("q_doc", (b, t)), ("k_doc", (b, s))):
+        x = getattr(r, name)
+        if tuple(x.shape) != want:
+            raise ValueError(
+                f"group {i}: DocCausal.{name} must be [{want[0]}, {want[1]}] "
+                f"(batch, {'queries' if name == 'q_doc' else 'keys'}), got {tuple(x.shape)}"
+            )
+    if r.q_doc.device != device:
+        raise ValueError(f"group {i}: DocCausal tensors are on {r.q_doc.device}, q is on {device}")
 
 
 # Query block of the windowed SDPA path: a dense mask over all keys is [T, S], quadratic in T;
@@ -147,10 +165,29 @@ SDPA_BLOCK = 256
 
 
 def _sdpa_attend(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None) -> Tensor:
-    causal = [g.rule for g in groups if isinstance(g.rule, Causal)]
+    causal = [g.rule for g in groups if not isinstance(g.rule, Visible)]
     if q.shape[-2] > SDPA_BLOCK and causal and all(r.window is not None for r in causal):
         return _sdpa_blocks(q, groups, q_nope, SDPA_BLOCK)
     return _sdpa_dense(q, groups, q_nope)
+
+
+def _doc_block(g: KeyGroup, t0: int, t1: int) -> KeyGroup | None:
+    """The DocCausal group restricted to queries [t0, t1) and to the span of key indices any of
+    them sees. Positions are per row data, so the span is read off the block's mask (a [B, tb, S]
+    boolean, cheap next to the attention itself; one host sync per block)."""
+    r = g.rule
+    qd, qp = r.q_doc[:, t0:t1], r.q_pos[:, t0:t1]
+    sub = DocCausal(qd, qp, r.k_doc, r.k_pos, r.window, r.segment)
+    dev = qd.device
+    b = torch.arange(qd.shape[0], device=dev)[:, None, None]
+    t = torch.arange(t1 - t0, device=dev)[None, :, None]
+    seen = rule_allows(sub, t, torch.arange(g.k.shape[-2], device=dev)[None, None, :], b)
+    cols = seen.any(dim=1).any(dim=0).nonzero().flatten().tolist()
+    if not cols:
+        return None
+    s0, s1 = cols[0], cols[-1] + 1
+    rule = DocCausal(qd, qp, r.k_doc[:, s0:s1], r.k_pos[:, s0:s1], r.window, r.segment)
+    return KeyGroup(g.k[..., s0:s1, :], g.v[..., s0:s1, :], rule)
 
 
 def _sdpa_blocks(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None, block: int) -> Tensor:
@@ -162,7 +199,11 @@ def _sdpa_blocks(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None, block
         sub = []
         for g in groups:
             r = g.rule
-            if isinstance(r, Causal):  # keys kp with qp0 - W < kp <= qp1 can be visible
+            if isinstance(r, DocCausal):
+                g = _doc_block(g, t0, t1)
+                if g is None:
+                    continue
+            elif isinstance(r, Causal):  # keys kp with qp0 - W < kp <= qp1 can be visible
                 qp0, qp1 = r.q_start + t0, r.q_start + t1 - 1
                 s0 = min(max(0, qp0 - r.window + 1 - r.k_start), g.k.shape[-2])
                 s1 = max(s0, min(g.k.shape[-2], qp1 - r.k_start + 1))
@@ -189,7 +230,9 @@ def _sdpa_dense(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None) -> Ten
             return F.scaled_dot_product_attention(q, g.k, g.v, is_causal=True, scale=scale)
     qq, kk, vv = concat_groups(q, groups, q_nope)
     mask = dense_mask(key_layout(groups), q.shape[-2], q.device)
-    has_key = mask.any(dim=-1, keepdim=True)  # [T, 1]
+    if mask.dim() == 3:  # per row (DocCausal): [B, T, S] -> [B, 1, T, S], broadcast over heads
+        mask = mask[:, None]
+    has_key = mask.any(dim=-1, keepdim=True)  # [T, 1] or [B, 1, T, 1]
     if bool(has_key.all()):
         return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale)
     # Rows with no visible key would be 0/0. Let them see every key (finite, harmless), then
