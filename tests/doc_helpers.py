@@ -86,7 +86,7 @@ CASES = [
     dict(window=3),
     dict(segment=4),
     dict(window=3, segment=4),
-    dict(window=5, prefix=False),
+    dict(window=6, prefix=False),  # cache band of 4 queries x 5 keys: alignment matters
     dict(prefix=False, cache=False),
 ]
 
