@@ -37,7 +37,6 @@ from .rules import (
     concat_groups,
     dense_mask,
     key_layout,
-    rule_allows,
 )
 
 __all__ = ["BACKENDS", "attend", "attention_backend_report", "select_backend"]
@@ -171,23 +170,48 @@ def _sdpa_attend(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None) -> Te
     return _sdpa_dense(q, groups, q_nope)
 
 
-def _doc_block(g: KeyGroup, t0: int, t1: int) -> KeyGroup | None:
-    """The DocCausal group restricted to queries [t0, t1) and to the span of key indices any of
-    them sees. Positions are per row data, so the span is read off the block's mask (a [B, tb, S]
-    boolean, cheap next to the attention itself; one host sync per block)."""
-    r = g.rule
+def _doc_span(r: DocCausal, t0: int, t1: int) -> tuple[int, int]:
+    """A key index span [s0, s1) holding every key that queries [t0, t1) can see (a superset:
+    the block's mask is exact). A key of document d can only be seen if its position lies in
+    [min - W + 1, max] of the positions of d's queries in the block, per row. Tight when each
+    document's block queries have consecutive positions (packed rows). O(B * (tb + S))."""
     qd, qp = r.q_doc[:, t0:t1], r.q_pos[:, t0:t1]
-    sub = DocCausal(qd, qp, r.k_doc, r.k_pos, r.window, r.segment)
-    dev = qd.device
-    b = torch.arange(qd.shape[0], device=dev)[:, None, None]
-    t = torch.arange(t1 - t0, device=dev)[None, :, None]
-    seen = rule_allows(sub, t, torch.arange(g.k.shape[-2], device=dev)[None, None, :], b)
-    cols = seen.any(dim=1).any(dim=0).nonzero().flatten().tolist()
-    if not cols:
-        return None
-    s0, s1 = cols[0], cols[-1] + 1
-    rule = DocCausal(qd, qp, r.k_doc[:, s0:s1], r.k_pos[:, s0:s1], r.window, r.segment)
-    return KeyGroup(g.k[..., s0:s1, :], g.v[..., s0:s1, :], rule)
+    batch, tb = qd.shape
+    ids, inv = torch.unique(torch.cat([qd, r.k_doc], 1), return_inverse=True)
+    row = torch.arange(batch, device=qd.device)[:, None] * ids.numel()
+    iq, ik = (inv[:, :tb] + row).flatten(), inv[:, tb:] + row
+    real, big = qd != -1, torch.iinfo(torch.int64).max
+    lo = torch.full((batch * ids.numel(),), big, device=qd.device)
+    lo = lo.scatter_reduce(0, iq, torch.where(real, qp, big).flatten(), "amin")
+    hi = torch.full_like(lo, -big).scatter_reduce(
+        0, iq, torch.where(real, qp, -big).flatten(), "amax"
+    )
+    cand = (r.k_pos <= hi[ik]) & (r.k_pos >= lo[ik] - (r.window - 1))
+    cols = cand.any(dim=0).nonzero().flatten()
+    if cols.numel() == 0:
+        return 0, 0
+    s0, s1 = cols[[0, -1]].tolist()  # one host sync per block
+    return s0, s1 + 1
+
+
+def _doc_block(g: KeyGroup, t0: int, t1: int) -> KeyGroup | None:
+    """The DocCausal group restricted to queries [t0, t1) and to the keys they can reach.
+
+    The sub-rule and its [B, tb, span] mask are cached on the rule, so a rule reused across
+    layers (build one DocCausal per batch) computes them once."""
+    r = g.rule
+    cache = r.__dict__.setdefault("_sdpa_blocks", {})  # frozen dataclass: no setattr
+    if (t0, t1) not in cache:
+        s0, s1 = _doc_span(r, t0, t1)
+        sub = None
+        if s1 > s0:
+            qd, qp = r.q_doc[:, t0:t1], r.q_pos[:, t0:t1]
+            sub = DocCausal(qd, qp, r.k_doc[:, s0:s1], r.k_pos[:, s0:s1], r.window, r.segment)
+            sub.__dict__["_mask"] = dense_mask(key_layout([KeyGroup(g.k[..., s0:s1, :], g.v, sub)]),
+                                               t1 - t0, qd.device)  # fmt: skip
+        cache[(t0, t1)] = (s0, s1, sub)
+    s0, s1, sub = cache[(t0, t1)]
+    return None if sub is None else KeyGroup(g.k[..., s0:s1, :], g.v[..., s0:s1, :], sub)
 
 
 def _sdpa_blocks(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None, block: int) -> Tensor:

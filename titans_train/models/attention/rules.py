@@ -173,6 +173,9 @@ def dense_mask(layout: Layout, n_queries: int, device: torch.device) -> Tensor:
         batch = next(r.q_doc.shape[0] for r, _, _ in layout if isinstance(r, DocCausal))
         b, t = torch.arange(batch, device=device)[:, None, None], t[None]
     for rule, _, n in layout:
+        if "_mask" in rule.__dict__:  # a DocCausal mask cached by the block-local SDPA path
+            blocks.append(rule.__dict__["_mask"])
+            continue
         s = torch.arange(n, device=device)[None, :]
         blocks.append(rule_allows(rule, t, s if b is None else s[None], b))
     if b is not None:
