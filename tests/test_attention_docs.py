@@ -229,3 +229,33 @@ def flex_imports() -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_flex_compiles_once_across_batches_of_documents():
+    """A new batch brings new document tensors (same shapes): the compiled flex must not
+    recompile for them (the mask_mod reads them as tensors, not as guarded constants)."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    import torch._dynamo
+
+    from titans_train.models.attention.flex import flex_attend
+    from titans_train.models.attention.rules import key_layout
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    for i in range(4):
+        rows = [[(0, 0, 3 + i), (1, 0, 13 - i)], [(2, 0, 9 - i), (-1, 0, 1), (3, 0, 6 + i)]]
+        doc, pos = layout(rows)
+        q, q_nope, k, v = (torch.randn(2, H, 16, D, generator=gen) for _ in range(4))
+        pk, pv = (torch.randn(2, H, 2, D, generator=gen) for _ in range(2))
+        groups = [KeyGroup(pk, pv, Visible()),
+                  KeyGroup(k, v, DocCausal(doc, pos, doc, pos, window=5))]  # fmt: skip
+        out = flex_attend(q, groups, q_nope, key_layout(groups), compile_backend=counting_backend)
+        close(out, sdpa(q, groups, q_nope), tol=1e-5)
+    torch._dynamo.reset()
+    assert len(graphs) <= 2, f"{len(graphs)} graphs for 4 batches of one shape"

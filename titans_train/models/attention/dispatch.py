@@ -1,13 +1,15 @@
 """Window and segment attention with persistent tokens, over three backends.
 
 ``attend(q, groups)`` computes one softmax over the union of the keys of all groups; each group
-says which queries see its keys (``Visible`` or ``Causal``, see ``rules``). Backends:
+says which queries see its keys (``Visible``, ``Causal`` or the per-row ``DocCausal`` of packed
+documents, see ``rules``). Backends:
 
 - "sdpa": ``scaled_dot_product_attention`` with an explicit boolean mask. Runs anywhere, has
   autograd, and is the reference the other two are tested against.
 - "flex": ``flex_attention`` with a ``mask_mod`` (compiled on CUDA; forward-only on CPU).
 - "flash": flash-attn, one call per group (and per segment), merged by log-sum-exp with a
-  custom backward (``merge``, ``flash``). CUDA, fp16/bf16 only.
+  custom backward (``merge``, ``flash``); DocCausal groups through flash's varlen API
+  (``documents``). CUDA, fp16/bf16 only.
 
 ``select_backend`` picks flash, then flex, then sdpa; an explicit choice that cannot run raises.
 """

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .rules import (
     Causal,
+    DocCausal,
     KeyGroup,
     Layout,
     Rule,
@@ -86,15 +87,20 @@ def flex_unusable_reason_for(device: torch.device, needs_grad: bool) -> str | No
 
 def _doc_block_mask(layout: Layout, batch: int, n_q: int, n_k: int, device: torch.device):
     """Per-row block mask for DocCausal: the mask_mod indexes the rule's [B, n] document and
-    position tensors by b. Built per call (it depends on data, so it is never cached); build
-    the rule once per batch and reuse it across layers if the cost matters."""
+    position tensors by b. It depends on data, so it is cached on the DocCausal rule object
+    (not in the module cache): build one rule per batch and reuse it across layers."""
+    owner = next(rule for rule, _, _ in layout if isinstance(rule, DocCausal))
+    cache = owner.__dict__.setdefault("_flex_masks", {})  # frozen dataclass: no setattr
+    key = (layout, n_q, n_k, str(device))  # DocCausal hashes by identity
+    if key not in cache:
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return layout_allows(layout, q_idx, kv_idx, b)
+        def mask_mod(b, h, q_idx, kv_idx):
+            return layout_allows(layout, q_idx, kv_idx, b)
 
-    return _flex_import().create_block_mask(
-        mask_mod, batch, None, n_q, n_k, device=device, _compile=device.type == "cuda"
-    )
+        cache[key] = _flex_import().create_block_mask(
+            mask_mod, batch, None, n_q, n_k, device=device, _compile=device.type == "cuda"
+        )
+    return cache[key]
 
 
 def _block_mask(layout: Layout, n_q: int, n_k: int, device: torch.device):
