@@ -274,7 +274,8 @@ def attend(
     q_nope: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """q: [B, H, T, d] (rotated). q_nope: [B, H, T, d] unrotated, required iff any group is
+    """q: [B, H, T, d] (rotated). Each group's rule is Visible, Causal or DocCausal (packed
+    documents, per row). q_nope: [B, H, T, d] unrotated, required iff any group is
     Visible (ignored otherwise). Softmax is over the union of all groups' visible keys, scale
     1/sqrt(d). Returns [B, H, T, d_v]. A query row with no visible key returns zeros (never NaN).
     """

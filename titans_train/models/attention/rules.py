@@ -50,6 +50,8 @@ class DocCausal:
        (segment is None or k_pos // segment == q_pos // segment).
     All four tensors are int64 [B, T] (queries) and [B, S] (keys), on q's device. Positions
     restart at 0 at every document start (docs/attention.md, "Packed documents").
+    Backends cache data-dependent plans and masks on the rule object: build one per batch,
+    reuse it across layers, and do not modify its tensors in place afterwards.
     """
 
     q_doc: Tensor
