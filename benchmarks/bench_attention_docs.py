@@ -9,9 +9,12 @@ the median of repeats in this process, arms interleaved (set OMP_NUM_THREADS you
   doc_one      DocCausal with one document per row (the same visibility as causal)
   doc_packed   DocCausal with documents of 50..400 tokens, different boundaries per row
   doc_fresh    doc_packed with a new rule object every call (nothing cached: a first layer)
+  causal_full, doc_one_full, doc_packed_full   the same without a window (full attention:
+               Causal takes SDPA's is_causal fast path, DocCausal the block-local path)
 The rules are built once per arm and reused across repeats, as a model reuses one per batch
 across its layers (the block-local path caches its per-block key spans and masks on the rule).
-Writes a JSON list of rows with seconds and the ratio to ``causal``.
+Writes a JSON list of rows with seconds and the ratio to ``causal`` (``causal_full`` for the
+full-attention arms).
 """
 
 from __future__ import annotations
@@ -83,16 +86,23 @@ def main() -> None:
     causal = Causal(0, 0, window=window)
     one = DocCausal(doc1, pos1, doc1, pos1, window=window)
     packed = DocCausal(docp, posp, docp, posp, window=window)
+    full, one_full = Causal(0, 0), DocCausal(doc1, pos1, doc1, pos1)
+    packed_full = DocCausal(docp, posp, docp, posp)
     arms = {
         "causal": lambda: causal,
         "doc_one": lambda: one,
         "doc_packed": lambda: packed,
         "doc_fresh": lambda: DocCausal(docp, posp, docp, posp, window=window),
+        "causal_full": lambda: full,
+        "doc_one_full": lambda: one_full,
+        "doc_packed_full": lambda: packed_full,
     }
     steps = {name: stepper(make, batch, heads, n, d) for name, make in arms.items()}
     rows = [dict(arm=name, seconds=sec) for name, sec in interleaved(steps, repeats).items()]
+    base = {row["arm"]: row["seconds"] for row in rows}
     for row in rows:
-        row.update(ratio=row["seconds"] / rows[0]["seconds"], T=n, B=batch, heads=heads, d=d,
+        ref = "causal_full" if row["arm"].endswith("_full") else "causal"
+        row.update(ratio=row["seconds"] / base[ref], baseline=ref, T=n, B=batch, heads=heads, d=d,
                    window=window, threads=torch.get_num_threads())  # fmt: skip
         print(json.dumps(row))
     if args.out:

@@ -167,7 +167,9 @@ SDPA_BLOCK = 256
 
 def _sdpa_attend(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None) -> Tensor:
     causal = [g.rule for g in groups if not isinstance(g.rule, Visible)]
-    if q.shape[-2] > SDPA_BLOCK and causal and all(r.window is not None for r in causal):
+    # DocCausal blocks pay off without a window too: a block reaches only its own documents.
+    local = [r.window is not None or isinstance(r, DocCausal) for r in causal]
+    if q.shape[-2] > SDPA_BLOCK and causal and all(local):
         return _sdpa_blocks(q, groups, q_nope, SDPA_BLOCK)
     return _sdpa_dense(q, groups, q_nope)
 
@@ -175,7 +177,8 @@ def _sdpa_attend(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None) -> Te
 def _doc_span(r: DocCausal, t0: int, t1: int) -> tuple[int, int]:
     """A key index span [s0, s1) holding every key that queries [t0, t1) can see (a superset:
     the block's mask is exact). A key of document d can only be seen if its position lies in
-    [min - W + 1, max] of the positions of d's queries in the block, per row. Tight when each
+    [min - W + 1, max] of the positions of d's queries in the block, per row (no lower bound
+    without a window). Tight when each
     document's block queries have consecutive positions (packed rows). O(B * (tb + S))."""
     qd, qp = r.q_doc[:, t0:t1], r.q_pos[:, t0:t1]
     batch, tb = qd.shape
@@ -188,7 +191,11 @@ def _doc_span(r: DocCausal, t0: int, t1: int) -> tuple[int, int]:
     hi = torch.full_like(lo, -big).scatter_reduce(
         0, iq, torch.where(real, qp, -big).flatten(), "amax"
     )
-    cand = (r.k_pos <= hi[ik]) & (r.k_pos >= lo[ik] - (r.window - 1))
+    cand = r.k_pos <= hi[ik]
+    if r.window is not None:
+        cand = cand & (r.k_pos >= lo[ik] - (r.window - 1))
+    else:  # no window: every earlier key of a document that has a query in the block
+        cand = cand & (lo[ik] < big)
     cols = cand.any(dim=0).nonzero().flatten()
     if cols.numel() == 0:
         return 0, 0
