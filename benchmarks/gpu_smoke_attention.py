@@ -4,8 +4,9 @@
   model's definition of flash's semantics) over head dims, q/k lengths and windows: out, lse
   and gradients.
 - ``attend_stage``: ``attend()`` with backends flash and compiled flex in bf16 against an fp64
-  CPU SDPA reference, for every attention pattern the models use, forward and gradients; the
-  number of graphs flex compiled is recorded.
+  CPU SDPA reference, for every attention pattern the models use (and packed documents,
+  ``DocCausal``: flash varlen and per-row flex masks), forward and gradients; the number of
+  graphs flex compiled is recorded.
 
 On a GPU both run the real kernels. With ``dry_run`` (CPU) flash is the contract model from
 ``titans_train.testing.flash_contract`` (so the stage checks the harness, not flash-attn) and flex
@@ -24,7 +25,7 @@ import sys
 import torch
 from torch import Tensor
 
-from titans_train.models.attention import Causal, KeyGroup, Visible, attend
+from titans_train.models.attention import Causal, DocCausal, KeyGroup, Visible, attend
 from titans_train.models.attention.flash import flash_api
 from titans_train.models.attention.flex import flex_attend
 from titans_train.models.attention.rules import key_layout
@@ -130,7 +131,29 @@ def patterns(s: int) -> dict:
                             (Causal(0, 0, segment=c), n)]),
         "mac_memory_tokens": (n, [(Visible(), p), (Visible(), 4), (Causal(0, 0, segment=c), n)]),
         "one_query_many_keys": (1, [(Visible(), p), (Causal(n - 1, 0, window=w), n)]),
+        "packed_documents": (n, [(Visible(), p), (_docs(n, s, window=w), n)]),
+        "packed_documents_segment": (n, [(Visible(), p), (_docs(n, s, segment=c), n)]),
     }  # fmt: skip
+
+
+def _docs(n: int, s: int, **kw) -> DocCausal:
+    """Two rows of documents with different boundaries, one padding token in row 1."""
+    cuts = [[0, 5 * s, n], [0, 3 * s, 3 * s + 1, n]]
+    doc = torch.full((2, n), -1, dtype=torch.int64)
+    pos = torch.zeros(2, n, dtype=torch.int64)
+    for b, row in enumerate(cuts):
+        for i, (a, e) in enumerate(zip(row, row[1:])):
+            if not (b == 1 and i == 1):  # row 1's second span is padding
+                doc[b, a:e], pos[b, a:e] = i, torch.arange(e - a)
+    return DocCausal(doc, pos, doc, pos, **kw)
+
+
+def _on(rule, device):
+    """The rule with its per-row tensors on device (DocCausal holds data)."""
+    if not isinstance(rule, DocCausal):
+        return rule
+    moved = (x.to(device) for x in (rule.q_doc, rule.q_pos, rule.k_doc, rule.k_pos))
+    return DocCausal(*moved, rule.window, rule.segment)
 
 
 def _inputs(n_q, spec, d, gen):
@@ -144,7 +167,7 @@ def _run(fn, q, q_nope, groups, dtype, device, grad):
     """Output and gradients of fn(q, groups, q_nope) at dtype/device; grads None if not grad."""
     leaves = [x.detach().to(device, dtype).requires_grad_(grad) for x in (q, q_nope)]
     kv = [(k.detach().to(device, dtype).requires_grad_(grad),
-           v.detach().to(device, dtype).requires_grad_(grad), r)
+           v.detach().to(device, dtype).requires_grad_(grad), _on(r, device))
           for k, v, r in groups]  # fmt: skip
     gs = [KeyGroup(k, v, r) for k, v, r in kv]
     leaves += [t for k, v, _ in kv for t in (k, v)]
@@ -165,6 +188,8 @@ def _graphs() -> int:
 
 def attend_stage(device: torch.device, dry_run: bool) -> dict:
     """attend() with flash and compiled flex in bf16 against fp64 CPU SDPA, every pattern."""
+    import torch._dynamo
+
     cpu_flex = device.type != "cuda"
     d, s = (16, 1) if dry_run else (64, 16)
 
@@ -181,7 +206,9 @@ def attend_stage(device: torch.device, dry_run: bool) -> dict:
 
     cases, failures, gen = [], [], torch.Generator().manual_seed(0)
     graphs_before = _graphs()
-    with _flash_context(device, dry_run):
+    # One graph per pattern shape: past dynamo's recompile_limit (8) the last patterns would
+    # silently run flex uncompiled, so the stage raises the limit for its own calls.
+    with _flash_context(device, dry_run), torch._dynamo.config.patch(recompile_limit=64):
         for name, (n_q, spec) in patterns(s).items():
             q, q_nope, groups = _inputs(n_q, spec, d, gen)
             ref, ref_grads = _run(sdpa, q, q_nope, groups, torch.float64, "cpu", True)

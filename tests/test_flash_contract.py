@@ -10,6 +10,7 @@ import logging
 import sys
 import types
 
+import doc_helpers
 import pytest
 import torch
 
@@ -19,6 +20,7 @@ from titans_train.models.attention import (
     Visible,
     attend,
     attention_backend_report,
+    documents,
 )
 from titans_train.models.attention import flash as attention_flash
 from titans_train.models.attention.flash import make_flash_kernel, reset_flash_import
@@ -28,6 +30,7 @@ from titans_train.testing.flash_contract import (
     installed,
     visible_keys,
 )
+from titans_train.testing.flash_contract_varlen import contract_varlen_forward
 
 B, H, D = 2, 2, 16
 VERSIONS = ["2.6.0", "2.8.3"]
@@ -249,3 +252,106 @@ def test_deterministic_algorithms_select_flash_deterministic_backward():
     finally:
         torch.use_deterministic_algorithms(before)
     assert seen and set(seen) == {False, True} and seen[-1] is True
+
+
+# ---- packed documents (DocCausal) through flash-attn's varlen API ----
+
+
+def check_docs_against_sdpa(case, module):
+    """DocCausal through the flash adapter (varlen, bf16, on `module`) vs fp64 SDPA."""
+    q, q_nope, groups = doc_helpers.make(**doc_helpers.CASES[case], dtype=torch.bfloat16)
+    with installed(module):
+        out, grads = run("flash", q, q_nope, groups)
+    ref, ref_grads = run("sdpa", *upcast(q, q_nope, groups))
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("case", range(len(doc_helpers.CASES)))
+def test_doc_causal_through_flash_varlen_matches_sdpa(case, version):
+    check_docs_against_sdpa(case, flash_attn_module(version))
+
+
+@pytest.mark.parametrize("case", [4])  # a non-square band (cache keys before the queries)
+def test_mutation_varlen_top_left_alignment_is_caught(case):
+    with pytest.raises(AssertionError):
+        check_docs_against_sdpa(case, flash_attn_module("2.8.3", top_left=True))
+
+
+def test_mutation_shifted_cu_seqlens_is_caught(monkeypatch):
+    """A cu_seqlens off by one at a document boundary (total and max kept valid) must fail."""
+    real = documents._calls
+
+    def shifted(*args):
+        calls = real(*args)
+        c = calls[0]
+        cu_q = c.cu_q.clone()
+        cu_q[1] += 1
+        return [c._replace(cu_q=cu_q, max_q=c.max_q + 1), *calls[1:]]
+
+    monkeypatch.setattr(documents, "_calls", shifted)
+    with pytest.raises(AssertionError):
+        check_docs_against_sdpa(5, flash_attn_module("2.8.3"))
+
+
+def test_adapter_passes_int32_cu_seqlens_on_q_device_and_int_max_seqlen():
+    fake = flash_attn_module("2.8.3")
+    fwd, seen = fake.flash_attn_interface._flash_attn_varlen_forward, []
+
+    def recording(q, k, v, **kwargs):
+        seen.append((q.device, kwargs))
+        return fwd(q, k, v, **kwargs)
+
+    fake.flash_attn_interface._flash_attn_varlen_forward = recording
+    recording._init_fn = fwd._init_fn  # keep the custom op's visible signature
+    with installed(fake):
+        run("flash", *doc_helpers.make(window=3, dtype=torch.bfloat16))
+    assert seen
+    for device, kw in seen:
+        for name in ("cu_seqlens_q", "cu_seqlens_k"):
+            assert kw[name].dtype == torch.int32 and kw[name].device == device
+        assert type(kw["max_seqlen_q"]) is int and kw["causal"] is False
+    # one call per band shape; documents attending to themselves with window 3 are (2, 0)
+    assert (2, 0) in {(kw["window_size_left"], kw["window_size_right"]) for _, kw in seen}
+
+
+def varlen_inputs(lengths_q, lengths_k, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lengths_q), 2, 16, generator=gen).bfloat16()
+    k = torch.randn(sum(lengths_k), 2, 16, generator=gen).bfloat16()
+    cu = [torch.tensor([0, *torch.tensor(x).cumsum(0).tolist()], dtype=torch.int32)
+          for x in (lengths_q, lengths_k)]  # fmt: skip
+    return q, k, k.clone(), *cu
+
+
+def test_contract_varlen_aligns_bottom_right_per_sequence():
+    """Each sequence equals a separate flash call with its own lengths (docstring examples)."""
+    q, k, v, cu_q, cu_k = varlen_inputs([2, 5], [5, 2])
+    out, lse = contract_varlen_forward(q, k, v, cu_q, cu_k, 5, 5, 0.25, -1, 0, causal=True)
+    assert lse.shape == (2, 7) and lse.dtype == torch.float32
+    for (a, b), (c, d) in [((0, 2), (0, 5)), ((2, 7), (5, 7))]:
+        o, l = contract_forward(q[None, a:b], k[None, c:d], v[None, c:d], 0.25, -1, 0, True)
+        torch.testing.assert_close(out[a:b], o[0])
+        torch.testing.assert_close(lse[:, a:b], l[0])
+    # second sequence (5 queries, 2 keys): its first three queries see nothing
+    assert bool((lse[:, 2:5] == float("inf")).all()) and bool((out[2:5] == 0).all())
+
+
+def test_contract_varlen_rejects_what_flash_would_mis_run():
+    q, k, v, cu_q, cu_k = varlen_inputs([3, 4], [3, 4])
+
+    def call(cu_q=cu_q, cu_k=cu_k, max_q=4, max_k=4):
+        return contract_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.25, -1, 0, True)
+
+    with pytest.raises(RuntimeError, match="cu_seqlens_q must have dtype int32"):
+        call(cu_q=cu_q.long())
+    with pytest.raises(RuntimeError, match="cu_seqlens_k must be on q's device"):
+        call(cu_k=cu_k.to("meta"))
+    with pytest.raises(RuntimeError, match="cu_seqlens_q must rise from 0 to 7"):
+        call(cu_q=torch.tensor([0, 3, 6], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="max_seqlen is 3"):
+        call(max_q=3)
+    with pytest.raises(RuntimeError, match="cu_seqlens_k must have shape"):
+        call(cu_k=torch.tensor([0, 7], dtype=torch.int32))

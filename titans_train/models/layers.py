@@ -21,18 +21,24 @@ def rope_angles(pos0: int, n: int, head_dim: int, theta: float, device) -> tuple
     return ang.cos().float(), ang.sin().float()
 
 
-def rope_at(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos/sin for per-row positions [B, T] (documents restart at 0), shape [B, 1, T, head_dim/2];
-    the same float64 angles as ``rope_angles`` for a row of consecutive positions."""
+def rope_angles_at(pos: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos/sin for per-row positions pos [B, T] (integer), shape [B, 1, T, head_dim/2] (float32),
+    for ``apply_rope`` on [B, H, T, d]. Packed documents restart positions at 0 per document.
+    A row of consecutive positions p0.. gives exactly ``rope_angles(p0, T, ...)`` (same fp64
+    product, then cast)."""
+    if pos.dim() != 2 or pos.dtype.is_floating_point or pos.dtype == torch.bool:
+        raise ValueError(f"rope_angles_at: pos must be an integer tensor [B, T], got {pos.dtype} "
+                         f"{tuple(pos.shape)}")  # fmt: skip
     inv = theta ** (
-        -torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim
+        -torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float64) / head_dim
     )
-    ang = positions.to(torch.float64)[..., None] * inv
-    return ang.cos().float()[:, None], ang.sin().float()[:, None]
+    ang = pos.to(torch.float64)[:, None, :, None] * inv
+    return ang.cos().float(), ang.sin().float()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate [B, H, T, d] by half-split pairs (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    """Rotate [B, H, T, d] by half-split pairs (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
+    cos/sin: [T, d/2] (``rope_angles``) or [B, 1, T, d/2] (``rope_angles_at``)."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -84,7 +90,7 @@ class SelfAttention(nn.Module):
         if pos0 is None:
             return q, q, k, v
         if isinstance(pos0, Tensor):
-            cos, sin = rope_at(pos0, self.head_dim, self.rope_theta)
+            cos, sin = rope_angles_at(pos0, self.head_dim, self.rope_theta)
             return apply_rope(q, cos, sin), q, apply_rope(k, cos, sin), v
         cos, sin = rope_angles(pos0, x.shape[1], self.head_dim, self.rope_theta, x.device)
         return apply_rope(q, cos, sin), q, apply_rope(k, cos, sin), v

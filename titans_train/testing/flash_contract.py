@@ -21,6 +21,8 @@ Dao-AILab/flash-attention:
 - ``csrc/flash_attn/src/mask.h``: key j is visible to query i iff
   ``i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right`` (bottom-right
   aligned; no bound on a side whose window is negative).
+- the varlen API (``_flash_attn_varlen_forward/backward``, ``mha_varlen_fwd``): modelled in
+  ``flash_contract_varlen.py``.
 - ``csrc/flash_attn/src/softmax.h`` (normalize_softmax_lse) and ``flash_fwd_kernel.h`` (split-KV
   combine): a row with no visible key has out 0 and lse **+inf**; lse is the natural log.
 
@@ -116,6 +118,11 @@ def _scores(q: Tensor, k: Tensor, scale: float, left: int, right: int, top_left:
 def contract_forward(q, k, v, scale, left, right, causal, top_left=False):
     """(out in q's dtype, lse fp32 [B, H, Tq]) for [B, T, H, d] inputs, window not normalised."""
     left, right = normalize_window(left, right, causal, q.shape[1], k.shape[1])
+    return forward_normalised(q, k, v, scale, left, right, top_left)
+
+
+def forward_normalised(q, k, v, scale, left, right, top_left=False):
+    """contract_forward for a window already normalised (varlen normalises with max_seqlen)."""
     s = _scores(q, k, scale, left, right, top_left)
     lse = torch.logsumexp(s, dim=-1)
     lse = torch.where(torch.isneginf(lse), float("inf"), lse)  # empty row: +inf (softmax.h)
@@ -129,6 +136,11 @@ def contract_backward(dout, q, k, v, out, lse, scale, left, right, causal, top_l
     left, right = normalize_window(left, right, causal, q.shape[1], k.shape[1])
     if lse.shape != (q.shape[0], q.shape[2], q.shape[1]) or lse.dtype != torch.float32:
         _fail("softmax_lse must be float32 [batch, heads, seqlen_q]")
+    return grads_normalised(dout, q, k, v, out, lse, scale, left, right, top_left)
+
+
+def grads_normalised(dout, q, k, v, out, lse, scale, left, right, top_left=False):
+    """contract_backward's maths for a window already normalised."""
     h, g = q.shape[2], q.shape[2] // k.shape[2]
     p = torch.exp(_scores(q, k, scale, left, right, top_left) - lse.double()[..., None])
     do, o = dout.double(), out.double()
@@ -266,6 +278,11 @@ def flash_attn_module(version: str = "2.8.3", top_left: bool = False) -> types.M
     iface = types.ModuleType("flash_attn.flash_attn_interface")
     iface._flash_attn_forward, iface._flash_attn_backward = fwd, bwd
     iface.flash_attn_func = _public(top_left)
+    from .flash_contract_varlen import private_varlen  # the varlen half of the contract
+
+    iface._flash_attn_varlen_forward, iface._flash_attn_varlen_backward = private_varlen(
+        version, top_left
+    )
     pkg = types.ModuleType("flash_attn")
     pkg.__version__, pkg.__path__ = version, []
     pkg.flash_attn_interface, pkg.flash_attn_func = iface, iface.flash_attn_func

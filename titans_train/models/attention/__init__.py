@@ -3,11 +3,12 @@
 """
 
 from .dispatch import BACKENDS, attend, attention_backend_report, select_backend
-from .rules import Causal, KeyGroup, Visible
+from .rules import Causal, DocCausal, KeyGroup, Visible
 
 __all__ = [
     "BACKENDS",
     "Causal",
+    "DocCausal",
     "KeyGroup",
     "Visible",
     "attend",

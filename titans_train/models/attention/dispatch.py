@@ -1,13 +1,15 @@
 """Window and segment attention with persistent tokens, over three backends.
 
 ``attend(q, groups)`` computes one softmax over the union of the keys of all groups; each group
-says which queries see its keys (``Visible`` or ``Causal``, see ``rules``). Backends:
+says which queries see its keys (``Visible``, ``Causal`` or the per-row ``DocCausal`` of packed
+documents, see ``rules``). Backends:
 
 - "sdpa": ``scaled_dot_product_attention`` with an explicit boolean mask. Runs anywhere, has
   autograd, and is the reference the other two are tested against.
 - "flex": ``flex_attention`` with a ``mask_mod`` (compiled on CUDA; forward-only on CPU).
 - "flash": flash-attn, one call per group (and per segment), merged by log-sum-exp with a
-  custom backward (``merge``, ``flash``). CUDA, fp16/bf16 only.
+  custom backward (``merge``, ``flash``); DocCausal groups through flash's varlen API
+  (``documents``). CUDA, fp16/bf16 only.
 
 ``select_backend`` picks flash, then flex, then sdpa; an explicit choice that cannot run raises.
 """
@@ -31,6 +33,7 @@ from .flex import (
 from .merge import merge_attend
 from .rules import (
     Causal,
+    DocCausal,
     KeyGroup,
     Visible,
     concat_groups,
@@ -126,19 +129,35 @@ def _check(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None) -> None:
     b, h, t, d = q.shape
     dv = groups[0].v.shape[-1]
     for i, g in enumerate(groups):
-        if not isinstance(g.rule, (Visible, Causal)):
-            raise ValueError(f"group {i}: rule must be Visible or Causal, got {g.rule!r}")
+        if not isinstance(g.rule, (Visible, Causal, DocCausal)):
+            raise ValueError(
+                f"group {i}: rule must be Visible, Causal or DocCausal, got {g.rule!r}"
+            )
         if g.k.dim() != 4 or g.k.shape[:2] != (b, h) or g.k.shape[-1] != d:
             raise ValueError(f"group {i}: k must be [{b}, {h}, S, {d}], got {tuple(g.k.shape)}")
         if g.v.shape[:-1] != g.k.shape[:-1] or g.v.shape[-1] != dv:
             raise ValueError(f"group {i}: v must be [{b}, {h}, S, {dv}], got {tuple(g.v.shape)}")
         if g.k.dtype != q.dtype or g.v.dtype != q.dtype or g.k.device != q.device:
             raise ValueError(f"group {i}: k, v must match q's dtype and device")
+        if isinstance(g.rule, DocCausal):
+            _check_docs(i, g.rule, b, t, g.k.shape[-2], q.device)
     if any(isinstance(g.rule, Visible) for g in groups):
         if q_nope is None:
             raise ValueError("q_nope is required when a group is Visible (position-free keys)")
         if q_nope.shape != q.shape:
             raise ValueError(f"q_nope must have q's shape {tuple(q.shape)}")
+
+
+def _check_docs(i: int, r: DocCausal, b: int, t: int, s: int, device: torch.device) -> None:
+    for name, want in (("q_doc", (b, t)), ("k_doc", (b, s))):
+        x = getattr(r, name)
+        if tuple(x.shape) != want:
+            raise ValueError(
+                f"group {i}: DocCausal.{name} must be [{want[0]}, {want[1]}] "
+                f"(batch, {'queries' if name == 'q_doc' else 'keys'}), got {tuple(x.shape)}"
+            )
+    if r.q_doc.device != device:
+        raise ValueError(f"group {i}: DocCausal tensors are on {r.q_doc.device}, q is on {device}")
 
 
 # Query block of the windowed SDPA path: a dense mask over all keys is [T, S], quadratic in T;
@@ -147,10 +166,61 @@ SDPA_BLOCK = 256
 
 
 def _sdpa_attend(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None) -> Tensor:
-    causal = [g.rule for g in groups if isinstance(g.rule, Causal)]
-    if q.shape[-2] > SDPA_BLOCK and causal and all(r.window is not None for r in causal):
+    causal = [g.rule for g in groups if not isinstance(g.rule, Visible)]
+    # DocCausal blocks pay off without a window too: a block reaches only its own documents.
+    local = [r.window is not None or isinstance(r, DocCausal) for r in causal]
+    if q.shape[-2] > SDPA_BLOCK and causal and all(local):
         return _sdpa_blocks(q, groups, q_nope, SDPA_BLOCK)
     return _sdpa_dense(q, groups, q_nope)
+
+
+def _doc_span(r: DocCausal, t0: int, t1: int) -> tuple[int, int]:
+    """A key index span [s0, s1) holding every key that queries [t0, t1) can see (a superset:
+    the block's mask is exact). A key of document d can only be seen if its position lies in
+    [min - W + 1, max] of the positions of d's queries in the block, per row (no lower bound
+    without a window). Tight when each
+    document's block queries have consecutive positions (packed rows). O(B * (tb + S))."""
+    qd, qp = r.q_doc[:, t0:t1], r.q_pos[:, t0:t1]
+    batch, tb = qd.shape
+    ids, inv = torch.unique(torch.cat([qd, r.k_doc], 1), return_inverse=True)
+    row = torch.arange(batch, device=qd.device)[:, None] * ids.numel()
+    iq, ik = (inv[:, :tb] + row).flatten(), inv[:, tb:] + row
+    real, big = qd != -1, torch.iinfo(torch.int64).max
+    lo = torch.full((batch * ids.numel(),), big, device=qd.device)
+    lo = lo.scatter_reduce(0, iq, torch.where(real, qp, big).flatten(), "amin")
+    hi = torch.full_like(lo, -big).scatter_reduce(
+        0, iq, torch.where(real, qp, -big).flatten(), "amax"
+    )
+    cand = r.k_pos <= hi[ik]
+    if r.window is not None:
+        cand = cand & (r.k_pos >= lo[ik] - (r.window - 1))
+    else:  # no window: every earlier key of a document that has a query in the block
+        cand = cand & (lo[ik] < big)
+    cols = cand.any(dim=0).nonzero().flatten()
+    if cols.numel() == 0:
+        return 0, 0
+    s0, s1 = cols[[0, -1]].tolist()  # one host sync per block
+    return s0, s1 + 1
+
+
+def _doc_block(g: KeyGroup, t0: int, t1: int) -> KeyGroup | None:
+    """The DocCausal group restricted to queries [t0, t1) and to the keys they can reach.
+
+    The sub-rule and its [B, tb, span] mask are cached on the rule, so a rule reused across
+    layers (build one DocCausal per batch) computes them once."""
+    r = g.rule
+    cache = r.__dict__.setdefault("_sdpa_blocks", {})  # frozen dataclass: no setattr
+    if (t0, t1) not in cache:
+        s0, s1 = _doc_span(r, t0, t1)
+        sub = None
+        if s1 > s0:
+            qd, qp = r.q_doc[:, t0:t1], r.q_pos[:, t0:t1]
+            sub = DocCausal(qd, qp, r.k_doc[:, s0:s1], r.k_pos[:, s0:s1], r.window, r.segment)
+            sub.__dict__["_mask"] = dense_mask(key_layout([KeyGroup(g.k[..., s0:s1, :], g.v, sub)]),
+                                               t1 - t0, qd.device)  # fmt: skip
+        cache[(t0, t1)] = (s0, s1, sub)
+    s0, s1, sub = cache[(t0, t1)]
+    return None if sub is None else KeyGroup(g.k[..., s0:s1, :], g.v[..., s0:s1, :], sub)
 
 
 def _sdpa_blocks(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None, block: int) -> Tensor:
@@ -162,7 +232,11 @@ def _sdpa_blocks(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None, block
         sub = []
         for g in groups:
             r = g.rule
-            if isinstance(r, Causal):  # keys kp with qp0 - W < kp <= qp1 can be visible
+            if isinstance(r, DocCausal):
+                g = _doc_block(g, t0, t1)
+                if g is None:
+                    continue
+            elif isinstance(r, Causal):  # keys kp with qp0 - W < kp <= qp1 can be visible
                 qp0, qp1 = r.q_start + t0, r.q_start + t1 - 1
                 s0 = min(max(0, qp0 - r.window + 1 - r.k_start), g.k.shape[-2])
                 s1 = max(s0, min(g.k.shape[-2], qp1 - r.k_start + 1))
@@ -189,7 +263,9 @@ def _sdpa_dense(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None) -> Ten
             return F.scaled_dot_product_attention(q, g.k, g.v, is_causal=True, scale=scale)
     qq, kk, vv = concat_groups(q, groups, q_nope)
     mask = dense_mask(key_layout(groups), q.shape[-2], q.device)
-    has_key = mask.any(dim=-1, keepdim=True)  # [T, 1]
+    if mask.dim() == 3:  # per row (DocCausal): [B, T, S] -> [B, 1, T, S], broadcast over heads
+        mask = mask[:, None]
+    has_key = mask.any(dim=-1, keepdim=True)  # [T, 1] or [B, 1, T, 1]
     if bool(has_key.all()):
         return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale)
     # Rows with no visible key would be 0/0. Let them see every key (finite, harmless), then
@@ -205,7 +281,8 @@ def attend(
     q_nope: Tensor | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """q: [B, H, T, d] (rotated). q_nope: [B, H, T, d] unrotated, required iff any group is
+    """q: [B, H, T, d] (rotated). Each group's rule is Visible, Causal or DocCausal (packed
+    documents, per row). q_nope: [B, H, T, d] unrotated, required iff any group is
     Visible (ignored otherwise). Softmax is over the union of all groups' visible keys, scale
     1/sqrt(d). Returns [B, H, T, d_v]. A query row with no visible key returns zeros (never NaN).
     """

@@ -39,6 +39,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .documents import VarlenKernel, with_documents
 from .merge import BandKernel, BlockPrimitive, piecewise_primitive
 
 
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 CONTRACT_MARK = "__titans_flash_contract__"  # set on titans_train.testing's fake flash_attn
 _FA2_FWD = {"q", "k", "v", "dropout_p", "softmax_scale", "causal", "softcap", "alibi_slopes"}
 _FA2_BWD = {"dout", "q", "k", "v", "out", "softmax_lse", "dq", "dk", "dv", "dropout_p"}
+_VARLEN = {"cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"}
 
 
 def signature_style(fwd: Callable, bwd: Callable) -> str | None:
@@ -69,6 +71,58 @@ def signature_style(fwd: Callable, bwd: Callable) -> str | None:
         if style in fwd_params and style in bwd_params:
             return style
     return None
+
+
+def _window_kwargs(style: str) -> Callable[[int, int], dict]:
+    def window(left: int, right: int) -> dict:
+        if style == "window_size_left":
+            return {"window_size_left": left, "window_size_right": right}
+        return {"window_size": (left, right)}
+
+    return window
+
+
+def make_flash_varlen_kernel(fwd: Callable, bwd: Callable) -> VarlenKernel:
+    """Varlen kernel from flash-attn's private _flash_attn_varlen_forward/backward (2.6-2.8).
+
+    One call covers many sequences (cu_seqlens, int32 on q's device); each sequence's keys are
+    bottom-right aligned to its queries; one window for all; lse is [H, total_q] fp32."""
+    fwd_params, bwd_params = _params(fwd), _params(bwd)
+    style = signature_style(fwd, bwd)
+    if style is None or not (fwd_params >= _VARLEN and bwd_params >= _VARLEN):
+        raise ValueError(
+            f"flash-attn varlen functions have an unknown signature: {sorted(fwd_params)}"
+        )
+    window, lse_index = _window_kwargs(style), 1 if style == "window_size_left" else 5
+
+    def known(kwargs: dict, params: set[str]) -> dict:
+        return {k: val for k, val in kwargs.items() if k in params}
+
+    def lengths(cu_q, cu_k, max_q, max_k) -> dict:
+        return dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
+
+    def forward(q, k, v, cu_q, cu_k, max_q, max_k, left, right, scale):
+        kwargs = dict(
+            **lengths(cu_q, cu_k, max_q, max_k), dropout_p=0.0, softmax_scale=scale,
+            causal=False, softcap=0.0, alibi_slopes=None, return_softmax=False,
+            **window(left, right),
+        )  # fmt: skip
+        res = fwd(q.contiguous(), k.contiguous(), v.contiguous(), **known(kwargs, fwd_params))
+        out, lse = res[0], res[lse_index]  # lse [H, total_q] fp32; +inf on rows with no key
+        return out, torch.where(torch.isinf(lse), float("-inf"), lse)
+
+    def backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, left, right, scale):
+        q, k, v, out, dout = (x.contiguous() for x in (q, k, v, out, dout))
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        kwargs = dict(
+            **lengths(cu_q, cu_k, max_q, max_k), dropout_p=0.0, softmax_scale=scale,
+            causal=False, softcap=0.0, alibi_slopes=None, rng_state=None,
+            deterministic=torch.are_deterministic_algorithms_enabled(), **window(left, right),
+        )  # fmt: skip
+        bwd(dout, q, k, v, out, lse.contiguous(), dq, dk, dv, **known(kwargs, bwd_params))
+        return dq, dk, dv
+
+    return VarlenKernel(forward, backward)
 
 
 def make_flash_kernel(fwd: Callable, bwd: Callable) -> BandKernel:
@@ -121,6 +175,8 @@ def make_flash_kernel(fwd: Callable, bwd: Callable) -> BandKernel:
 class FlashAPI(NamedTuple):
     forward: Callable
     backward: Callable
+    varlen_forward: Callable
+    varlen_backward: Callable
     version: str
     style: str  # "window_size" (2.6.0-2.6.2) or "window_size_left" (2.6.3-2.8.3)
     contract: bool  # the CPU contract model from titans_train.testing, not the CUDA library
@@ -131,7 +187,12 @@ def _flash_import() -> FlashAPI | str:
     """flash-attn's private API, or why it cannot be used (logged once per process)."""
     try:
         import flash_attn
-        from flash_attn.flash_attn_interface import _flash_attn_backward, _flash_attn_forward
+        from flash_attn.flash_attn_interface import (
+            _flash_attn_backward,
+            _flash_attn_forward,
+            _flash_attn_varlen_backward,
+            _flash_attn_varlen_forward,
+        )
     except Exception as e:  # ImportError, or a CUDA/ABI error from the compiled extension
         reason = f"flash_attn does not import ({type(e).__name__}: {e})"
         if not isinstance(e, ModuleNotFoundError) or e.name != "flash_attn":
@@ -139,15 +200,16 @@ def _flash_import() -> FlashAPI | str:
         return reason
     version = str(getattr(flash_attn, "__version__", "unknown"))
     style = signature_style(_flash_attn_forward, _flash_attn_backward)
-    if style is None:
+    varlen = (_flash_attn_varlen_forward, _flash_attn_varlen_backward)
+    if style is None or signature_style(*varlen) != style or not _params(varlen[0]) >= _VARLEN:
         reason = (
-            f"flash_attn {version}: unknown _flash_attn_forward/_flash_attn_backward signature "
+            f"flash_attn {version}: unknown _flash_attn_[varlen_]forward/backward signature "
             "(FA2 2.6-2.8 supported; FA3 is not used)"
         )
         log.warning("flash-attn refused: %s", reason)
         return reason
     contract = hasattr(flash_attn, CONTRACT_MARK)
-    return FlashAPI(_flash_attn_forward, _flash_attn_backward, version, style, contract)
+    return FlashAPI(_flash_attn_forward, _flash_attn_backward, *varlen, version, style, contract)
 
 
 def reset_flash_import() -> None:
@@ -191,4 +253,6 @@ def flash_primitive() -> BlockPrimitive:
     imported = _flash_import()
     if isinstance(imported, str):
         raise RuntimeError(imported)
-    return piecewise_primitive(make_flash_kernel(imported.forward, imported.backward))
+    bands = piecewise_primitive(make_flash_kernel(imported.forward, imported.backward))
+    varlen = make_flash_varlen_kernel(imported.varlen_forward, imported.varlen_backward)
+    return with_documents(bands, varlen)  # DocCausal groups go through flash varlen

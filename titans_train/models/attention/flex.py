@@ -24,11 +24,13 @@ from torch import Tensor
 
 from .rules import (
     Causal,
+    DocCausal,
     KeyGroup,
     Layout,
     Rule,
     concat_groups,
     layout_allows,
+    per_row,
 )
 
 _BLOCK_MASKS: OrderedDict = OrderedDict()
@@ -83,6 +85,24 @@ def flex_unusable_reason_for(device: torch.device, needs_grad: bool) -> str | No
     return None
 
 
+def _doc_block_mask(layout: Layout, batch: int, n_q: int, n_k: int, device: torch.device):
+    """Per-row block mask for DocCausal: the mask_mod indexes the rule's [B, n] document and
+    position tensors by b. It depends on data, so it is cached on the DocCausal rule object
+    (not in the module cache): build one rule per batch and reuse it across layers."""
+    owner = next(rule for rule, _, _ in layout if isinstance(rule, DocCausal))
+    cache = owner.__dict__.setdefault("_flex_masks", {})  # frozen dataclass: no setattr
+    key = (layout, n_q, n_k, str(device))  # DocCausal hashes by identity
+    if key not in cache:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return layout_allows(layout, q_idx, kv_idx, b)
+
+        cache[key] = _flex_import().create_block_mask(
+            mask_mod, batch, None, n_q, n_k, device=device, _compile=device.type == "cuda"
+        )
+    return cache[key]
+
+
 def _block_mask(layout: Layout, n_q: int, n_k: int, device: torch.device):
     layout = tuple((relative_rule(rule), off, n) for rule, off, n in layout)
     key = (layout, n_q, n_k, str(device))
@@ -116,7 +136,10 @@ def flex_attend(
     backend (e.g. "eager", or a counting one in tests) compiles with it on any device.
     """
     qq, kk, vv = concat_groups(q, groups, q_nope)
-    mask = _block_mask(layout, qq.shape[-2], kk.shape[-2], q.device)
+    if per_row(layout):
+        mask = _doc_block_mask(layout, q.shape[0], qq.shape[-2], kk.shape[-2], q.device)
+    else:
+        mask = _block_mask(layout, qq.shape[-2], kk.shape[-2], q.device)
     if compile_backend is not None:
         fn = _compiled_flex(compile_backend)
     else:

@@ -77,7 +77,8 @@ def plan_pieces(rule: Rule, n_q: int, n_k: int) -> list[Piece]:
         return []
     if isinstance(rule, Visible):
         return [Piece(0, n_q, 0, n_k, -1, -1)]
-    assert isinstance(rule, Causal)
+    if not isinstance(rule, Causal):  # DocCausal is data-dependent: documents.with_documents
+        raise ValueError(f"plan_pieces takes Visible or Causal rules, got {type(rule).__name__}")
     delta = rule.q_start - rule.k_start  # key index s visible to query index t iff s - t <= delta
     if rule.segment is None:
         boxes = [(0, n_q, 0, n_k)]

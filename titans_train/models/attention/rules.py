@@ -40,35 +40,95 @@ class Causal:
             raise ValueError(f"Causal.segment must be >= 1 or None, got {self.segment}")
 
 
-Rule = Visible | Causal
+@dataclass(frozen=True, eq=False)  # eq=False: hashed and compared by identity (holds tensors)
+class DocCausal:
+    """Packed documents, given per row. Query (b, t) has document ``q_doc[b, t]`` (-1 = padding)
+    and position ``q_pos[b, t]`` inside it; key (b, s) has ``k_doc[b, s]``, ``k_pos[b, s]``.
+    Key (b, s) is visible to query (b, t) iff
+       k_doc == q_doc != -1  and  k_pos <= q_pos  and
+       (window is None or q_pos - k_pos < window)  and
+       (segment is None or k_pos // segment == q_pos // segment).
+    All four tensors are int64 [B, T] (queries) and [B, S] (keys), on q's device. Positions
+    restart at 0 at every document start (docs/attention.md, "Packed documents").
+    Backends cache data-dependent plans and masks on the rule object: build one per batch,
+    reuse it across layers, and do not modify its tensors in place afterwards.
+    """
+
+    q_doc: Tensor
+    q_pos: Tensor
+    k_doc: Tensor
+    k_pos: Tensor
+    window: int | None = None
+    segment: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("q_doc", "q_pos", "k_doc", "k_pos"):
+            x = getattr(self, name)
+            if not isinstance(x, Tensor) or x.dim() != 2 or x.dtype != torch.int64:
+                got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+                raise ValueError(f"DocCausal.{name} must be an int64 tensor [B, n], got {got}")
+        if self.q_pos.shape != self.q_doc.shape:
+            raise ValueError(
+                f"DocCausal.q_pos must have q_doc's shape {tuple(self.q_doc.shape)}, "
+                f"got {tuple(self.q_pos.shape)}"
+            )
+        if self.k_pos.shape != self.k_doc.shape:
+            raise ValueError(
+                f"DocCausal.k_pos must have k_doc's shape {tuple(self.k_doc.shape)}, "
+                f"got {tuple(self.k_pos.shape)}"
+            )
+        if self.k_doc.shape[0] != self.q_doc.shape[0]:
+            raise ValueError(
+                f"DocCausal.k_doc has batch {self.k_doc.shape[0]}, q_doc has {self.q_doc.shape[0]}"
+            )
+        if len({x.device for x in (self.q_doc, self.q_pos, self.k_doc, self.k_pos)}) != 1:
+            raise ValueError("DocCausal.q_doc, q_pos, k_doc, k_pos must be on one device")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"DocCausal.window must be >= 1 or None, got {self.window}")
+        if self.segment is not None and self.segment < 1:
+            raise ValueError(f"DocCausal.segment must be >= 1 or None, got {self.segment}")
+
+
+Rule = Visible | Causal | DocCausal
 
 
 @dataclass
 class KeyGroup:
     k: Tensor  # [B, H, S, d] (RoPE-rotated by the caller for Causal groups; raw for Visible)
     v: Tensor  # [B, H, S, d]
-    rule: Visible | Causal
+    rule: Visible | Causal | DocCausal
 
 
-def rule_allows(rule: Rule, t: Tensor, s: Tensor) -> Tensor:
+def _positions_allow(qp: Tensor, kp: Tensor, window: int | None, segment: int | None) -> Tensor:
+    ok = kp <= qp
+    if window is not None:
+        ok = ok & (qp - kp < window)
+    if segment is not None:
+        ok = ok & (
+            torch.div(kp, segment, rounding_mode="floor")
+            == torch.div(qp, segment, rounding_mode="floor")
+        )
+    return ok
+
+
+def rule_allows(rule: Rule, t: Tensor, s: Tensor, b: Tensor | None = None) -> Tensor:
     """Boolean visibility of key index s to query index t under one rule.
 
-    t and s are broadcastable integer tensors of indices *within* the query block and the group.
-    Works on plain tensors (SDPA mask) and inside a flex ``mask_mod``.
+    t and s are broadcastable integer tensors of indices *within* the query block and the group;
+    b (batch row indices, broadcastable too) is needed by DocCausal only. Works on plain tensors
+    (SDPA mask) and inside a flex ``mask_mod``.
     """
     if isinstance(rule, Visible):
         return (t >= 0) & (s >= 0)  # all True, with the broadcast shape
-    qp = t + rule.q_start
-    kp = s + rule.k_start
-    ok = kp <= qp
-    if rule.window is not None:
-        ok = ok & (qp - kp < rule.window)
-    if rule.segment is not None:
-        ok = ok & (
-            torch.div(kp, rule.segment, rounding_mode="floor")
-            == torch.div(qp, rule.segment, rounding_mode="floor")
+    if isinstance(rule, DocCausal):
+        if b is None:
+            raise ValueError("DocCausal visibility needs the batch row index b")
+        qd, kd = rule.q_doc[b, t], rule.k_doc[b, s]
+        same = (qd == kd) & (qd != -1)
+        return same & _positions_allow(
+            rule.q_pos[b, t], rule.k_pos[b, s], rule.window, rule.segment
         )
-    return ok
+    return _positions_allow(t + rule.q_start, s + rule.k_start, rule.window, rule.segment)
 
 
 # (rule, offset of the group on the concatenated key axis, number of keys)
@@ -85,25 +145,44 @@ def key_layout(groups: list[KeyGroup]) -> Layout:
     return tuple(out)
 
 
-def layout_allows(layout: Layout, t: Tensor, kv: Tensor) -> Tensor:
+def layout_allows(layout: Layout, t: Tensor, kv: Tensor, b: Tensor | None = None) -> Tensor:
     """Visibility on the concatenated key axis: dispatch kv to its group, then apply the rule.
 
-    The Python loop runs over groups (a handful), never over positions.
+    The Python loop runs over groups (a handful), never over positions. b: batch row (DocCausal).
     """
     allowed = (t < 0) & (kv < 0)  # all False, with the broadcast shape
     for rule, off, n in layout:
         inside = (kv >= off) & (kv < off + n)
-        allowed = allowed | (inside & rule_allows(rule, t, kv - off))
+        s = kv - off
+        if isinstance(rule, DocCausal):  # per-key tensors are indexed: keep s in range
+            s = s.clamp(0, n - 1)
+        allowed = allowed | (inside & rule_allows(rule, t, s, b))
     return allowed
 
 
+def per_row(layout: Layout) -> bool:
+    """True when some rule depends on the batch row (DocCausal): masks are then [B, T, S]."""
+    return any(isinstance(rule, DocCausal) for rule, _, _ in layout)
+
+
 def dense_mask(layout: Layout, n_queries: int, device: torch.device) -> Tensor:
-    """[T, S_total] boolean mask, True where the query may see the key."""
+    """[T, S_total] boolean mask, True where the query may see the key; [B, T, S_total] when a
+    rule is per row (DocCausal)."""
     blocks = []
     t = torch.arange(n_queries, device=device)[:, None]
+    b = None
+    if per_row(layout):
+        batch = next(r.q_doc.shape[0] for r, _, _ in layout if isinstance(r, DocCausal))
+        b, t = torch.arange(batch, device=device)[:, None, None], t[None]
     for rule, _, n in layout:
-        blocks.append(rule_allows(rule, t, torch.arange(n, device=device)[None, :]))
-    return torch.cat(blocks, dim=1)
+        if "_mask" in rule.__dict__:  # a DocCausal mask cached by the block-local SDPA path
+            blocks.append(rule.__dict__["_mask"])
+            continue
+        s = torch.arange(n, device=device)[None, :]
+        blocks.append(rule_allows(rule, t, s if b is None else s[None], b))
+    if b is not None:
+        blocks = [m.expand(b.shape[0], n_queries, m.shape[-1]) for m in blocks]
+    return torch.cat(blocks, dim=-1)
 
 
 def concat_groups(
