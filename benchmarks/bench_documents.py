@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
+from titans_train.models.doc_layout import stream_layout
 from titans_train.models.memory import NeuralMemory
-from titans_train.models.memory_docs import stream_layout
 
 FULL = dict(batch=2, seq=1024, dim=256, heads=4, chunk=16, persistent=4)
 SMOKE = dict(batch=2, seq=64, dim=32, heads=2, chunk=8, persistent=2)

@@ -12,7 +12,14 @@ from titans_train.models import ModelConfig, TitansLM
 VOCAB = 64
 # boundaries: inside a segment/chunk (5, 20), on a segment boundary (8, 16), two in one chunk (8, 9)
 ROWS = [[5, 8, 9, 20], [16], []]
-VARIANTS = [("mac", "per_token"), ("mac", "memory_tokens"), ("lmm", "per_token")]
+VARIANTS = [
+    ("mac", "per_token"),
+    ("mac", "memory_tokens"),
+    ("mag", "per_token"),
+    ("mal", "per_token"),
+    ("lmm", "per_token"),
+    ("transformer", "per_token"),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -120,3 +127,16 @@ def test_bad_doc_starts_shape_names_it():
     m = model("mac")
     with pytest.raises(ValueError, match="doc_starts has shape"):
         m(torch.zeros(2, 8, dtype=torch.long), doc_starts=torch.zeros(2, 7, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("variant,retrieval", VARIANTS)
+def test_a_state_without_documents_continues_with_them(variant, retrieval):
+    """A sequence begun without doc_starts goes on as its first document."""
+    m = model(variant, retrieval)
+    tokens = torch.randint(0, VOCAB, (2, 27))
+    starts = marks(27, [[19], []])
+    with torch.no_grad():
+        whole = m(tokens, doc_starts=starts).logits
+        first = m(tokens[:, :11])
+        rest = m(tokens[:, 11:], state=first.state, doc_starts=starts[:, 11:]).logits
+    torch.testing.assert_close(torch.cat([first.logits, rest], 1), whole, rtol=0, atol=1e-10)

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
+from titans_train.models.doc_layout import stream_layout
 from titans_train.models.memory import NeuralMemory
-from titans_train.models.memory_docs import stream_layout
 
 D, HEADS, CHUNK, NP = 16, 2, 4, 3
 

@@ -12,14 +12,23 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import Causal, KeyGroup, Visible
 from .config import ModelConfig
-from .layers import KV, SelfAttention, SwiGLU, append_kv
+from .doc_layout import (
+    document_positions,
+    document_starts,
+    fit,
+    gather_slots,
+    grid_positions,
+    on_grid,
+    pick,
+    row_window,
+    stream_layout,
+)
+from .layers import KV, Docs, SelfAttention, SwiGLU, append_kv
 from .memory import MemoryState, NeuralMemory
-from .memory_docs import StreamLayout, gather_slots, scatter_slots, stream_layout
 from .policy import no_weight_decay, residual_proj
 from .runtime import RuntimeConfig, runtime_from_legacy
 
@@ -28,6 +37,7 @@ from .runtime import RuntimeConfig, runtime_from_legacy
 class BlockState:
     pos: int = 0  # sequence tokens seen (persistent tokens excluded)
     kv: KV | None = None  # attention keys/values later queries still see
+    kv_docs: Docs | None = None  # with documents: their document (0 = current) and position
     kv_mem: KV | None = None  # MAC: keys/values of the retrieved memory in the current segment
     mem: MemoryState | None = None  # the memory this block writes
     retr: MemoryState | None = None  # MAC: retrieval view (segment-start weights, own conv tail)
@@ -41,6 +51,7 @@ class BlockState:
         return BlockState(
             self.pos,
             d(self.kv),
+            self.kv_docs,
             d(self.kv_mem),
             self.mem and self.mem.detach(),
             self.retr and self.retr.detach(),
@@ -94,7 +105,8 @@ class Block(nn.Module):
         if doc_starts is None and st.doc_pos is None:
             x, st = self.mix(x, st)
         else:
-            x, st = self.mix_documents(x, st, document_starts(x, st, doc_starts))
+            fresh = st.pos == 0 and st.doc_pos is None
+            x, st = self.mix_documents(x, st, document_starts(x, fresh, doc_starts))
         return x + self.mlp(self.norm2(x)), st
 
     def mix(self, x: Tensor, st: BlockState) -> tuple[Tensor, BlockState]:
@@ -112,48 +124,37 @@ class Block(nn.Module):
             return m[:, n_p:], mem
         return self.memory(xn, st.mem)
 
+    def attend_documents(
+        self, xn: Tensor, st: BlockState, starts: Tensor, prefix: Tensor | None
+    ) -> tuple[Tensor, BlockState]:
+        """Sliding-window attention over packed documents; returns the output and the state's
+        attention fields (caches, positions) after the call."""
+        B = xn.shape[0]
+        doc_pos = st.doc_pos
+        if doc_pos is None:  # a state written without documents: one document so far
+            doc_pos = torch.full((B,), st.pos, dtype=torch.long, device=xn.device)
+        docs = document_positions(starts, doc_pos)
+        cache_docs = st.kv_docs
+        if st.kv is not None and cache_docs is None:
+            n = st.kv[0].shape[2]
+            cache_docs = (
+                torch.zeros(B, n, dtype=torch.long, device=xn.device),
+                doc_pos[:, None] - n + torch.arange(n, device=xn.device),
+            )
+        if cache_docs is not None:  # a row that starts a document at 0 sees none of its cache
+            cache_docs = (torch.where(starts[:, :1], -1, cache_docs[0]), cache_docs[1])
+        y, kv, kv_docs = self.attn.sliding_documents(
+            xn, docs, st.kv, cache_docs, self.cfg.window, prefix
+        )
+        pos = st.pos + xn.shape[1]
+        return y, replace(st, pos=pos, kv=kv, kv_docs=kv_docs, doc_pos=docs[1][:, -1] + 1)
+
     def write_documents(
         self, xn: Tensor, st: BlockState, starts: Tensor
     ) -> tuple[Tensor, MemoryState]:
         """Memory over P || document for every document packed in xn: P at each start."""
         p = None if self.persistent is None else self.persistent.to(xn.dtype)
         return self.memory(xn, st.mem, doc_starts=starts, prefix=p)
-
-
-def document_starts(x: Tensor, st: BlockState, doc_starts: Tensor | None) -> Tensor:
-    """[B, T] bool starts, checked; a row with no earlier tokens starts a document at 0."""
-    B, T = x.shape[:2]
-    if doc_starts is None:
-        return torch.zeros(B, T, dtype=torch.bool, device=x.device)
-    if tuple(doc_starts.shape) != (B, T):
-        raise ValueError(f"doc_starts has shape {tuple(doc_starts.shape)}, expected {(B, T)}")
-    starts = doc_starts.to(device=x.device, dtype=torch.bool)
-    if st.pos == 0 and st.doc_pos is None:
-        starts = starts.clone()
-        starts[:, 0] = True
-    return starts
-
-
-def grid_positions(lay: StreamLayout, doc_pos: Tensor, align: int, length: int) -> Tensor:
-    """Every grid slot's position inside its document ([B, length]; 0 for padding): RoPE
-    restarts at each document (docs/memory.md, "Documents")."""
-    doc = F.pad(lay.doc, (0, length - lay.doc.shape[1]), value=-1)
-    s = torch.arange(length, device=doc.device)
-    first = lay.first_slot.gather(1, doc.clamp(min=0))
-    pos = s - first + torch.where(doc == 0, (doc_pos - doc_pos % align)[:, None], 0)
-    return torch.where(doc >= 0, pos, 0)
-
-
-def on_grid(values: Tensor, slot: Tensor, length: int) -> Tensor:
-    """Tokens [B, T, C] at their grid slots [B, T] of a zero grid [B, length, C]."""
-    grid = values.new_zeros(values.shape[0], length + 1, values.shape[-1])
-    return scatter_slots(grid, values, slot.clamp(max=length))[:, :length]
-
-
-def row_window(t: Tensor, start: Tensor, n: int) -> Tensor:
-    """t [B, H, S, d] at slots start_b .. start_b + n - 1 of each row -> [B, H, n, d]."""
-    idx = (start[:, None] + torch.arange(n, device=t.device)).clamp(max=t.shape[2] - 1)
-    return t.gather(2, idx[:, None, :, None].expand(t.shape[0], t.shape[1], n, t.shape[3]))
 
 
 class TransformerBlock(Block):
@@ -166,6 +167,10 @@ class TransformerBlock(Block):
     def mix(self, x, st):
         y, kv = self.attn.sliding(self.norm1(x), st.pos, st.kv, self.cfg.window, self.persistent)
         return x + self.attn_out(y), replace(st, pos=st.pos + x.shape[1], kv=kv)
+
+    def mix_documents(self, x, st, starts):
+        y, st = self.attend_documents(self.norm1(x), st, starts, self.persistent)
+        return x + self.attn_out(y), st
 
 
 class GatedCombine(nn.Module):
@@ -194,6 +199,12 @@ class MAGBlock(Block):
         m, mem = self.write_memory(xn, st)
         y, kv = self.attn.sliding(xn, st.pos, st.kv, self.cfg.window, self.persistent)
         return x + self.combine(y, m), replace(st, pos=st.pos + x.shape[1], kv=kv, mem=mem)
+
+    def mix_documents(self, x, st, starts):
+        xn = self.norm1(x)
+        m, mem = self.write_documents(xn, st, starts)
+        y, st = self.attend_documents(xn, st, starts, self.persistent)
+        return x + self.combine(y, m), replace(st, mem=mem)
 
 
 class LMMBlock(Block):
@@ -240,6 +251,21 @@ class MALBlock(Block):
         y, kv = self.attn.sliding(self.norm_attn(x), st.pos, st.kv, self.cfg.window, p)
         x = x + self.attn_out(y)
         return x, replace(st, pos=st.pos + x.shape[1], kv=kv, mem=mem, prefix=prefix)
+
+    def mix_documents(self, x, st, starts):
+        prefix, p = st.prefix, None
+        if self.persistent is not None:
+            # P after the memory sublayer is the same for every document (M_0, an empty conv):
+            # computed once, as at the start of a sequence
+            p = self.norm1(self.persistent.to(x.dtype))
+            if prefix is None:
+                prefix = self.persistent.to(x.dtype) + self.memory(p)[0]
+                prefix = prefix.expand(x.shape[0], -1, -1)
+        m, mem = self.memory(self.norm1(x), st.mem, doc_starts=starts, prefix=p)
+        x = x + m
+        pn = None if prefix is None else self.norm_attn(prefix)
+        y, st = self.attend_documents(self.norm_attn(x), st, starts, pn)
+        return x + self.attn_out(y), replace(st, mem=mem, prefix=prefix)
 
 
 class MACBlock(Block):
@@ -375,18 +401,6 @@ class MACBlock(Block):
         out = gather_slots(torch.cat(outs, 1), lay.slot.clamp(max=S - 1))
         st = replace(st, pos=st.pos + T, kv=kv, kv_mem=kv_mem, mem=mem, retr=retr)
         return x + out, replace(st, doc_pos=lay.doc_pos)
-
-
-def fit(t: Tensor, n: int) -> Tensor:
-    """A cache [B, H, c, d] cut or zero-padded to n slots along dim 2."""
-    return t[:, :, :n] if t.shape[2] >= n else F.pad(t, (0, 0, 0, n - t.shape[2]))
-
-
-def pick(per_segment: list[Tensor], index: Tensor) -> Tensor:
-    """Row r of segment index[r] from a list of per-segment tensors [R, ...]."""
-    stacked = torch.stack(per_segment)  # [n, R, ...]
-    idx = index.view(1, -1, *([1] * (stacked.dim() - 2))).expand(1, *stacked.shape[1:])
-    return stacked.gather(0, idx)[0]
 
 
 BLOCKS = {

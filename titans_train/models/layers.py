@@ -7,10 +7,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import Causal, KeyGroup, Visible, attend
+from .attention import Causal, DocCausal, KeyGroup, Visible, attend
 from .policy import residual_proj
 
 KV = tuple[Tensor, Tensor]  # keys, values: [B, H, S, d]
+Docs = tuple[Tensor, Tensor]  # documents and positions of tokens or keys: [B, S] int64 each
 
 
 def rope_angles(pos0: int, n: int, head_dim: int, theta: float, device) -> tuple[Tensor, Tensor]:
@@ -125,3 +126,30 @@ class SelfAttention(nn.Module):
         y = self.attend(q, q_nope, groups)
         keep = None if window is None else window - 1
         return y, append_kv(None, *keys, keep)
+
+    def sliding_documents(
+        self,
+        x: Tensor,
+        docs: Docs,
+        cache: KV | None,
+        cache_docs: Docs | None,
+        window: int | None,
+        prefix: Tensor | None = None,
+    ) -> tuple[Tensor, KV, Docs]:
+        """``sliding`` over packed documents: ``docs`` gives each token's document (0 = the one
+        the cache's document-0 keys belong to) and its position inside it, so no query sees a key
+        of another document and RoPE restarts per document. Returns the output, the keys later
+        calls still see, and their documents (0: the call's last document, -1: an earlier one)."""
+        q_doc, q_pos = docs
+        q, q_nope, k, v = self.project(x, q_pos)
+        keys = append_kv(cache, k, v, None)
+        k_doc, k_pos = q_doc, q_pos
+        if cache is not None:
+            k_doc = torch.cat([cache_docs[0], q_doc], 1)
+            k_pos = torch.cat([cache_docs[1], q_pos], 1)
+        groups = [] if prefix is None else [self.prefix_group(prefix, x.shape[0])]
+        groups.append(KeyGroup(*keys, DocCausal(q_doc, q_pos, k_doc, k_pos, window=window)))
+        y = self.attend(q, q_nope, groups)
+        keep = keys[0].shape[2] if window is None else min(window - 1, keys[0].shape[2])
+        last = torch.where(k_doc == q_doc[:, -1:], 0, -1)[:, k_doc.shape[1] - keep :]
+        return y, append_kv(None, *keys, keep), (last, k_pos[:, k_pos.shape[1] - keep :])

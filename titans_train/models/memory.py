@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .memory_docs import (
+from .doc_layout import (
     conv_on_stream,
     conv_tail_at,
     gather_slots,
@@ -299,7 +299,7 @@ class NeuralMemory(nn.Module):
         valid: Tensor | None,
     ) -> tuple[Tensor, MemoryState]:
         """The memory over packed documents: tokens go to a stream where every document starts
-        on a chunk boundary (``memory_docs.stream_layout``), one scan with resets runs over it, and
+        on a chunk boundary (``doc_layout.stream_layout``), one scan with resets runs over it, and
         each token's read comes back from its slot."""
         B, T, D = x.shape
         H, n, K = self.heads, self.chunk_size, self.conv.shape[-1]

@@ -159,3 +159,61 @@ def place_buffer(buffer: tuple[Tensor, ...] | None, buffered: Tensor, *stream: T
         b = b[:, :S] if b.shape[1] >= S else F.pad(b, (0, 0, 0, S - b.shape[1]))
         out.append(torch.where(mask, b.to(t.dtype), t))
     return out
+
+
+def document_starts(x: Tensor, fresh: bool, doc_starts: Tensor | None) -> Tensor:
+    """[B, T] bool starts for x [B, T, D], checked; with no earlier tokens (``fresh``) a document
+    starts at 0."""
+    B, T = x.shape[:2]
+    starts = torch.zeros(B, T, dtype=torch.bool, device=x.device)
+    if doc_starts is not None:
+        if tuple(doc_starts.shape) != (B, T):
+            raise ValueError(f"doc_starts has shape {tuple(doc_starts.shape)}, expected {(B, T)}")
+        starts = doc_starts.to(device=x.device, dtype=torch.bool)
+    if fresh:
+        starts = starts.clone()
+        starts[:, 0] = True
+    return starts
+
+
+def document_positions(starts: Tensor, doc_pos: Tensor) -> tuple[Tensor, Tensor]:
+    """(document, position inside it) of every token, [B, T] each: document 0 continues the
+    state's (its positions go on from ``doc_pos`` [B]), document j starts at the j-th mark."""
+    t = torch.arange(starts.shape[1], device=starts.device)
+    last_start = torch.cummax(torch.where(starts, t, -1), dim=1).values
+    pos = torch.where(last_start >= 0, t - last_start, doc_pos[:, None] + t)
+    return starts.long().cumsum(1), pos
+
+
+def grid_positions(lay: StreamLayout, doc_pos: Tensor, align: int, length: int) -> Tensor:
+    """Every grid slot's position inside its document ([B, length]; 0 for padding): RoPE
+    restarts at each document (docs/memory.md, "Documents")."""
+    doc = F.pad(lay.doc, (0, length - lay.doc.shape[1]), value=-1)
+    s = torch.arange(length, device=doc.device)
+    first = lay.first_slot.gather(1, doc.clamp(min=0))
+    pos = s - first + torch.where(doc == 0, (doc_pos - doc_pos % align)[:, None], 0)
+    return torch.where(doc >= 0, pos, 0)
+
+
+def on_grid(values: Tensor, slot: Tensor, length: int) -> Tensor:
+    """Tokens [B, T, C] at their grid slots [B, T] of a zero grid [B, length, C]."""
+    grid = values.new_zeros(values.shape[0], length + 1, values.shape[-1])
+    return scatter_slots(grid, values, slot.clamp(max=length))[:, :length]
+
+
+def row_window(t: Tensor, start: Tensor, n: int) -> Tensor:
+    """t [B, H, S, d] at slots start_b .. start_b + n - 1 of each row -> [B, H, n, d]."""
+    idx = (start[:, None] + torch.arange(n, device=t.device)).clamp(max=t.shape[2] - 1)
+    return t.gather(2, idx[:, None, :, None].expand(t.shape[0], t.shape[1], n, t.shape[3]))
+
+
+def fit(t: Tensor, n: int) -> Tensor:
+    """A cache [B, H, c, d] cut or zero-padded to n slots along dim 2."""
+    return t[:, :, :n] if t.shape[2] >= n else F.pad(t, (0, 0, 0, n - t.shape[2]))
+
+
+def pick(per_segment: list[Tensor], index: Tensor) -> Tensor:
+    """Row r of segment index[r] from a list of per-segment tensors [R, ...]."""
+    stacked = torch.stack(per_segment)  # [n, R, ...]
+    idx = index.view(1, -1, *([1] * (stacked.dim() - 2))).expand(1, *stacked.shape[1:])
+    return stacked.gather(0, idx)[0]
