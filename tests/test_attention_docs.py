@@ -4,7 +4,18 @@ per-row RoPE positions (CPU, fp64)."""
 
 import pytest
 import torch
-from doc_helpers import CASES, F64, ROWS, D, H, forward_and_grads, layout, make, naive_attend
+from doc_helpers import (
+    CASES,
+    F64,
+    ROWS,
+    D,
+    H,
+    forward_and_grads,
+    irregular,
+    layout,
+    make,
+    naive_attend,
+)
 
 from titans_train.models.attention import Causal, DocCausal, KeyGroup, Visible, attend
 from titans_train.models.attention import dispatch as attention
@@ -199,20 +210,7 @@ def test_attend_checks_doc_tensors_against_q_and_keys():
 def test_irregular_layouts_match_naive_on_every_path(seed, monkeypatch):
     """Document ids out of order, repeated runs of one document, gaps in positions, keys longer
     than queries: the block-local key spans, the varlen bands and flex stay exact."""
-    gen = torch.Generator().manual_seed(seed)
-    n_q, n_k = 11, 14
-    q_doc = torch.randint(-1, 3, (2, n_q), generator=gen)
-    k_doc = torch.randint(-1, 3, (2, n_k), generator=gen)
-    q_pos = torch.randint(0, 9, (2, n_q), generator=gen)
-    k_pos = torch.randint(0, 9, (2, n_k), generator=gen)
-    window, segment = [(4, 3), (4, None), (None, None)][seed]
-    rule = DocCausal(q_doc, q_pos, k_doc, k_pos, window=window, segment=segment)
-
-    def rnd(s, grad=True):
-        return torch.randn(2, H, s, D, generator=gen, dtype=F64).requires_grad_(grad)
-
-    q, q_nope = rnd(n_q), rnd(n_q)
-    groups = [KeyGroup(rnd(2), rnd(2), Visible()), KeyGroup(rnd(n_k), rnd(n_k), rule)]
+    q, q_nope, groups = irregular(seed)
     ref, ref_grads = forward_and_grads(naive_attend, q, q_nope, groups)
     monkeypatch.setattr(attention, "SDPA_BLOCK", 3)
     for run in (sdpa, merged):
