@@ -91,6 +91,26 @@ CASES = [
 ]
 
 
+def irregular(seed, dtype=F64):
+    """Random layouts: document ids out of order, one document in several runs, gaps in
+    positions, padding, more keys than queries (seed 0: window 4 + segment 3; 1: window 4;
+    2: neither)."""
+    gen = torch.Generator().manual_seed(seed)
+    n_q, n_k = 11, 14
+    q_doc = torch.randint(-1, 3, (2, n_q), generator=gen)
+    k_doc = torch.randint(-1, 3, (2, n_k), generator=gen)
+    q_pos = torch.randint(0, 9, (2, n_q), generator=gen)
+    k_pos = torch.randint(0, 9, (2, n_k), generator=gen)
+    window, segment = [(4, 3), (4, None), (None, None)][seed]
+    rule = DocCausal(q_doc, q_pos, k_doc, k_pos, window=window, segment=segment)
+
+    def rnd(s):
+        return torch.randn(2, H, s, D, generator=gen, dtype=F64).to(dtype).requires_grad_()
+
+    q, q_nope = rnd(n_q), rnd(n_q)
+    return q, q_nope, [KeyGroup(rnd(2), rnd(2), Visible()), KeyGroup(rnd(n_k), rnd(n_k), rule)]
+
+
 def leaves(q, q_nope, groups):
     return [q, q_nope, *(t for g in groups for t in (g.k, g.v))]
 

@@ -4,9 +4,27 @@ per-row RoPE positions (CPU, fp64)."""
 
 import pytest
 import torch
-from doc_helpers import CASES, F64, ROWS, D, H, forward_and_grads, layout, make, naive_attend
+from doc_helpers import (
+    CASES,
+    F64,
+    ROWS,
+    D,
+    H,
+    forward_and_grads,
+    irregular,
+    layout,
+    make,
+    naive_attend,
+)
 
-from titans_train.models.attention import Causal, DocCausal, KeyGroup, Visible, attend
+from titans_train.models.attention import (
+    Causal,
+    DocCausal,
+    KeyGroup,
+    Visible,
+    attend,
+    document_positions,
+)
 from titans_train.models.attention import dispatch as attention
 from titans_train.models.attention.documents import MATH_DOC_PRIMITIVE, doc_bands
 from titans_train.models.attention.merge import merge_attend
@@ -199,20 +217,7 @@ def test_attend_checks_doc_tensors_against_q_and_keys():
 def test_irregular_layouts_match_naive_on_every_path(seed, monkeypatch):
     """Document ids out of order, repeated runs of one document, gaps in positions, keys longer
     than queries: the block-local key spans, the varlen bands and flex stay exact."""
-    gen = torch.Generator().manual_seed(seed)
-    n_q, n_k = 11, 14
-    q_doc = torch.randint(-1, 3, (2, n_q), generator=gen)
-    k_doc = torch.randint(-1, 3, (2, n_k), generator=gen)
-    q_pos = torch.randint(0, 9, (2, n_q), generator=gen)
-    k_pos = torch.randint(0, 9, (2, n_k), generator=gen)
-    window, segment = [(4, 3), (4, None), (None, None)][seed]
-    rule = DocCausal(q_doc, q_pos, k_doc, k_pos, window=window, segment=segment)
-
-    def rnd(s, grad=True):
-        return torch.randn(2, H, s, D, generator=gen, dtype=F64).requires_grad_(grad)
-
-    q, q_nope = rnd(n_q), rnd(n_q)
-    groups = [KeyGroup(rnd(2), rnd(2), Visible()), KeyGroup(rnd(n_k), rnd(n_k), rule)]
+    q, q_nope, groups = irregular(seed)
     ref, ref_grads = forward_and_grads(naive_attend, q, q_nope, groups)
     monkeypatch.setattr(attention, "SDPA_BLOCK", 3)
     for run in (sdpa, merged):
@@ -262,3 +267,36 @@ def test_flex_compiles_once_across_batches_of_documents():
         close(out, sdpa(q, groups, q_nope), tol=1e-5)
     torch._dynamo.reset()
     assert len(graphs) <= 2, f"{len(graphs)} graphs for 4 batches of one shape"
+
+
+# ---- document ids and positions from doc_starts ----
+
+
+def test_document_positions_from_doc_starts():
+    starts = torch.tensor([[0, 0, 1, 0, 0, 1, 0], [1, 0, 0, 0, 1, 0, 0]], dtype=torch.bool)
+    doc, pos, (last_doc, next_pos) = document_positions(starts)
+    assert doc.tolist() == [[0, 0, 1, 1, 1, 2, 2], [1, 1, 1, 1, 2, 2, 2]]
+    assert pos.tolist() == [[0, 1, 0, 1, 2, 0, 1], [0, 1, 2, 3, 0, 1, 2]]
+    assert last_doc.tolist() == [2, 2] and next_pos.tolist() == [2, 3]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_document_positions_streamed_in_pieces_equal_one_call(seed):
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.rand(2, 23, generator=gen) < 0.2
+    doc, pos, end = document_positions(starts)
+    cuts = sorted(torch.randperm(22, generator=gen)[:3].add(1).tolist())
+    carry, docs, poss = None, [], []
+    for a, b in zip([0, *cuts], [*cuts, 23]):
+        d, p, carry = document_positions(starts[:, a:b], carry)
+        docs.append(d)
+        poss.append(p)
+    assert torch.equal(torch.cat(docs, 1), doc) and torch.equal(torch.cat(poss, 1), pos)
+    assert all(torch.equal(x, y) for x, y in zip(carry, end))
+
+
+def test_document_positions_rejects_bad_input():
+    with pytest.raises(ValueError, match="doc_starts must be a bool tensor"):
+        document_positions(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="carry must be two int64 tensors"):
+        document_positions(torch.zeros(2, 5, dtype=torch.bool), (torch.zeros(3).long(),) * 2)

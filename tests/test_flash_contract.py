@@ -274,6 +274,18 @@ def test_doc_causal_through_flash_varlen_matches_sdpa(case, version):
     check_docs_against_sdpa(case, flash_attn_module(version))
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_doc_causal_irregular_layouts_through_flash_varlen(seed):
+    """Several key runs per document: bands that share query rows, merged by log-sum-exp."""
+    q, q_nope, groups = doc_helpers.irregular(seed, torch.bfloat16)
+    with installed(flash_attn_module("2.8.3")):
+        out, grads = run("flash", q, q_nope, groups)
+    ref, ref_grads = run("sdpa", *upcast(q, q_nope, groups))
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.parametrize("case", [4])  # a non-square band (cache keys before the queries)
 def test_mutation_varlen_top_left_alignment_is_caught(case):
     with pytest.raises(AssertionError):

@@ -3,7 +3,7 @@
 """
 
 from .dispatch import BACKENDS, attend, attention_backend_report, select_backend
-from .rules import Causal, DocCausal, KeyGroup, Visible
+from .rules import Causal, DocCausal, KeyGroup, Visible, document_positions
 
 __all__ = [
     "BACKENDS",
@@ -13,5 +13,6 @@ __all__ = [
     "Visible",
     "attend",
     "attention_backend_report",
+    "document_positions",
     "select_backend",
 ]

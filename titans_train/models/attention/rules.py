@@ -92,6 +92,35 @@ class DocCausal:
 Rule = Visible | Causal | DocCausal
 
 
+def document_positions(
+    doc_starts: Tensor, carry: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """(doc, pos, carry) for DocCausal and rope_angles_at, from doc_starts (bool [B, T], True at
+    the first token of a document). Ids count the starts, so they only mean something within a
+    row. carry = (doc id, next position) per row [B] from the previous call, so a document not
+    marked at position 0 continues; None means a fresh document at position 0. The returned
+    carry continues this call. Vectorised (cumsum/cummax), no loop over documents."""
+    if doc_starts.dim() != 2 or doc_starts.dtype != torch.bool:
+        raise ValueError(
+            f"doc_starts must be a bool tensor [B, T], got {doc_starts.dtype} "
+            f"{tuple(doc_starts.shape)}"
+        )
+    batch, n = doc_starts.shape
+    dev = doc_starts.device
+    doc0, pos0 = (
+        carry if carry is not None else (torch.zeros(batch, dtype=torch.int64, device=dev),) * 2
+    )
+    if doc0.shape != (batch,) or pos0.shape != (batch,):
+        raise ValueError(
+            f"carry must be two int64 tensors [{batch}], got {doc0.shape}, {pos0.shape}"
+        )
+    t = torch.arange(n, device=dev).expand(batch, n)
+    doc = doc0[:, None] + doc_starts.long().cumsum(1)
+    last = torch.where(doc_starts, t, -1).cummax(1).values  # index of the latest start, or -1
+    pos = torch.where(last >= 0, t - last, pos0[:, None] + t)
+    return doc, pos, (doc[:, -1], pos[:, -1] + 1)
+
+
 @dataclass
 class KeyGroup:
     k: Tensor  # [B, H, S, d] (RoPE-rotated by the caller for Causal groups; raw for Visible)
