@@ -46,6 +46,9 @@ class DataConfig:
     num_workers: int = 0
     interleave: int = 8  # shards read round-robin; keep it a multiple of the world size
     verify: bool = False  # re-hash shards against the manifest while reading
+    # Packed documents restart memory, conv, attention and positions at every document start
+    # (docs/memory.md, "Documents"). Changes the maths, so resume protects it.
+    document_masking: bool = True
 
     def build_loader(self, train: TrainConfig, vocab_size: int, rank: int, world_size: int):
         """This rank's StreamingLoader over the train split."""
@@ -74,7 +77,7 @@ class DataConfig:
             num_workers=self.num_workers,
             interleave=self.interleave,
             verify=self.verify,
-            return_doc_starts=False,
+            return_doc_starts=self.document_masking,
         )
 
 
@@ -275,6 +278,22 @@ LEGACY_KEYS = {
     ("model", "memory_checkpoint_group"): "memory_checkpoint_group",
     ("zero", "activation_checkpointing"): "activation_checkpointing",
 }
+
+
+# Keys added after runs were saved without them, with the value that reproduces what those runs
+# did. Only stored configs get them: a config file without the key gets the current default.
+STORED_DEFAULTS = {("data", "document_masking"): False}
+
+
+def upgrade_stored(tree: dict) -> dict:
+    """A stored config (trainer_state.json) as this version reads it: legacy keys moved, keys
+    added since filled with the behaviour the run had (``STORED_DEFAULTS``)."""
+    tree = upgrade_legacy(tree)
+    for (section, key), value in STORED_DEFAULTS.items():
+        part = tree.get(section)
+        if isinstance(part, dict) and key not in part:
+            tree[section] = {**part, key: value}
+    return tree
 
 
 def upgrade_legacy(tree: dict, where: str | None = None) -> dict:

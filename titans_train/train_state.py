@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from titans_train import checkpoint as ckpt
 from titans_train import rng_state as rng_codec
-from titans_train.config import Config, public_dict, upgrade_legacy
+from titans_train.config import Config, public_dict, upgrade_stored
 from titans_train.distributed import DistEnv, device
 from titans_train.preemption import ignore_stop_signals
 from titans_train.run_dir import RunDir
@@ -89,8 +89,9 @@ def _decide(cfg: Config, world_size: int) -> ResumePoint:
         return ResumePoint(messages=tuple(messages))
     state = ckpt.load_trainer_state(path)
     # The stored config is redacted (config.public_dict): compare like with like. One saved by an
-    # earlier version has its execution keys (model.attn_backend, ...) where runtime.* is now.
-    protected, other = ckpt.config_diff(upgrade_legacy(state["config"]), public_dict(cfg))
+    # earlier version has its execution keys (model.attn_backend, ...) where runtime.* is now,
+    # and no data.document_masking (it trained without).
+    protected, other = ckpt.config_diff(upgrade_stored(state["config"]), public_dict(cfg))
     if protected and not cfg.checkpoint.force:
         raise ckpt.CheckpointError(
             f"run {cfg.name!r} ({cfg.run_path}) already holds a checkpoint of a different model "

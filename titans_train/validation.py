@@ -26,6 +26,14 @@ def all_mean(values: list[torch.Tensor]) -> float:
     return x.item()
 
 
+def document_args(mb: MicroBatch) -> dict:
+    """The model's ``doc_starts`` for a micro-batch's inputs, when the loader gives them
+    (``data.document_masking``): the marks of tokens[:, :-1], on the compute device."""
+    if mb.doc_starts is None:
+        return {}
+    return {"doc_starts": mb.doc_starts[:, :-1].to(device())}
+
+
 @torch.no_grad()
 def validation_loss(
     model: nn.Module, batches: Iterable[list[MicroBatch]], max_batches: int
@@ -39,7 +47,7 @@ def validation_loss(
             break
         for mb in micro_batches:
             tokens = mb.tokens.to(device())
-            out = model(tokens[:, :-1], targets=tokens[:, 1:])
+            out = model(tokens[:, :-1], targets=tokens[:, 1:], **document_args(mb))
             n = tokens[:, 1:].numel()
             total += torch.tensor([out.loss.item() * n, n], dtype=torch.float64)
         count += 1
