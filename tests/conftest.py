@@ -24,6 +24,24 @@ def demo_shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def short_doc_shards(tmp_path_factory):
+    """Shards (T=128, bytes, 10 % val) of 900 random-letter documents of 10-60 bytes: several
+    documents per sample, unlike the demo corpus."""
+    import json
+
+    import numpy as np
+    from data_helpers import LETTERS, build
+
+    root = tmp_path_factory.mktemp("short_docs")
+    rng = np.random.default_rng(0)
+    docs = [bytes(rng.choice(LETTERS, int(rng.integers(10, 60)))).decode() for _ in range(900)]
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    build(str(root / "shards"), [str(corpus)], seq_len=128, samples_per_shard=16, val_fraction=0.1)
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
 def zero_run(demo_shards, tmp_path_factory):
     """zero_run(stage, variant="mac"): the tiny run at one ZeRO stage (2 processes, 20 steps,
     checkpoints at 10 and 20; ZeRO-3 with activation checkpointing), trained once per session on

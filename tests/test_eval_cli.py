@@ -53,6 +53,7 @@ def test_perplexity_is_exp_of_mean_token_loss(exported, demo_shards, tmp_path):
     out = tmp_path / "eval.json"
     argv = ["--checkpoint", str(path), "--data", str(demo_shards), "--suites", "ppl"]
     argv += ["--lengths", "128,384", "--ppl-tokens", "768", "--piece", "50", "--json", str(out)]
+    argv += ["--document-masking", "off"]  # the direct reference below runs whole windows
     assert evaluate.main(argv) == 0
     assert torch.is_grad_enabled()  # the CLI must not switch autograd off for its caller
     got = json.loads(out.read_text())["results"]["ppl"]
@@ -69,6 +70,39 @@ def test_perplexity_is_exp_of_mean_token_loss(exported, demo_shards, tmp_path):
         r = got[str(length)]
         assert r["tokens"] == 768 and r["split"] == "val"
         assert r["ppl"] == pytest.approx(math.exp(mean), rel=1e-5)
+
+
+def test_perplexity_with_document_masking_scores_each_document_alone(
+    exported, short_doc_shards, tmp_path
+):
+    """An exported model defaults to masking: every target is scored with the context of its
+    own document only, as if each document (cut at the window's start) ran alone."""
+    path, model = exported
+    out = tmp_path / "eval.json"
+    argv = ["--checkpoint", str(path), "--data", str(short_doc_shards), "--suites", "ppl"]
+    argv += ["--lengths", "96", "--ppl-tokens", "192", "--piece", "40", "--json", str(out)]
+    assert evaluate.main(argv) == 0
+    r = json.loads(out.read_text())["results"]["ppl"]["96"]
+    assert r["document_masking"] is True
+    tokens, marks, _ = ppl_stream(short_doc_shards)
+    losses = []
+    for a in range(0, 192, 96):
+        w, m = tokens[a : a + 97], marks[a : a + 97].copy()
+        m[0] = True
+        cuts = [*np.flatnonzero(m[:-1]).tolist(), 96]
+        assert len(cuts) > 3  # several documents per window, or the test shows nothing
+        for s, e in zip(cuts[:-1], cuts[1:]):
+            with torch.no_grad():
+                logits = model(torch.from_numpy(w[s:e])[None]).logits[0]
+            losses.append(F.cross_entropy(logits, torch.from_numpy(w[s + 1 : e + 1])))
+            losses[-1] = losses[-1] * (e - s)
+    assert r["ppl"] == pytest.approx(math.exp(sum(losses).item() / 192), rel=1e-5)
+
+
+def ppl_stream(manifest_dir):
+    from titans_train.perplexity import stream_tokens
+
+    return stream_tokens(str(manifest_dir), 193)
 
 
 def test_default_perplexity_scores_the_split_and_gives_an_interval(exported, demo_shards, capsys):

@@ -1,13 +1,8 @@
 """data.document_masking end to end, in one process: the loader's doc_starts reach the model in
 training and validation, the loss differs from a run without masking, and a masked run resumes
-bitwise. The demo corpus has documents longer than a sample, so these shards are built from
-short documents (10-60 bytes) instead."""
+bitwise. The demo corpus has documents longer than a sample, so these runs use shards of short
+documents (the ``short_doc_shards`` fixture)."""
 
-import json
-
-import numpy as np
-import pytest
-from data_helpers import LETTERS, build
 from trainer_helpers import EXPERIMENT, base_overrides, losses, metrics
 
 from titans_train.callbacks import default_callbacks
@@ -18,17 +13,6 @@ from titans_train.trainer import Trainer
 TINY = ["model.depth=1", "model.dim=32", "model.heads=2", "tracking.mode=disabled"]
 
 
-@pytest.fixture(scope="module")
-def short_docs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("short_docs")
-    rng = np.random.default_rng(0)
-    docs = [bytes(rng.choice(LETTERS, int(rng.integers(10, 60)))).decode() for _ in range(900)]
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    build(str(root / "shards"), [str(corpus)], seq_len=128, samples_per_shard=16, val_fraction=0.1)
-    return root / "shards"
-
-
 def fit(data, run, steps, *extra, process_group):
     overrides = base_overrides(data, run, steps) + TINY + list(extra)
     cfg = load_config(EXPERIMENT, overrides)
@@ -37,12 +21,12 @@ def fit(data, run, steps, *extra, process_group):
 
 
 def test_masking_changes_the_loss_and_a_masked_run_resumes_bitwise(
-    short_docs, process_group, tmp_path
+    short_doc_shards, process_group, tmp_path
 ):
     common = ("checkpoint.interval=2", "train.eval_interval=2", "train.eval_batches=1")
-    fit(short_docs, tmp_path / "on", 4, *common, process_group=process_group)
+    fit(short_doc_shards, tmp_path / "on", 4, *common, process_group=process_group)
     fit(
-        short_docs, tmp_path / "off", 4, *common, "data.document_masking=false",
+        short_doc_shards, tmp_path / "off", 4, *common, "data.document_masking=false",
         process_group=process_group,
     )  # fmt: skip
     on, off = losses(tmp_path / "on"), losses(tmp_path / "off")
@@ -51,20 +35,20 @@ def test_masking_changes_the_loss_and_a_masked_run_resumes_bitwise(
     assert val[0] and val[0] != val[1], "document masking did not change the validation loss"
 
     # the same run, stopped at step 2 and resumed: steps 3 and 4 bitwise equal
-    fit(short_docs, tmp_path / "resumed", 2, *common, process_group=process_group)
-    fit(short_docs, tmp_path / "resumed", 4, *common, process_group=process_group)
+    fit(short_doc_shards, tmp_path / "resumed", 2, *common, process_group=process_group)
+    fit(short_doc_shards, tmp_path / "resumed", 4, *common, process_group=process_group)
     again = losses(tmp_path / "resumed")
     assert [again[s] for s in (3, 4)] == [on[s] for s in (3, 4)]
 
 
-def test_a_config_saved_before_document_masking_reads_as_without_it(short_docs, tmp_path):
+def test_a_config_saved_before_document_masking_reads_as_without_it(short_doc_shards, tmp_path):
     """A stored config without data.document_masking trained without masking: resuming it with
     the new default is a protected change, named; with masking off there is none."""
     from titans_train.checkpoint import config_diff
     from titans_train.config import public_dict, upgrade_stored
 
     def cfg(*extra):
-        return load_config(EXPERIMENT, base_overrides(short_docs, tmp_path, 2) + list(extra))
+        return load_config(EXPERIMENT, base_overrides(short_doc_shards, tmp_path, 2) + list(extra))
 
     old = public_dict(cfg())
     del old["data"]["document_masking"]  # as an earlier version stored it

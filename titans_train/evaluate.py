@@ -112,13 +112,17 @@ def run_perplexity(model, manifest: str, args: argparse.Namespace, piece: int) -
     n_tokens = args.ppl_tokens or max(DEFAULT_PPL_TOKENS, 4 * max(args.lengths))
     if args.ppl_tokens is None:
         n_tokens = min(n_tokens, available_tokens(manifest) - 1)
-    stream, split = stream_tokens(manifest, n_tokens + 1, vocab_size=2**32)
-    results = perplexity(model, stream, args.lengths, n_tokens, piece, args.batch)
+    stream, marks, split = stream_tokens(manifest, n_tokens + 1, vocab_size=2**32)
+    masking = args.document_masking == "on"
+    results = perplexity(
+        model, stream, args.lengths, n_tokens, piece, args.batch, marks if masking else None
+    )
     for n, r in results.items():
-        r["split"] = split
+        r["split"], r["document_masking"] = split, masking
         print(
             f"ppl @{n}: {r['ppl']:.3f} (95 % CI {r['ppl_low']:.3f}-{r['ppl_high']:.3f}) over "
-            f"{r['tokens']} {split} tokens in {r['windows']} windows",
+            f"{r['tokens']} {split} tokens in {r['windows']} windows, document masking "
+            f"{args.document_masking}",
             file=sys.stderr,
         )
     return results
@@ -206,6 +210,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         "capped at what the split holds)",
     )
     ap.add_argument("--piece", type=int, help="tokens per forward (default: training seq_len)")
+    ap.add_argument(
+        "--document-masking",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="ppl: restart the model at every document start of the packed stream (auto: as the "
+        "checkpoint trained, data.document_masking; on for an exported model)",
+    )
     ap.add_argument("--batch", type=int, default=4, help="sequences per forward")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic suites")
     ap.add_argument(
@@ -227,8 +238,19 @@ def parse_args(argv: list[str] | None, prog: str = "titans-eval") -> argparse.Na
     return tool_parser(prog, DESCRIPTION, add_arguments).parse_args(argv)
 
 
+def document_masking(choice: str, checkpoint: Checkpoint) -> str:
+    """--document-masking resolved: ``auto`` follows the training config (a run saved before
+    the key existed trained without masking); an exported model has none, so on."""
+    if choice != "auto":
+        return choice
+    if checkpoint.exported or not checkpoint.config:
+        return "on"
+    return "on" if checkpoint.config.get("data", {}).get("document_masking", False) else "off"
+
+
 def run_args(args: argparse.Namespace) -> int:
     checkpoint = open_checkpoint(args.checkpoint, args.run, args.data)
+    args.document_masking = document_masking(args.document_masking, checkpoint)
     model = place(checkpoint.model(), args.device, args.dtype)
     with torch.no_grad():
         results = run_suites(checkpoint, model, args)

@@ -26,22 +26,26 @@ from titans_train.models import TitansLM
 
 
 def stream_tokens(manifest: str, n_tokens: int, split: str = "val", vocab_size: int = 2**32):
-    """The first ``n_tokens`` of a split's packed stream (shards and samples in stored order).
-    Falls back to the train split when the manifest has no ``split``."""
+    """(tokens, doc_starts, split): the first ``n_tokens`` of a split's packed stream (shards and
+    samples in stored order) and where its documents start (bool, the shards' marks). Falls
+    back to the train split when the manifest has no ``split``."""
     m = ShardManifest.load(manifest)
     if not m.shards(split):
         split = "train"
-    parts, total = [], 0
+    parts, marks, total = [], [], 0
     for shard in m.shards(split):
         ref = ShardRef(
             m.url(shard), shard.name, shard.samples, shard.sha256, m.sample_tokens, m.dtype,
             vocab_size,
         )  # fmt: skip
-        rows = read_shard(ref).tokens.reshape(-1)
+        data = read_shard(ref)
+        rows = data.tokens.reshape(-1)
+        bits = np.unpackbits(data.start_bits, axis=1, count=data.tokens.shape[1]).reshape(-1)
         parts.append(rows[: n_tokens - total])
+        marks.append(bits[: n_tokens - total].astype(bool))
         total += len(parts[-1])
         if total >= n_tokens:
-            return np.concatenate(parts).astype(np.int64), split
+            return np.concatenate(parts).astype(np.int64), np.concatenate(marks), split
     raise DataError(
         f"{m.location}: split {split!r} holds {total} tokens, fewer than the {n_tokens} needed; "
         "lower --ppl-tokens or the longest --lengths"
@@ -64,11 +68,15 @@ def windows(stream: np.ndarray, length: int, n_tokens: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def stream_logits(model: TitansLM, tokens: torch.Tensor, piece: int) -> Iterator[tuple]:
-    """(start, logits of tokens[:, start : start + piece]) with the state carried between."""
+def stream_logits(
+    model: TitansLM, tokens: torch.Tensor, piece: int, doc_starts: torch.Tensor | None = None
+) -> Iterator[tuple]:
+    """(start, logits of tokens[:, start : start + piece]) with the state carried between;
+    with ``doc_starts`` every document restarts the model (``TitansLM.forward``)."""
     state = None
     for a in range(0, tokens.shape[1], piece):
-        out = model(tokens[:, a : a + piece], state=state)
+        starts = None if doc_starts is None else doc_starts[:, a : a + piece]
+        out = model(tokens[:, a : a + piece], state=state, doc_starts=starts)
         state = out.state
         yield a, out.logits
 
@@ -78,12 +86,17 @@ def model_device(model: TitansLM) -> torch.device:
     return next(model.parameters()).device
 
 
-def streamed_nll(model: TitansLM, batch: torch.Tensor, piece: int) -> torch.Tensor:
-    """Summed next-token NLL of each row of [B, L+1], fed ``piece`` tokens at a time."""
+def streamed_nll(
+    model: TitansLM, batch: torch.Tensor, piece: int, doc_starts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Summed next-token NLL of each row of [B, L+1], fed ``piece`` tokens at a time;
+    ``doc_starts`` ([B, L+1] bool) restarts the model at every document."""
     batch = batch.to(model_device(model))
     inputs, targets = batch[:, :-1], batch[:, 1:]
+    if doc_starts is not None:
+        doc_starts = doc_starts[:, :-1].to(batch.device)
     total = torch.zeros(batch.shape[0], dtype=torch.float64, device=batch.device)
-    for a, logits in stream_logits(model, inputs, piece):
+    for a, logits in stream_logits(model, inputs, piece, doc_starts):
         nll = F.cross_entropy(
             logits.float().transpose(1, 2), targets[:, a : a + piece], reduction="none"
         )
@@ -98,18 +111,31 @@ def perplexity(
     n_tokens: int,
     piece: int,
     batch_size: int = 4,
+    doc_starts: np.ndarray | None = None,
 ) -> dict[int, dict]:
     """{length: {"ppl", "ppl_low", "ppl_high", "loss", "tokens", "windows"}} over the same
     ``n_tokens`` targets. The 95 % interval treats windows as independent draws of the mean loss
     (normal approximation, exp'd): neighbouring windows share documents, so it is a little narrow.
+    With ``doc_starts`` (the stream's marks) no context crosses a document start: a longer
+    window then only adds context inside long documents, as the model was trained to use it.
     """
     results = {}
     for length in lengths:
         if length > n_tokens:
             raise ValueError(f"length {length} is longer than the {n_tokens} scored tokens")
         w = windows(stream, length, n_tokens)
-        starts = range(0, len(w), batch_size)
-        nll = torch.cat([streamed_nll(model, w[i : i + batch_size], piece) for i in starts])
+        marks = None if doc_starts is None else windows(doc_starts, length, n_tokens)
+        nll = torch.cat(
+            [
+                streamed_nll(
+                    model,
+                    w[i : i + batch_size],
+                    piece,
+                    None if marks is None else marks[i : i + batch_size],
+                )  # fmt: skip
+                for i in range(0, len(w), batch_size)
+            ]
+        )
         count = w.shape[0] * length
         loss = nll.sum().item() / count
         half = 1.96 * (nll / length).std().item() / math.sqrt(len(nll)) if len(nll) > 1 else 0.0
