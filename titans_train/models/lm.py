@@ -97,6 +97,12 @@ class TitansLM(nn.Module):
         block restarts there (memory, conv, attention, positions), so a document gets the logits
         it gets alone. Position 0 starts a document only when marked, or with no state.
         """
+        if doc_starts is not None and tuple(doc_starts.shape) != tuple(tokens.shape):
+            raise ValueError(
+                f"doc_starts has shape {tuple(doc_starts.shape)}, expected {tuple(tokens.shape)}"
+            )
+        if doc_starts is not None and state is None and not bool(doc_starts[:, 1:].any()):
+            doc_starts = None  # one document per row: the plain path computes the same, faster
         x = self.embed(tokens)
         new_states = []
         for i, block in enumerate(self.blocks):
