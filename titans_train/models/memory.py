@@ -104,7 +104,7 @@ class NeuralMemory(nn.Module):
         self.residual_norm = residual_norm
         self.forget_bias = forget_bias  # initial pre-sigmoid bias of alpha (reset_parameters)
         self.checkpoint_group = checkpoint_group  # chunks per activation-checkpoint group; 0 = off
-        self.backend = backend  # eager | compile | auto (resolved per device at each call)
+        self.backend = backend  # eager | compile | triton | auto (resolved per device and call)
         self.n_gates = depth if per_layer_gates else 1
         d = self.head_dim
         # Owned directly (not nn.Linear) so read-only calls can use the q rows alone under ZeRO-3.
@@ -206,6 +206,8 @@ class NeuralMemory(nn.Module):
             gates = tuple(torch.cat([b, t], 1) for b, t in zip(state.buffer[2:], gates))
             q = torch.cat([q.new_zeros(q.shape[0], r, q.shape[2]), q], 1)
 
+        dims = [self.head_dim] + [w.shape[-1] for w in self.init_weights]
+        backend = resolve_memory_backend(self.backend, x.device, dims, self.chunk_size)
         with autocast_off(x.device.type):
             y, weights, momentum = memory_scan(
                 weights,
@@ -217,7 +219,8 @@ class NeuralMemory(nn.Module):
                 self.chunk_size,
                 self.residual_norm,
                 self.checkpoint_group,
-                resolve_memory_backend(self.backend, x.device) == "compile",
+                backend == "compile",
+                triton=backend == "triton",
             )
         N = k.shape[1]
         rem = N % self.chunk_size

@@ -1,0 +1,210 @@
+"""The fused Triton kernel of the memory's chunk loop (issue 14) against the eager scan, run on CPU
+by Triton's interpreter (TRITON_INTERPRET=1, set before the kernel module is first imported).
+
+Triton is in the dev extra, so these tests run in CI; nothing here is skipped."""
+
+import importlib
+import sys
+
+import pytest
+import torch
+
+from titans_train.models import ModelConfig, RuntimeConfig, TitansLM
+from titans_train.models import runtime as runtime_mod
+from titans_train.models.memory_math import DocFlags, scan_chunks, span_coeffs
+from titans_train.models.memory_scan import memory_scan
+
+KERNEL_MODULE = "titans_train.models.kernels.memory_triton"
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    """The interpreter for this test; the kernel module is (re)loaded under it if an earlier
+    import in this process decorated it for the GPU."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    mod = sys.modules.get(KERNEL_MODULE)
+    if mod is not None and type(mod._memory_scan_kernel).__name__ != "InterpretedFunction":
+        importlib.reload(mod)
+    yield
+
+
+def kernel():
+    return importlib.import_module(KERNEL_MODULE)
+
+
+def make_inputs(G=2, D=16, depth=2, P=1, N=24, dt=torch.float64, seed=0, exact_gates=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g, dtype=dt)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=dt)
+
+    dims = [D] + [4 * D] * (depth - 1) + [D]
+    W = [randn(G, a, b) / a**0.5 for a, b in zip(dims[:-1], dims[1:])]
+    S = [0.1 * randn(*w.shape) for w in W]
+    k, v, q = (torch.nn.functional.normalize(randn(G, N, D), dim=-1) for _ in range(3))
+    theta = 0.3 * rand(G, N, P)
+    log_eta, log_keep = torch.log(rand(G, N, P)), torch.log(1 - 0.1 * rand(G, N, P))
+    if exact_gates:  # eta = 0 and alpha = 1 exactly: -inf logs
+        log_eta[:, 3], log_keep[:, 10] = float("-inf"), float("-inf")
+    return W, S, k, v, q, theta, log_eta, log_keep
+
+
+def make_flags(W, chunks, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    G = W[0].shape[0]
+    reset = torch.rand(G, chunks, generator=g) < 0.4
+    commit = torch.rand(G, chunks, generator=g) < 0.7
+    reset[0, 1], commit[1, 1] = True, False  # at least one reset and one discarded chunk
+    init = [torch.randn(w.shape, generator=g, dtype=w.dtype) for w in W]
+    return DocFlags(init, reset, commit)
+
+
+def assert_all_close(got, want, tol):
+    for a, b in zip(got, want):
+        scale = b.abs().max().clamp_min(1.0)
+        assert (a - b).abs().max() <= tol * scale, (a - b).abs().max()
+
+
+CASES = [(depth, P, rn) for depth in (1, 2) for P in sorted({1, depth}) for rn in (False, True)]
+
+
+@pytest.mark.parametrize("depth,P,rn", CASES)
+@pytest.mark.parametrize("flags", [False, True])
+def test_kernel_equals_scan_chunks(depth, P, rn, flags):
+    """Reads and final M, S of the kernel equal scan_chunks (fp64: to rounding), 3 chunks."""
+    W, S, k, v, q, theta, log_eta, log_keep = make_inputs(depth=depth, P=P, exact_gates=True)
+    chunk = 8
+    co = span_coeffs(theta, log_eta, log_keep, chunk)
+    fl = make_flags(W, 3) if flags else None
+    y, w, s = kernel().scan_chunks_triton(W, S, k, v, q, co, chunk, rn, flags=fl)
+    y0, w0, s0 = scan_chunks(W, S, k, v, q, co, chunk, rn, flags=fl)
+    assert_all_close([y, *w, *s], [y0, *w0, *s0], 1e-12)
+    assert all(t.shape == t0.shape for t, t0 in zip(w + s, w0 + s0))
+
+
+def test_kernel_fp32_and_write_only():
+    """fp32 to 1e-5 (per-layer gates, residual norm, flags); without queries it writes only."""
+    W, S, k, v, q, theta, log_eta, log_keep = make_inputs(P=2, N=32, dt=torch.float32)
+    co = span_coeffs(theta, log_eta, log_keep, 16)
+    fl = make_flags(W, 2)
+    got = kernel().scan_chunks_triton(W, S, k, v, q, co, 16, True, flags=fl)
+    want = scan_chunks(W, S, k, v, q, co, 16, True, flags=fl)
+    assert_all_close([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]], 1e-5)
+    y, w, s = kernel().scan_chunks_triton(W, S, k, v, None, co, 16, True, flags=fl)
+    assert y is None
+    assert_all_close(w + s, want[1] + want[2], 1e-5)
+
+
+def grads_of(triton, group, flags, N, P=1, depth=2):
+    W, S, k, v, q, theta, log_eta, log_keep = make_inputs(depth=depth, P=P, N=N)
+    leaves = [*W, *S, k, v, q, theta, log_eta, log_keep]
+    fl = make_flags(W, -(-N // 8)) if flags else None
+    if fl is not None:
+        leaves += fl.init
+    for t in leaves:
+        t.requires_grad_(True)
+    y, w, s = memory_scan(W, S, k, v, q, theta, log_eta, log_keep, 8, True,
+                          checkpoint_group=group, flags=fl, triton=triton)  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    outs = [y, *w, *s]
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+    grads = torch.autograd.grad(loss, leaves)
+    return [t.detach() for t in outs], list(grads)
+
+
+@pytest.mark.parametrize(
+    "group,flags,N",
+    [(0, False, 24), (2, True, 29)],  # one span / checkpoint groups, documents, a partial chunk
+)
+def test_training_path_gradients_equal_eager(group, flags, N):
+    """memory_scan(triton=True): outputs and gradients wrt M, S, k, v, q, the gates and M_0 equal
+    the eager path's (the backward recomputes eagerly)."""
+    outs, grads = grads_of(True, group, flags, N)
+    outs0, grads0 = grads_of(False, group, flags, N)
+    assert_all_close(outs, outs0, 1e-12)
+    assert_all_close(grads, grads0, 1e-10)
+
+
+def lm_cfg(**kw) -> ModelConfig:
+    cfg = dict(vocab_size=61, dim=32, depth=2, heads=2, window=8, segment_len=16, chunk_size=8)
+    cfg.update(num_persistent=2, num_memory_tokens=2)
+    return ModelConfig(**{**cfg, **kw})
+
+
+def lm_run(variant: str, backend: str, **kw):
+    torch.manual_seed(0)
+    runtime = RuntimeConfig(memory_backend=backend, memory_checkpoint_group=2)
+    model = TitansLM(lm_cfg(variant=variant, **kw), runtime).double()
+    x = torch.randint(0, 61, (2, 36), generator=torch.Generator().manual_seed(1))
+    out = model(x, targets=x)
+    loss = out.loss
+    loss.backward()
+    grads = [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("variant,kw", [("lmm", {}), ("mag", dict(memory_depth=1)), ("mac", {})])
+def test_lm_with_triton_backend_equals_eager(variant, kw, monkeypatch):
+    """A tiny TitansLM (head dim 16, chunk 8, a partial last chunk) trains identically on
+    memory_backend=triton and eager: loss and every parameter gradient."""
+    mod, launches = kernel(), []
+    real = mod.scan_chunks_triton
+    spy = lambda *a, **k: launches.append(1) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(mod, "scan_chunks_triton", spy)
+    loss, grads = lm_run(variant, "triton", **kw)
+    assert launches  # the kernel did run
+    loss0, grads0 = lm_run(variant, "eager", **kw)
+    assert torch.allclose(loss, loss0, rtol=0, atol=1e-12)
+    assert len(grads) == len(grads0)
+    assert_all_close(grads, grads0, 1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("depth,P,rn", CASES)
+@pytest.mark.parametrize("chunk", [8, 16, 32])
+def test_kernel_sweep(depth, P, rn, chunk):
+    """A fuller grid: chunk sizes 8/16/32, G = 3, head dim 32, documents, fp64."""
+    N = 3 * chunk
+    W, S, k, v, q, theta, log_eta, log_keep = make_inputs(
+        G=3, D=32, depth=depth, P=P, N=N, exact_gates=True
+    )
+    co = span_coeffs(theta, log_eta, log_keep, chunk)
+    fl = make_flags(W, 3)
+    y, w, s = kernel().scan_chunks_triton(W, S, k, v, q, co, chunk, rn, flags=fl)
+    y0, w0, s0 = scan_chunks(W, S, k, v, q, co, chunk, rn, flags=fl)
+    assert_all_close([y, *w, *s], [y0, *w0, *s0], 1e-12)
+
+
+@pytest.mark.parametrize(
+    "D,depth,chunk,match",
+    [(12, 2, 8, "widths"), (16, 3, 8, "depth 3"), (16, 2, 4, "chunk size 4")],
+)
+def test_unsupported_shapes_name_the_key(D, depth, chunk, match):
+    W, S, k, v, q, theta, log_eta, log_keep = make_inputs(D=D, depth=depth, N=2 * chunk)
+    co = span_coeffs(theta, log_eta, log_keep, chunk)
+    with pytest.raises(ValueError, match=f"runtime.memory_backend='triton'.*{match}"):
+        kernel().scan_chunks_triton(W, S, k, v, q, co, chunk, True)
+
+
+def test_backend_selection(monkeypatch):
+    """triton is accepted when it imports; refused naming the key when it does not; ``auto``
+    on CUDA picks the kernel only for shapes it takes with the state in registers."""
+    assert RuntimeConfig(memory_backend="triton").memory_backend == "triton"
+    assert runtime_mod.resolve_memory_backend("triton", torch.device("cpu")) == "triton"
+    monkeypatch.setattr(runtime_mod, "_inductor_on_cuda", lambda: True)  # as on a CUDA host
+    cuda = torch.device("cuda")
+    assert runtime_mod.resolve_memory_backend("auto", cuda, [16, 64, 16], 16) == "triton"
+    assert runtime_mod.resolve_memory_backend("auto", cuda, [64, 256, 64], 16) == "compile"
+    assert runtime_mod.resolve_memory_backend("auto", cuda, [16, 64, 64, 16], 16) == "compile"
+    assert runtime_mod.resolve_memory_backend("auto", cuda, [24, 96, 24], 16) == "compile"
+    assert runtime_mod.resolve_memory_backend("auto", cuda) == "compile"
+    monkeypatch.setitem(sys.modules, "triton", None)  # what an install without triton looks like
+    with pytest.raises(ValueError, match="runtime.memory_backend='triton': triton is not inst"):
+        RuntimeConfig(memory_backend="triton")
+    assert runtime_mod.resolve_memory_backend("auto", cuda, [16, 64, 16], 16) == "compile"
+    model = TitansLM(lm_cfg(variant="lmm"))  # CPU users without triton: auto = eager
+    x = torch.randint(0, 61, (1, 20))
+    model(x, targets=x).loss.backward()
