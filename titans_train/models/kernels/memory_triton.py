@@ -27,8 +27,10 @@ from ..memory_math import LN_EPS, DocFlags
 from ..memory_scan import _CheckpointedChunks
 from . import kernel_shape_problem, triton_device_problem
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+# Globals a jit function reads must be constexpr (the interpreter does not check this; the
+# compiler does).
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
@@ -231,8 +233,42 @@ def scan_chunks_triton(
         G, T // chunk, T, min(1, co[0].shape[0] - 1),
         D=D, H=w[0].shape[-1], N=chunk, DEPTH=len(w), RESNORM=residual_norm,
         HAS_Q=q is not None, HAS_FLAGS=flags is not None, EPS=LN_EPS,
+        num_warps=num_warps(sum(x.shape[-2] * x.shape[-1] for x in w)),
     )  # fmt: skip
     return (y if q is not None else None), w, s
+
+
+def num_warps(weight_elements: int) -> int:
+    """Warps per program: 8 once W + S exceed 2 x 1024 values. Compiled for sm80/sm90 by ptxas
+    (``compile_for_cuda``), d 16 / hidden 64 at 4 warps spills 128 bytes a thread, at 8 none."""
+    return 4 if weight_elements <= 1024 else 8
+
+
+KERNEL_POINTERS = (
+    "wa_ptr", "sa_ptr", "wb_ptr", "sb_ptr", "w0a_ptr", "w0b_ptr", "k_ptr", "v_ptr", "q_ptr",
+    "y_ptr", "b0_ptr", "e0_ptr", "c0_ptr", "ct_ptr", "et_ptr",
+)  # fmt: skip
+
+
+def compile_for_cuda(dims: list[int], chunk: int, capability: int = 90, residual_norm: bool = True):
+    """The kernel compiled to a cubin for an NVIDIA GPU of this compute capability, without a
+    GPU (Triton bundles ptxas): catches what the interpreter lets through (it does not check
+    constexpr globals, types or register use). Needs this module imported without
+    TRITON_INTERPRET. Returns triton's CompiledKernel (``.asm["cubin"]``, ``.metadata``)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource
+
+    sig = {p: "*fp32" for p in KERNEL_POINTERS}
+    sig.update(reset_ptr="*i8", commit_ptr="*i8", G="i32", CHUNKS="i32", T="i32", PB="i32")
+    const = dict(D=dims[0], H=dims[1], N=chunk, DEPTH=len(dims) - 1, RESNORM=residual_norm,
+                 HAS_Q=True, HAS_FLAGS=True, EPS=LN_EPS)  # fmt: skip
+    sig.update({c: "constexpr" for c in const})
+    warps = num_warps(sum(a * b for a, b in zip(dims[:-1], dims[1:])))
+    return triton.compile(
+        ASTSource(_memory_scan_kernel, sig, const),
+        target=GPUTarget("cuda", capability, 32),
+        options=dict(num_warps=warps),
+    )
 
 
 def _kernel_flat(inputs, n_layers: int, chunk: int, residual_norm: bool):
