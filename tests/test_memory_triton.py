@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from titans_train.models import ModelConfig, NeuralMemory, RuntimeConfig, TitansLM
 from titans_train.models import runtime as runtime_mod
@@ -181,6 +182,55 @@ def test_streaming_with_triton_equals_one_eager_call():
         outs.append(y)
     torch.testing.assert_close(want, ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(torch.cat(outs, 1), ref, rtol=0, atol=1e-12)
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("group", [0, 2])
+def test_forward_ops_do_not_grow_with_chunks(group):
+    """Issue 14 item 4: on the kernel, a forward is one launch per checkpoint group (all chunks of
+    the group in it) plus a fixed number of ATen ops per call and per group, whatever the chunk
+    count; eager adds ops per chunk. (The interpreter's copies are ATen ops too: per launch.)"""
+    torch.manual_seed(0)
+    mem = NeuralMemory(32, 2, chunk_size=8, backend="triton", checkpoint_group=group)
+
+    def count(T: int, backend: str) -> tuple[int, int]:
+        mem.backend, launches = backend, []
+        mod = kernel()
+        real = mod._memory_scan_kernel
+        x = torch.randn(1, T, 32, requires_grad=True)
+        mem(x)  # warm-up (cached masks)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(mod, "_memory_scan_kernel", CountedLaunch(real, launches))
+            with OpCounter() as counter:
+                mem(x)
+        return counter.n, len(launches)
+
+    (a, na), (b, nb), (c, nc) = (count(T, "triton") for T in (32, 48, 64))
+    if group == 0:  # the whole span in one launch: the same ops for 4, 6 and 8 chunks
+        assert (na, nb, nc) == (1, 1, 1) and a == b == c
+    else:  # one launch and a fixed number of ops per group of 2 chunks
+        assert (na, nb, nc) == (2, 3, 4) and c - b == b - a
+    assert count(32, "eager")[0] > count(16, "eager")[0]
+
+
+class CountedLaunch:
+    """The kernel itself, counting its launches (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        self.launches.append(grid)
+        return self.kernel[grid]
 
 
 @pytest.mark.slow
