@@ -132,6 +132,12 @@ def test_training_path_gradients_equal_eager(group, flags, N):
     assert_all_close(grads, grads0, 1e-10)
 
 
+def test_recompute_is_eager_on_cpu():
+    """On CPU the backward's recompute is the eager loop, so the gradients above are eager's (on
+    CUDA it is the compiled chunk step, checked against eager by the GPU smoke's stage 3)."""
+    assert not kernel().recompute_compiled(torch.zeros(1))
+
+
 def lm_cfg(**kw) -> ModelConfig:
     cfg = dict(vocab_size=61, dim=32, depth=2, heads=2, window=8, segment_len=16, chunk_size=8)
     cfg.update(num_persistent=2, num_memory_tokens=2)

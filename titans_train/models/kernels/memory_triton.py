@@ -9,8 +9,8 @@ write), and commits W' = B W + c S - A^T diag(C theta) Delta, S' = E S - A^T dia
 Document flags reset the state to M_0 before a chunk, or discard a chunk's update.
 
 The decay coefficients come from ``span_coeffs`` (PyTorch, outside the kernel). The backward is
-not a kernel yet: ``TritonChunks`` recomputes the span eagerly under autograd, exactly as
-``memory_scan._CheckpointedChunks`` does, so gradients are the eager path's.
+not a kernel yet: ``TritonChunks`` recomputes the span under autograd, exactly as
+``memory_scan._CheckpointedChunks`` does (eager on CPU, compiled chunk steps on CUDA).
 
 Triton decides at decoration time whether to interpret (``TRITON_INTERPRET=1`` must be set before
 this module is first imported to run on CPU tensors).
@@ -284,11 +284,22 @@ def _kernel_flat(inputs, n_layers: int, chunk: int, residual_norm: bool):
 
 class TritonChunks(_CheckpointedChunks):
     """``_CheckpointedChunks`` with the kernel as forward: only the group's inputs are kept, and
-    the backward recomputes the group eagerly under autograd (inherited), so gradients are exact."""
+    the backward (inherited) recomputes the group under autograd and back-propagates through it.
+
+    The recompute is the eager chunk loop on CPU (the interpreter's tests: gradients exactly the
+    eager path's) and the compiled chunk step on CUDA when inductor works there, as the
+    ``compile`` backend's backward does: the eager one costs ~300 launches per chunk."""
 
     @staticmethod
     def forward(ctx, n_layers: int, chunk: int, residual_norm: bool, compiled: bool, *inputs):
-        ctx.meta = (n_layers, chunk, residual_norm, compiled)
+        ctx.meta = (n_layers, chunk, residual_norm, compiled or recompute_compiled(inputs[0]))
         ctx.save_for_backward(*inputs)
         y, w, s = _kernel_flat(inputs, n_layers, chunk, residual_norm)
         return (y, *w, *s)
+
+
+def recompute_compiled(t: Tensor) -> bool:
+    """Whether the backward's recompute uses the compiled chunk step for tensors like ``t``."""
+    from ..runtime import _inductor_on_cuda
+
+    return t.device.type == "cuda" and _inductor_on_cuda()
