@@ -156,7 +156,16 @@ def lm_run(variant: str, backend: str, **kw):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("variant,kw", [("lmm", {}), ("mag", dict(memory_depth=1)), ("mac", {})])
+LM_VARIANTS = [
+    ("lmm", {}),
+    ("mag", dict(memory_depth=1)),  # linear memory
+    ("mac", {}),
+    ("mal", dict(memory_per_layer_gates=True, memory_residual_norm=False)),
+    ("mac", dict(mac_retrieval="memory_tokens", memory_per_layer_gates=True)),
+]
+
+
+@pytest.mark.parametrize("variant,kw", LM_VARIANTS)
 def test_lm_with_triton_backend_equals_eager(variant, kw, monkeypatch):
     """A tiny TitansLM (head dim 16, chunk 8, a partial last chunk) trains identically on
     memory_backend=triton and eager: loss and every parameter gradient."""
