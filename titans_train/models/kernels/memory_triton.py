@@ -8,9 +8,8 @@ hand (LayerNorm and GELU derivatives), reads every query in the dual form (after
 write), and commits W' = B W + c S - A^T diag(C theta) Delta, S' = E S - A^T diag(E theta) Delta.
 Document flags reset the state to M_0 before a chunk, or discard a chunk's update.
 
-The decay coefficients come from ``span_coeffs`` (PyTorch, outside the kernel). The backward is
-not a kernel yet: ``TritonChunks`` recomputes the span under autograd, exactly as
-``memory_scan._CheckpointedChunks`` does (eager on CPU, compiled chunk steps on CUDA).
+The decay coefficients come from ``span_coeffs`` (PyTorch, outside the kernel). ``TritonChunks``
+is the training path: this kernel forward, the fused backward of ``memory_triton_bwd``.
 
 Triton decides at decoration time whether to interpret (``TRITON_INTERPRET=1`` must be set before
 this module is first imported to run on CPU tensors).
@@ -24,7 +23,6 @@ import triton.language as tl
 from torch import Tensor
 
 from ..memory_math import LN_EPS, DocFlags
-from ..memory_scan import _CheckpointedChunks
 from . import kernel_shape_problem, triton_device_problem
 
 # Globals a jit function reads must be constexpr (the interpreter does not check this; the
@@ -104,19 +102,20 @@ def _memory_scan_kernel(
     k_ptr, v_ptr, q_ptr, y_ptr,  # [G, T, D]
     b0_ptr, e0_ptr, c0_ptr, ct_ptr, et_ptr,  # [P, G, chunks, N(, N)]
     reset_ptr, commit_ptr,  # int8 [G, chunks]
+    hwa_ptr, hsa_ptr, hwb_ptr, hsb_ptr,  # SAVE_STATES: W, S at every chunk start [G, chunks, ..]
     G, CHUNKS, T, PB,  # PB: gate set of layer B (0 if shared, 1 if per layer)
     D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, DEPTH: tl.constexpr,
     RESNORM: tl.constexpr, HAS_Q: tl.constexpr, HAS_FLAGS: tl.constexpr, EPS: tl.constexpr,
+    SAVE_STATES: tl.constexpr = False,
 ):  # fmt: skip
-    """One program per group. DEPTH 1: layer A alone is [D, D] (H == D, layer B unused)."""
+    """One program per group. DEPTH 1: layer A alone is [D, D] (H == D, layer B unused).
+    SAVE_STATES keeps every chunk's start state (after a reset) for the fused backward."""
     g = tl.program_id(0).to(tl.int64)
     od, oh, on = tl.arange(0, D), tl.arange(0, H), tl.arange(0, N)
+    la, lb = od[:, None] * H + oh[None, :], oh[:, None] * D + od[None, :]  # within a matrix
+    a_idx, b_idx = g * D * H + la, g * H * D + lb  # layer A is [D, H] (H == D at depth 1)
     if DEPTH == 2:
-        a_idx = g * D * H + od[:, None] * H + oh[None, :]
-        b_idx = g * H * D + oh[:, None] * D + od[None, :]
         wb, sb = tl.load(wb_ptr + b_idx), tl.load(sb_ptr + b_idx)
-    else:
-        a_idx = g * D * D + od[:, None] * D + od[None, :]
     wa, sa = tl.load(wa_ptr + a_idx), tl.load(sa_ptr + a_idx)
     if HAS_FLAGS:
         w0a = tl.load(w0a_ptr + a_idx)
@@ -131,6 +130,13 @@ def _memory_scan_kernel(
             wa, sa = tl.where(reset, w0a, wa), tl.where(reset, 0.0, sa)
             if DEPTH == 2:
                 wb, sb = tl.where(reset, w0b, wb), tl.where(reset, 0.0, sb)
+        if SAVE_STATES:
+            h_at = (g * CHUNKS + c) * D * H
+            tl.store(hwa_ptr + h_at + la, wa)
+            tl.store(hsa_ptr + h_at + la, sa)
+            if DEPTH == 2:
+                tl.store(hwb_ptr + h_at + lb, wb)
+                tl.store(hsb_ptr + h_at + lb, sb)
 
         # The memory on the chunk's keys at the chunk-start weights, and its errors delta_l.
         if DEPTH == 2:
@@ -206,9 +212,11 @@ def scan_chunks_triton(
     residual_norm: bool,
     compiled: bool = False,
     flags: DocFlags | None = None,
+    states: list[Tensor] | None = None,
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
     """``memory_math.scan_chunks`` (same arguments; ``compiled`` is ignored) as one kernel launch.
-    No autograd: ``TritonChunks`` gives the gradients."""
+    No autograd: ``TritonChunks`` gives the gradients. ``states`` (M then S per layer, each
+    [G, chunks, d_in, d_out], contiguous): filled with every chunk's start state."""
     check_kernel_inputs(weights, k, chunk)
     G, T, D = k.shape
     dt = k.dtype
@@ -227,12 +235,15 @@ def scan_chunks_triton(
     else:
         w0, reset, commit = w, k, k  # unused (HAS_FLAGS is off)
     wb, sb, w0b = (w[-1], s[-1], w0[-1]) if len(w) == 2 else (w[0], s[0], w0[0])
+    L = len(w)  # the kernel's order: M_A, S_A, M_B, S_B
+    hist = [k] * 4 if states is None else [states[0], states[L], states[L - 1], states[-1]]
     _memory_scan_kernel[(G,)](
         w[0], s[0], wb, sb, w0[0], w0b,
-        k, v, k if q is None else q, y, *co, reset, commit,
+        k, v, k if q is None else q, y, *co, reset, commit, *hist,
         G, T // chunk, T, min(1, co[0].shape[0] - 1),
         D=D, H=w[0].shape[-1], N=chunk, DEPTH=len(w), RESNORM=residual_norm,
         HAS_Q=q is not None, HAS_FLAGS=flags is not None, EPS=LN_EPS,
+        SAVE_STATES=states is not None,
         num_warps=num_warps(sum(x.shape[-2] * x.shape[-1] for x in w)),
     )  # fmt: skip
     return (y if q is not None else None), w, s
@@ -244,62 +255,73 @@ def num_warps(weight_elements: int) -> int:
     return 4 if weight_elements <= 1024 else 8
 
 
-KERNEL_POINTERS = (
-    "wa_ptr", "sa_ptr", "wb_ptr", "sb_ptr", "w0a_ptr", "w0b_ptr", "k_ptr", "v_ptr", "q_ptr",
-    "y_ptr", "b0_ptr", "e0_ptr", "c0_ptr", "ct_ptr", "et_ptr",
-)  # fmt: skip
-
-
-def compile_for_cuda(dims: list[int], chunk: int, capability: int = 90, residual_norm: bool = True):
-    """The kernel compiled to a cubin for an NVIDIA GPU of this compute capability, without a
-    GPU (Triton bundles ptxas): catches what the interpreter lets through (it does not check
-    constexpr globals, types or register use). Needs this module imported without
-    TRITON_INTERPRET. Returns triton's CompiledKernel (``.asm["cubin"]``, ``.metadata``)."""
+def compile_for_cuda(dims: list[int], chunk: int, capability: int = 90, backward: bool = False):
+    """The forward (or backward) kernel compiled to a cubin for an NVIDIA GPU of this compute
+    capability, without a GPU (Triton bundles ptxas): catches what the interpreter lets through
+    (it does not check constexpr globals, types or register use). Needs this module imported
+    without TRITON_INTERPRET. Returns triton's CompiledKernel (``.asm["cubin"]``)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource
 
-    sig = {p: "*fp32" for p in KERNEL_POINTERS}
-    sig.update(reset_ptr="*i8", commit_ptr="*i8", G="i32", CHUNKS="i32", T="i32", PB="i32")
-    const = dict(D=dims[0], H=dims[1], N=chunk, DEPTH=len(dims) - 1, RESNORM=residual_norm,
-                 HAS_Q=True, HAS_FLAGS=True, EPS=LN_EPS)  # fmt: skip
+    const = dict(D=dims[0], H=dims[1], N=chunk, DEPTH=len(dims) - 1, RESNORM=True,
+                 HAS_FLAGS=True, EPS=LN_EPS)  # fmt: skip
+    if backward:
+        from .memory_triton_bwd import _memory_scan_bwd_kernel as kernel
+
+        const["PB"] = 0
+        ints = ("G", "CHUNKS", "T")
+    else:
+        kernel = _memory_scan_kernel
+        const.update(HAS_Q=True, SAVE_STATES=False)
+        ints = ("G", "CHUNKS", "T", "PB")
+    sig = {p: "*fp32" for p in kernel.arg_names if p.endswith("_ptr")}
+    sig.update(reset_ptr="*i8", commit_ptr="*i8", **{i: "i32" for i in ints})
     sig.update({c: "constexpr" for c in const})
+    sig = {p: sig[p] for p in kernel.arg_names}  # the kernel's argument order
     warps = num_warps(sum(a * b for a, b in zip(dims[:-1], dims[1:])))
     return triton.compile(
-        ASTSource(_memory_scan_kernel, sig, const),
+        ASTSource(kernel, sig, const),
         target=GPUTarget("cuda", capability, 32),
         options=dict(num_warps=warps),
     )
 
 
-def _kernel_flat(inputs, n_layers: int, chunk: int, residual_norm: bool):
-    """``memory_scan._scan_flat``'s input layout, run by the kernel."""
+def _flat_parts(inputs, n_layers: int):
+    """``memory_scan._scan_flat``'s input layout -> (M, S, k, v, q, coeffs, flags)."""
     weights, momentum = list(inputs[:n_layers]), list(inputs[n_layers : 2 * n_layers])
     k, v, q, *rest = inputs[2 * n_layers :]
     coeffs, extra = rest[:5], rest[5:]
     flags = DocFlags(list(extra[:n_layers]), *extra[n_layers:]) if extra else None
+    return weights, momentum, k, v, q, coeffs, flags
+
+
+def _kernel_flat(inputs, n_layers: int, chunk: int, residual_norm: bool):
+    """``memory_scan._scan_flat``, run by the kernel."""
+    weights, momentum, k, v, q, coeffs, flags = _flat_parts(inputs, n_layers)
     return scan_chunks_triton(
         weights, momentum, k, v, q, coeffs, chunk, residual_norm, False, flags
     )
 
 
-class TritonChunks(_CheckpointedChunks):
-    """``_CheckpointedChunks`` with the kernel as forward: only the group's inputs are kept, and
-    the backward (inherited) recomputes the group under autograd and back-propagates through it.
-
-    The recompute is the eager chunk loop on CPU (the interpreter's tests: gradients exactly the
-    eager path's) and the compiled chunk step on CUDA when inductor works there, as the
-    ``compile`` backend's backward does: the eager one costs ~300 launches per chunk."""
+class TritonChunks(torch.autograd.Function):
+    """A checkpoint group of chunks on the kernels: the forward kernel, keeping only the group's
+    inputs (as ``memory_scan._CheckpointedChunks`` does); the backward rebuilds the chunk-start
+    states with the forward kernel and runs the fused backward kernel over the chunks in reverse
+    (``memory_triton_bwd``). Same inputs and outputs as ``_CheckpointedChunks``."""
 
     @staticmethod
     def forward(ctx, n_layers: int, chunk: int, residual_norm: bool, compiled: bool, *inputs):
-        ctx.meta = (n_layers, chunk, residual_norm, compiled or recompute_compiled(inputs[0]))
+        ctx.meta = (n_layers, chunk, residual_norm)
         ctx.save_for_backward(*inputs)
         y, w, s = _kernel_flat(inputs, n_layers, chunk, residual_norm)
         return (y, *w, *s)
 
+    @staticmethod
+    def backward(ctx, *grads):
+        from .memory_triton_bwd import scan_chunks_triton_backward
 
-def recompute_compiled(t: Tensor) -> bool:
-    """Whether the backward's recompute uses the compiled chunk step for tensors like ``t``."""
-    from ..runtime import _inductor_on_cuda
-
-    return t.device.type == "cuda" and _inductor_on_cuda()
+        n_layers, chunk, residual_norm = ctx.meta
+        inputs = ctx.saved_tensors
+        out = scan_chunks_triton_backward(inputs, n_layers, chunk, residual_norm, grads)
+        need = ctx.needs_input_grad[4:]
+        return (None, None, None, None, *(g if n else None for g, n in zip(out, need)))
