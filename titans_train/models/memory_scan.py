@@ -131,7 +131,7 @@ def memory_scan(
     recomputed group by group (memory O(N/g + g) chunks instead of O(N), one more forward).
     ``compiled`` runs full chunks through torch.compile (see ``compiled_chunk_step``).
     ``flags`` restart documents at chunk boundaries (``DocFlags``; ceil(N / chunk) chunks).
-    ``triton`` runs full chunks in the fused kernel (``kernels.memory_triton``; backward eager).
+    ``triton`` runs full chunks in the fused kernels (``kernels.memory_triton``, fwd and bwd).
     Returns (reads [G, N, d] or None, weights, momentum).
     """
     with loop_threads(k, chunk, weights):
@@ -150,7 +150,7 @@ def _memory_scan(
     reads = []
     if end:
         train = q is not None and torch.is_grad_enabled()
-        grouped = (checkpoint_group > 0 or triton) and train  # the kernel's backward: a recompute
+        grouped = (checkpoint_group > 0 or triton) and train  # the kernels train per group
         span = chunk * (checkpoint_group or end // chunk)
         scan, group_fn = _runners(triton and (train or not torch.is_grad_enabled()))
         coeffs = span_coeffs(theta[:, :end], log_eta[:, :end], log_keep[:, :end], chunk)
