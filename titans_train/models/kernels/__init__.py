@@ -4,6 +4,7 @@ without it, and ``memory_triton`` (which imports triton) is loaded only when the
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -54,3 +55,8 @@ def kernel_shape_problem(dims: list[int], chunk: int) -> str | None:
 
 def kernel_fits_registers(dims: list[int]) -> bool:
     return 2 * sum(a * b for a, b in zip(dims[:-1], dims[1:])) <= AUTO_STATE_ELEMENTS
+
+
+def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it ``t``'s (a no-op on CPU)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

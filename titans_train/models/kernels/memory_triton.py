@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..memory_math import LN_EPS, DocFlags
-from . import kernel_shape_problem, triton_device_problem
+from . import kernel_shape_problem, launch_device, triton_device_problem
 
 # Globals a jit function reads must be constexpr (the interpreter does not check this; the
 # compiler does).
@@ -237,15 +237,16 @@ def scan_chunks_triton(
     wb, sb, w0b = (w[-1], s[-1], w0[-1]) if len(w) == 2 else (w[0], s[0], w0[0])
     L = len(w)  # the kernel's order: M_A, S_A, M_B, S_B
     hist = [k] * 4 if states is None else [states[0], states[L], states[L - 1], states[-1]]
-    _memory_scan_kernel[(G,)](
-        w[0], s[0], wb, sb, w0[0], w0b,
-        k, v, k if q is None else q, y, *co, reset, commit, *hist,
-        G, T // chunk, T, min(1, co[0].shape[0] - 1),
-        D=D, H=w[0].shape[-1], N=chunk, DEPTH=len(w), RESNORM=residual_norm,
-        HAS_Q=q is not None, HAS_FLAGS=flags is not None, EPS=LN_EPS,
-        SAVE_STATES=states is not None,
-        num_warps=num_warps(sum(x.shape[-2] * x.shape[-1] for x in w)),
-    )  # fmt: skip
+    with launch_device(k):
+        _memory_scan_kernel[(G,)](
+            w[0], s[0], wb, sb, w0[0], w0b,
+            k, v, k if q is None else q, y, *co, reset, commit, *hist,
+            G, T // chunk, T, min(1, co[0].shape[0] - 1),
+            D=D, H=w[0].shape[-1], N=chunk, DEPTH=len(w), RESNORM=residual_norm,
+            HAS_Q=q is not None, HAS_FLAGS=flags is not None, EPS=LN_EPS,
+            SAVE_STATES=states is not None,
+            num_warps=num_warps(sum(x.shape[-2] * x.shape[-1] for x in w)),
+        )  # fmt: skip
     return (y if q is not None else None), w, s
 
 

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ..memory_math import LN_EPS
+from . import launch_device
 from .memory_triton import (
     _INV_SQRT_2PI,
     _dot,
@@ -312,14 +313,15 @@ def scan_chunks_triton_backward(inputs, n_layers: int, chunk: int, residual_norm
         reset = commit = k  # unused
     two = n_layers == 2
     hb = (hist[1], hist[3]) if two else (hist[0], hist[1])
-    _memory_scan_bwd_kernel[(G,)](
-        hist[0], hist[n_layers], *hb, k, v, q, dy, *co, reset, commit,
-        dw[0], ds[0], dw[-1], ds[-1], dw0[0], dw0[-1], dk, dv, dq, *dco,
-        G, chunks, T,
-        PB=min(1, co[0].shape[0] - 1), D=D, H=weights[0].shape[-1], N=chunk, DEPTH=n_layers,
-        RESNORM=residual_norm, HAS_FLAGS=flags is not None, EPS=LN_EPS,
-        num_warps=num_warps(sum(x.shape[-2] * x.shape[-1] for x in dw)),
-    )  # fmt: skip
+    with launch_device(k):
+        _memory_scan_bwd_kernel[(G,)](
+            hist[0], hist[n_layers], *hb, k, v, q, dy, *co, reset, commit,
+            dw[0], ds[0], dw[-1], ds[-1], dw0[0], dw0[-1], dk, dv, dq, *dco,
+            G, chunks, T,
+            PB=min(1, co[0].shape[0] - 1), D=D, H=weights[0].shape[-1], N=chunk, DEPTH=n_layers,
+            RESNORM=residual_norm, HAS_FLAGS=flags is not None, EPS=LN_EPS,
+            num_warps=num_warps(sum(x.shape[-2] * x.shape[-1] for x in dw)),
+        )  # fmt: skip
     out = [*dw, *ds, dk, dv, dq, *dco]
     if flags is not None:
         out += [*dw0, None, None]
