@@ -29,7 +29,16 @@ def requirements(name: str) -> list[str]:
 
 
 EXTRAS = {
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "matplotlib>=3.8"],
+    # triton: the fused memory kernel's tests run in its CPU interpreter (TRITON_INTERPRET=1).
+    # Unversioned and not in the constraints: a CUDA torch pins its own triton (==x.y.z), and a
+    # different pin would make pip replace that torch (requirements/constraints.txt).
+    "dev": [
+        "pytest>=8",
+        "pytest-timeout>=2.3",
+        "ruff>=0.6",
+        "matplotlib>=3.8",
+        'triton; sys_platform == "linux"',
+    ],
     # flash-attn builds from source against a CUDA torch and needs --no-build-isolation:
     # use `make install-gpu` (docs/gpus.md). It is picked up automatically when importable.
     "gpu": requirements("gpu.txt"),

@@ -58,6 +58,7 @@ def set_environment(dry_run: bool) -> None:
     processes (the dry run hides any GPU; a real run makes DeepSpeed use CUDA)."""
     if dry_run:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        os.environ["TRITON_INTERPRET"] = "1"  # the fused memory kernel on CPU (stages 3 and 6)
     os.environ["DS_ACCELERATOR"] = "cpu" if dry_run else "cuda"
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")

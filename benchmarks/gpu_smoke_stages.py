@@ -21,15 +21,28 @@ from titans_train.models import memory as memory_mod
 from titans_train.models.attention import dispatch as attention_mod
 from titans_train.models.attention import select_backend
 from titans_train.models.blocks import make_memory
+from titans_train.models.kernels import triton_importable
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # Every memory backend, as ModelConfig overrides; each is checked against "eager" (stage 3) and
-# timed (stage 6). The fused kernel joins here when it lands, e.g. "triton": {...}.
+# timed (stage 6).
 MEMORY_BACKENDS: dict[str, dict] = {
     "eager": {"memory_compile": False},
     "compile": {"memory_compile": True},
 }
+# The fused kernel (issue 14), when Triton imports: a real launch on CUDA, Triton's interpreter
+# on the dry run (gpu_smoke.set_environment sets TRITON_INTERPRET=1). It takes power-of-two head
+# dims only, so it runs at memory head dim 16 (``kernel_heads``), next to an eager run of the same
+# shape ("eager_kernel_shape") as its reference and its speed baseline.
+KERNEL_HEAD_DIM = 16
+if triton_importable():
+    MEMORY_BACKENDS["triton"] = {"memory_backend": "triton"}
+
+
+def kernel_heads(dim: int) -> int:
+    return dim // KERNEL_HEAD_DIM
+
 
 # Stage 4: every variant, both MAC retrieval modes.
 VARIANTS: dict[str, dict] = {
@@ -121,41 +134,60 @@ def memory_stage(smoke: Smoke) -> dict:
     Parameters and input are rounded to the tested dtype first, so the errors measure the
     computation, not the rounding of the input. 16 chunks: over ~64 chunks of random input the
     recurrence amplifies bf16 rounding of q, k, v into O(1) input-gradient differences (fp32: 3e-4).
+    The fused kernel runs in its own pass at head dim 16, against an eager run of that shape.
     """
     B, T = (2, 69) if smoke.dry_run else (1, 261)  # a ragged tail: a partial last chunk
+    names = [n for n in MEMORY_BACKENDS if n != "triton"]
+    passes = [(names, {}, {})]
+    if "triton" in MEMORY_BACKENDS:
+        heads = kernel_heads(memory_config(smoke).dim)
+        passes.append((["eager", "triton"], {"heads": heads}, {"eager": "eager_kernel_shape"}))
+    details = {"shape": [B, T, memory_config(smoke).dim], "dtype": str(smoke.dtype), "backends": {}}
+    failures = []
+    with dry_run_compile(smoke.dry_run):
+        for names, shape, rename in passes:
+            rows, bad = compare_memory_backends(smoke, B, T, names, shape)
+            details["backends"].update({rename.get(n, n): r for n, r in rows.items()})
+            failures += bad
+    worst = max(r["out_vs_fp64"] for r in details["backends"].values())
+    summary = f"{len(details['backends'])} backends, worst out err vs fp64 {worst:.2g}"
+    return {"ok": not failures, "failures": failures, "summary": summary, **details}
+
+
+def compare_memory_backends(
+    smoke: Smoke, B: int, T: int, names: list[str], shape: dict
+) -> tuple[dict, list[str]]:
+    """Rows (errors vs fp64 and vs this pass's eager) and failures of one memory shape."""
     torch.manual_seed(0)
-    ref = make_memory(memory_config(smoke)).to(smoke.dtype).double()
+    ref = make_memory(memory_config(smoke, **shape)).to(smoke.dtype).double()
     x = torch.randn(B, T, ref.dim).to(smoke.dtype).double()
     weight = torch.randn(B, T, ref.dim, dtype=torch.float64)
     want = run_memory(ref, x, weight)
-    runs, tol, failures = {}, smoke.tol, []
-    with dry_run_compile(smoke.dry_run):
-        for name, overrides in MEMORY_BACKENDS.items():
-            mod = make_memory(memory_config(smoke, **overrides))
-            mod.load_state_dict(ref.state_dict())
-            mod.to(smoke.device, smoke.dtype)
-            t0, graphs = time.perf_counter(), compiled_graphs()
-            runs[name] = run_memory(mod, x.to(smoke.device, smoke.dtype), weight.to(smoke.device))
-            smoke.sync()
-            runs[name]["seconds"] = time.perf_counter() - t0
-            runs[name]["graphs"] = compiled_graphs() - graphs
-    details = {"shape": [B, T, ref.dim], "dtype": str(smoke.dtype), "backends": {}}
+    runs, tol, failures, rows = {}, smoke.tol, [], {}
+    for name in names:
+        mod = make_memory(memory_config(smoke, **shape, **MEMORY_BACKENDS[name]))
+        mod.load_state_dict(ref.state_dict())
+        mod.to(smoke.device, smoke.dtype)
+        t0, graphs = time.perf_counter(), compiled_graphs()
+        runs[name] = run_memory(mod, x.to(smoke.device, smoke.dtype), weight.to(smoke.device))
+        smoke.sync()
+        runs[name]["seconds"] = time.perf_counter() - t0
+        runs[name]["graphs"] = compiled_graphs() - graphs
     for name, got in runs.items():
         row = {f"{k}_vs_fp64": rel_err(got[k], want[k]) for k in ("out", "weights", "grad")}
         row.update(first_call_seconds=got["seconds"], new_compiled_graphs=got["graphs"])
+        row["memory_heads"] = ref.heads
         if name != "eager":
             row.update(
                 {f"{k}_vs_eager": rel_err(got[k], runs["eager"][k]) for k in ("out", "grad")}
             )
-        details["backends"][name] = row
+        rows[name] = row
         limits = {"out_vs_fp64": tol["vs_fp64"], "weights_vs_fp64": tol["vs_fp64"],
                   "grad_vs_fp64": tol["grad"], "out_vs_eager": tol["backend"],
                   "grad_vs_eager": tol["backend"]}  # fmt: skip
         failures += [f"{name}: {k}={row[k]:.3g} > {v}" for k, v in limits.items()
                      if k in row and not row[k] <= v]  # fmt: skip
-    worst = max(r["out_vs_fp64"] for r in details["backends"].values())
-    summary = f"{len(runs)} backends, worst out err vs fp64 {worst:.2g}"
-    return {"ok": not failures, "failures": failures, "summary": summary, **details}
+    return rows, failures
 
 
 # -- stage 4: whole model ----------------------------------------------------------------------
@@ -361,13 +393,20 @@ def throughput_stage(smoke: Smoke) -> dict:
     preset = "tiny" if smoke.dry_run else "mac_170m"
     lengths, iters = ((64, 128), 1) if smoke.dry_run else ((2048, 4096), 2)
     rows, failures = {}, []
+    runs = {n: o for n, o in MEMORY_BACKENDS.items() if n != "triton"}
+    if "triton" in MEMORY_BACKENDS:  # the kernel at head dim 16, and eager at that shape
+        path = ROOT / "configs" / "model" / f"{preset}.yaml"
+        heads = {"memory_heads": kernel_heads(load_model_config(path).dim)}
+        runs["eager_kernel_shape"] = {**MEMORY_BACKENDS["eager"], **heads}
+        runs["triton"] = {**MEMORY_BACKENDS["triton"], **heads}
     with dry_run_compile(smoke.dry_run):
-        for backend, overrides in MEMORY_BACKENDS.items():
+        for backend, overrides in runs.items():
             dotlist = [f"{k}={v}" for k, v in overrides.items()]
             cfg = load_model_config(ROOT / "configs" / "model" / f"{preset}.yaml", dotlist)
             torch.manual_seed(0)
             model = TitansLM(cfg).to(smoke.device, smoke.dtype)
-            for T in lengths:
+            # The interpreter is slow (the dry run): the kernel at the shorter length only.
+            for T in lengths[:1] if backend == "triton" and smoke.dry_run else lengths:
                 graphs = compiled_graphs()
                 row = rows[f"{backend}@{T}"] = time_model(smoke, model, T, iters)
                 row["new_compiled_graphs"] = compiled_graphs() - graphs

@@ -53,7 +53,6 @@ def tiny_cfg(**kw) -> ModelConfig:
     [
         (dict(attn_backend="cudnn"), "runtime.attn_backend='cudnn'"),
         (dict(memory_backend="fast"), "runtime.memory_backend='fast'"),
-        (dict(memory_backend="triton"), "runtime.memory_backend='triton'.*not available yet"),
         (dict(memory_checkpoint_group=-1), "runtime.memory_checkpoint_group=-1"),
     ],
 )
@@ -79,7 +78,7 @@ def test_model_config_keeps_accepting_execution_keys_with_a_warning():
     with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="contradicts"):
         tiny_cfg(memory_compile=True, memory_backend="eager")
     with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="model.memory_backend"):
-        tiny_cfg(memory_backend="triton")
+        tiny_cfg(memory_backend="fast")
 
 
 def test_stored_configs_with_execution_keys_load_silently():
@@ -102,11 +101,13 @@ def test_runtime_reaches_attention_and_memory():
     assert TitansLM(tiny_cfg()).runtime == RuntimeConfig()
 
 
-def test_memory_backend_auto_is_eager_on_cpu():
-    assert resolve_memory_backend("auto", torch.device("cpu")) == "eager"
+def test_memory_backend_auto_is_eager_on_cpu(monkeypatch):
+    assert resolve_memory_backend("auto", torch.device("cpu"), [16, 64, 16], 16) == "eager"
     assert resolve_memory_backend("compile", torch.device("cpu")) == "compile"
-    with pytest.raises(ValueError, match="runtime.memory_backend='triton'"):
-        NeuralMemory(16, 2, backend="triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the kernel's CPU tests set it
+    x = torch.randn(1, 16, 16)
+    with pytest.raises(ValueError, match="runtime.memory_backend='triton': .*TRITON_INTERPRET"):
+        NeuralMemory(16, 1, backend="triton")(x)
 
 
 # -- activation checkpointing from outside ------------------------------------------------------

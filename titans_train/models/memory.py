@@ -117,7 +117,7 @@ class NeuralMemory(nn.Module):
         self.residual_norm = residual_norm
         self.forget_bias = forget_bias  # initial pre-sigmoid bias of alpha (reset_parameters)
         self.checkpoint_group = checkpoint_group  # chunks per activation-checkpoint group; 0 = off
-        self.backend = backend  # eager | compile | auto (resolved per device at each call)
+        self.backend = backend  # eager | compile | triton | auto (resolved per device and call)
         self.n_gates = depth if per_layer_gates else 1
         d = self.head_dim
         # Owned directly (not nn.Linear) so read-only calls can use the q rows alone under ZeRO-3.
@@ -172,6 +172,12 @@ class NeuralMemory(nn.Module):
             for w in self.init_weights
         ]
         return ws, [torch.zeros_like(w) for w in ws]
+
+    def _backend(self, x: Tensor) -> dict:
+        """memory_scan's execution switches for this call's device and the memory's shape."""
+        dims = [self.head_dim] + [w.shape[-1] for w in self.init_weights]
+        backend = resolve_memory_backend(self.backend, x.device, dims, self.chunk_size)
+        return {"compiled": backend == "compile", "triton": backend == "triton"}
 
     def _gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per-token, per-head (and optionally per-layer) gates as [B*H, T, P] (float32)."""
@@ -235,17 +241,9 @@ class NeuralMemory(nn.Module):
 
         with autocast_off(x.device.type):
             y, weights, momentum = memory_scan(
-                weights,
-                momentum,
-                k,
-                v,
-                q,
-                *gates,
-                self.chunk_size,
-                self.residual_norm,
-                self.checkpoint_group,
-                resolve_memory_backend(self.backend, x.device) == "compile",
-            )
+                weights, momentum, k, v, q, *gates, self.chunk_size, self.residual_norm,
+                self.checkpoint_group, **self._backend(x),
+            )  # fmt: skip
         N = k.shape[1]
         rem = N % self.chunk_size
         buffer = tuple(t[:, N - rem :] for t in (k, v, *gates)) if rem else None
@@ -340,7 +338,7 @@ class NeuralMemory(nn.Module):
         with autocast_off(x.device.type):
             y, weights, momentum = memory_scan(
                 weights, momentum, k, v, q, *gates, n, self.residual_norm, self.checkpoint_group,
-                resolve_memory_backend(self.backend, x.device) == "compile", flags,
+                flags=flags, **self._backend(x),
             )  # fmt: skip
 
         # The state: every row's unfinished chunk, the conv inputs of its last document's last slots

@@ -96,6 +96,15 @@ def _scan_flat(inputs, n_layers: int, chunk: int, residual_norm: bool, compiled:
     return scan_chunks(weights, momentum, k, v, q, coeffs, chunk, residual_norm, compiled, flags)
 
 
+def _runners(triton: bool):
+    """(scan without autograd, checkpointed group Function) of the eager or the kernel path."""
+    if not triton:
+        return scan_chunks, _CheckpointedChunks
+    from .kernels.memory_triton import TritonChunks, scan_chunks_triton
+
+    return scan_chunks_triton, TritonChunks
+
+
 def memory_scan(
     weights: list[Tensor],
     momentum: list[Tensor],
@@ -110,6 +119,7 @@ def memory_scan(
     checkpoint_group: int = 0,
     compiled: bool = False,
     flags: DocFlags | None = None,
+    triton: bool = False,
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
     """Run the memory over N tokens starting at a chunk boundary.
 
@@ -121,30 +131,33 @@ def memory_scan(
     recomputed group by group (memory O(N/g + g) chunks instead of O(N), one more forward).
     ``compiled`` runs full chunks through torch.compile (see ``compiled_chunk_step``).
     ``flags`` restart documents at chunk boundaries (``DocFlags``; ceil(N / chunk) chunks).
+    ``triton`` runs full chunks in the fused kernels (``kernels.memory_triton``, fwd and bwd).
     Returns (reads [G, N, d] or None, weights, momentum).
     """
     with loop_threads(k, chunk, weights):
         return _memory_scan(
             weights, momentum, k, v, q, theta, log_eta, log_keep, chunk, residual_norm,
-            checkpoint_group, compiled, flags,
+            checkpoint_group, compiled, flags, triton,
         )  # fmt: skip
 
 
 def _memory_scan(
     weights, momentum, k, v, q, theta, log_eta, log_keep, chunk, residual_norm,
-    checkpoint_group, compiled, flags,
+    checkpoint_group, compiled, flags, triton=False,
 ):  # fmt: skip
     N = k.shape[1]
     end = N - N % chunk
     reads = []
     if end:
-        span = chunk * checkpoint_group
-        grouped = checkpoint_group > 0 and q is not None and torch.is_grad_enabled()
+        train = q is not None and torch.is_grad_enabled()
+        grouped = (checkpoint_group > 0 or triton) and train  # the kernels train per group
+        span = chunk * (checkpoint_group or end // chunk)
+        scan, group_fn = _runners(triton and (train or not torch.is_grad_enabled()))
         coeffs = span_coeffs(theta[:, :end], log_eta[:, :end], log_keep[:, :end], chunk)
         whole = None if flags is None else flags.chunks(0, end // chunk)
         if not grouped:
             kvq = [None if t is None else t[:, :end] for t in (k, v, q)]
-            y, weights, momentum = scan_chunks(
+            y, weights, momentum = scan(
                 weights, momentum, *kvq, coeffs, chunk, residual_norm, compiled, whole
             )
             reads.append(y)
@@ -160,9 +173,7 @@ def _memory_scan(
             for args in zip(*parts):
                 if whole is not None:
                     args = (*args[:8], *args[8], *args[9:])
-                out = _CheckpointedChunks.apply(
-                    n, chunk, residual_norm, compiled, *weights, *momentum, *args
-                )
+                out = group_fn.apply(n, chunk, residual_norm, compiled, *weights, *momentum, *args)
                 reads.append(out[0])
                 weights, momentum = list(out[1 : 1 + n]), list(out[1 + n :])
     if end < N and flags is not None:  # a document starting in the partial chunk restarts here

@@ -17,9 +17,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .kernels import (
+    kernel_fits_registers,
+    kernel_shape_problem,
+    triton_device_problem,
+    triton_importable,
+)
+
 ATTN_BACKENDS = ("auto", "sdpa", "flex", "flash")
-MEMORY_BACKENDS = ("auto", "eager", "compile")
-PLANNED_MEMORY_BACKENDS = ("triton",)  # accepted by name in the docs, refused until it lands
+MEMORY_BACKENDS = ("auto", "eager", "compile", "triton")
 # ModelConfig keys of earlier versions that are execution settings (read with a warning).
 LEGACY_MODEL_KEYS = ("attn_backend", "memory_backend", "memory_compile", "memory_checkpoint_group")
 
@@ -27,7 +33,7 @@ LEGACY_MODEL_KEYS = ("attn_backend", "memory_backend", "memory_compile", "memory
 @dataclass
 class RuntimeConfig:
     attn_backend: str = "auto"  # auto | sdpa | flex | flash (docs/attention.md)
-    # auto | eager | compile (docs/memory.md "Execution settings"); triton is not available yet.
+    # auto | eager | compile | triton (docs/memory.md "Speed and memory options").
     memory_backend: str = "auto"
     # Chunks per activation-checkpoint group inside the memory (0 = off): keeps M and S only at
     # group boundaries and recomputes the rest in backward (4x less peak memory at 4K tokens for
@@ -44,10 +50,10 @@ class RuntimeConfig:
 
         if self.attn_backend not in ATTN_BACKENDS:
             bad("attn_backend", f"must be one of {', '.join(ATTN_BACKENDS)}")
-        if self.memory_backend in PLANNED_MEMORY_BACKENDS:
-            bad("memory_backend", "triton is not available yet; use auto, eager or compile")
         if self.memory_backend not in MEMORY_BACKENDS:
             bad("memory_backend", f"must be one of {', '.join(MEMORY_BACKENDS)}")
+        if self.memory_backend == "triton" and not triton_importable():
+            bad("memory_backend", "triton is not installed (pip install triton); or use auto")
         if self.memory_checkpoint_group < 0:
             bad("memory_checkpoint_group", "must be >= 0 (0 = off)")
 
@@ -83,16 +89,29 @@ def runtime_from_legacy(cfg) -> RuntimeConfig:
     return RuntimeConfig(**getattr(cfg, "legacy_runtime", {}))
 
 
-def resolve_memory_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> ``compile`` on CUDA when inductor can generate code there (it needs Triton),
-    else ``eager``. Not compile on CPU, where runs are short (tests, ``make train``'s 300 steps):
-    for the tiny MAC a compiled step is faster (1.33 vs 1.77 s, batch 16 x 128, one thread), but
+def resolve_memory_backend(
+    backend: str, device: torch.device, dims: list[int] | None = None, chunk: int = 0
+) -> str:
+    """The backend a memory with layer widths ``dims`` (d, hidden..., d) and chunk size ``chunk``
+    runs on ``device``. ``triton`` needs CUDA, or CPU under TRITON_INTERPRET=1 (else a clear
+    error). ``auto`` -> ``triton`` on CUDA when Triton works there and the kernel takes the shape
+    with its state in registers (``kernels.kernel_fits_registers``), else ``compile`` on CUDA
+    when inductor can generate code there (it needs Triton), else ``eager``. Not compile on CPU,
+    where runs are short (tests, ``make train``'s 300 steps): for the tiny MAC a compiled step
+    is faster (1.33 vs 1.77 s, batch 16 x 128, one thread), but
     the first step compiles for 158 s, which pays off only after ~360 steps (docs/memory.md).
     Ask for ``compile`` explicitly for long CPU runs.
     """
+    if backend == "triton":
+        problem = triton_device_problem(device)
+        if problem:
+            raise ValueError(f"runtime.memory_backend='triton': {problem}")
     if backend != "auto":
         return backend
-    return "compile" if device.type == "cuda" and _inductor_on_cuda() else "eager"
+    if device.type != "cuda" or not _inductor_on_cuda():
+        return "eager"
+    kernel = triton_importable() and dims is not None and kernel_shape_problem(dims, chunk) is None
+    return "triton" if kernel and kernel_fits_registers(dims) else "compile"
 
 
 def _inductor_on_cuda() -> bool:

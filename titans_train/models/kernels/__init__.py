@@ -1,0 +1,62 @@
+"""Fused kernels for the memory's chunk loop (issue 14). Triton is optional: this package imports
+without it, and ``memory_triton`` (which imports triton) is loaded only when the backend is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+
+import torch
+
+# Largest M + S (all memory layers, in elements) for which ``auto`` picks the kernel on CUDA: one
+# program holds its group's whole state in registers. Compiled by ptxas for sm80/sm90 at 8 warps,
+# 4,096 values (d 16, hidden 64) do not spill, 8,192 (d 64, depth 1) spill 8 bytes a thread and
+# 16,384 (d 32, hidden 128) 400-1,400. Larger heads need the split kernel (docs/memory.md).
+AUTO_STATE_ELEMENTS = 8192
+
+
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Triton's interpreter (``TRITON_INTERPRET=1``) runs kernels on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def triton_device_problem(device: torch.device) -> str | None:
+    """Why the kernel cannot run on ``device`` (None if it can)."""
+    if not triton_importable():
+        return "triton is not installed (pip install 'titans_train[dev]' or triton)"
+    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+        return None
+    return f"the kernel runs on CUDA, or on CPU under TRITON_INTERPRET=1, not on {device.type}"
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def kernel_shape_problem(dims: list[int], chunk: int) -> str | None:
+    """Why the kernel cannot take a memory with layer widths ``dims`` (d, hidden..., d) and this
+    chunk size (None if it can). Block sizes must be powers of two (tl.arange), and fp32 tl.dot
+    needs a reduction of at least 8 on NVIDIA (triton/backends/nvidia/compiler.py min_dot_size);
+    widths are also matmul rows, so they get the usual 16."""
+    if len(dims) - 1 not in (1, 2):
+        return f"memory depth {len(dims) - 1} (the kernel has depth 1 and 2)"
+    if not all(_pow2(d) and d >= 16 for d in dims):
+        return f"memory widths {dims} (powers of two >= 16 only)"
+    if not (_pow2(chunk) and chunk >= 8):
+        return f"chunk size {chunk} (powers of two >= 8 only)"
+    return None
+
+
+def kernel_fits_registers(dims: list[int]) -> bool:
+    return 2 * sum(a * b for a, b in zip(dims[:-1], dims[1:])) <= AUTO_STATE_ELEMENTS
+
+
+def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it ``t``'s (a no-op on CPU)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

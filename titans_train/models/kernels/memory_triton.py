@@ -1,0 +1,328 @@
+"""The memory's chunk loop as one Triton kernel (issue 14, forward), and its training path.
+
+``scan_chunks_triton`` computes what ``memory_math.scan_chunks`` computes, with one program per
+group G (batch x head): the program walks every chunk of the span in order and keeps the group's
+memory weights W_l and momentum S_l on chip for the whole span. Per chunk it runs the memory on
+the chunk's keys at the chunk-start weights, back-propagates the inner loss 1/2 ||M(k) - v||^2 by
+hand (LayerNorm and GELU derivatives), reads every query in the dual form (after the token's own
+write), and commits W' = B W + c S - A^T diag(C theta) Delta, S' = E S - A^T diag(E theta) Delta.
+Document flags reset the state to M_0 before a chunk, or discard a chunk's update.
+
+The decay coefficients come from ``span_coeffs`` (PyTorch, outside the kernel). ``TritonChunks``
+is the training path: this kernel forward, the fused backward of ``memory_triton_bwd``.
+
+Triton decides at decoration time whether to interpret (``TRITON_INTERPRET=1`` must be set before
+this module is first imported to run on CPU tensors).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..memory_math import LN_EPS, DocFlags
+from . import kernel_shape_problem, launch_device, triton_device_problem
+
+# Globals a jit function reads must be constexpr (the interpreter does not check this; the
+# compiler does).
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+@triton.jit
+def _gelu(z):
+    return 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
+
+
+@triton.jit
+def _gelu_grad(z):
+    """d GELU(z) / dz for the exact (erf) GELU: Phi(z) + z phi(z)."""
+    return 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2)) + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
+
+
+@triton.jit
+def _layer_norm(z, D: tl.constexpr, EPS: tl.constexpr):
+    """Parameter-free LayerNorm over rows: (normalised z, 1 / std per row)."""
+    zc = z - (tl.sum(z, 1) / D)[:, None]
+    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, 1) / D + EPS)
+    return zc * rstd[:, None], rstd
+
+
+@triton.jit
+def _layer_norm_grad(xhat, rstd, g, D: tl.constexpr):
+    """dL/dz given dL/dLN(z) = g (rows): rstd (g - mean g - xhat mean(g xhat))."""
+    mg = tl.sum(g, 1) / D
+    mgx = tl.sum(g * xhat, 1) / D
+    return rstd[:, None] * (g - mg[:, None] - xhat * mgx[:, None])
+
+
+@triton.jit
+def _dot(a, b):
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, base, N: tl.constexpr):
+    """One layer's coefficients of one chunk: B_t0, c_t, C_ti theta_i (rows t), and the last
+    rows/entries the commit needs. ``base`` = ((p G + g) chunks + c)."""
+    offs = tl.arange(0, N)
+    b0 = tl.load(b0_ptr + base * N + offs)
+    c0 = tl.load(c0_ptr + base * N + offs)
+    ct = tl.load(ct_ptr + base * N * N + offs[:, None] * N + offs[None, :])
+    b0_end = tl.load(b0_ptr + base * N + N - 1)
+    c0_end = tl.load(c0_ptr + base * N + N - 1)
+    e0_end = tl.load(e0_ptr + base * N + N - 1)
+    ct_end = tl.load(ct_ptr + base * N * N + (N - 1) * N + offs)
+    et_end = tl.load(et_ptr + base * N * N + (N - 1) * N + offs)
+    return b0, c0, ct, b0_end, c0_end, e0_end, ct_end, et_end
+
+
+@triton.jit
+def _dual_read(h, w, s, a, delta, b0, c0, ct):
+    """z_t = h_t [B_t0 W + c_t S] - sum_{i<=t} C_ti theta_i (h_t . a_i) delta_i (ct is lower
+    triangular already: exp(-inf) above the diagonal)."""
+    z = b0[:, None] * _dot(h, w) + c0[:, None] * _dot(h, s)
+    return z - _dot(ct * _dot(h, tl.trans(a)), delta)
+
+
+@triton.jit
+def _commit(w, s, a, delta, b0_end, c0_end, e0_end, ct_end, et_end):
+    at = tl.trans(a)
+    w_new = b0_end * w + c0_end * s - _dot(at, ct_end[:, None] * delta)
+    s_new = e0_end * s - _dot(at, et_end[:, None] * delta)
+    return w_new, s_new
+
+
+@triton.jit
+def _memory_scan_kernel(
+    wa_ptr, sa_ptr, wb_ptr, sb_ptr,  # state in/out: layer A [G, D, H], layer B [G, H, D]
+    w0a_ptr, w0b_ptr,  # M_0 per group (document resets)
+    k_ptr, v_ptr, q_ptr, y_ptr,  # [G, T, D]
+    b0_ptr, e0_ptr, c0_ptr, ct_ptr, et_ptr,  # [P, G, chunks, N(, N)]
+    reset_ptr, commit_ptr,  # int8 [G, chunks]
+    hwa_ptr, hsa_ptr, hwb_ptr, hsb_ptr,  # SAVE_STATES: W, S at every chunk start [G, chunks, ..]
+    G, CHUNKS, T, PB,  # PB: gate set of layer B (0 if shared, 1 if per layer)
+    D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, DEPTH: tl.constexpr,
+    RESNORM: tl.constexpr, HAS_Q: tl.constexpr, HAS_FLAGS: tl.constexpr, EPS: tl.constexpr,
+    SAVE_STATES: tl.constexpr = False,
+):  # fmt: skip
+    """One program per group. DEPTH 1: layer A alone is [D, D] (H == D, layer B unused).
+    SAVE_STATES keeps every chunk's start state (after a reset) for the fused backward."""
+    g = tl.program_id(0).to(tl.int64)
+    od, oh, on = tl.arange(0, D), tl.arange(0, H), tl.arange(0, N)
+    la, lb = od[:, None] * H + oh[None, :], oh[:, None] * D + od[None, :]  # within a matrix
+    a_idx, b_idx = g * D * H + la, g * H * D + lb  # layer A is [D, H] (H == D at depth 1)
+    if DEPTH == 2:
+        wb, sb = tl.load(wb_ptr + b_idx), tl.load(sb_ptr + b_idx)
+    wa, sa = tl.load(wa_ptr + a_idx), tl.load(sa_ptr + a_idx)
+    if HAS_FLAGS:
+        w0a = tl.load(w0a_ptr + a_idx)
+        if DEPTH == 2:
+            w0b = tl.load(w0b_ptr + b_idx)
+
+    for c in range(CHUNKS):
+        tok = g * T * D + (c * N + on)[:, None] * D + od[None, :]
+        kc, vc = tl.load(k_ptr + tok), tl.load(v_ptr + tok)
+        if HAS_FLAGS:
+            reset = tl.load(reset_ptr + g * CHUNKS + c) != 0
+            wa, sa = tl.where(reset, w0a, wa), tl.where(reset, 0.0, sa)
+            if DEPTH == 2:
+                wb, sb = tl.where(reset, w0b, wb), tl.where(reset, 0.0, sb)
+        if SAVE_STATES:
+            h_at = (g * CHUNKS + c) * D * H
+            tl.store(hwa_ptr + h_at + la, wa)
+            tl.store(hsa_ptr + h_at + la, sa)
+            if DEPTH == 2:
+                tl.store(hwb_ptr + h_at + lb, wb)
+                tl.store(hsb_ptr + h_at + lb, sb)
+
+        # The memory on the chunk's keys at the chunk-start weights, and its errors delta_l.
+        if DEPTH == 2:
+            z1 = _dot(kc, wa)
+            a1 = _gelu(z1)
+            z_out = _dot(a1, wb)
+        else:
+            z_out = _dot(kc, wa)
+        if RESNORM:
+            xhat, rstd = _layer_norm(z_out, D, EPS)
+            d_out = _layer_norm_grad(xhat, rstd, kc + xhat - vc, D)
+        else:
+            d_out = z_out - vc
+        if DEPTH == 2:
+            d1 = _dot(d_out, tl.trans(wb)) * _gelu_grad(z1)
+
+        base_a = g * CHUNKS + c
+        ca = _coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, base_a, N)
+        if DEPTH == 2:
+            cb = _coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, (PB * G + g) * CHUNKS + c, N)
+
+        if HAS_Q:
+            qc = tl.load(q_ptr + tok)
+            if DEPTH == 2:
+                hq = _gelu(_dual_read(qc, wa, sa, kc, d1, ca[0], ca[1], ca[2]))
+                zq = _dual_read(hq, wb, sb, a1, d_out, cb[0], cb[1], cb[2])
+            else:
+                zq = _dual_read(qc, wa, sa, kc, d_out, ca[0], ca[1], ca[2])
+            if RESNORM:
+                zq = qc + _layer_norm(zq, D, EPS)[0]
+            tl.store(y_ptr + tok, zq)
+
+        if DEPTH == 2:
+            wa_n, sa_n = _commit(wa, sa, kc, d1, ca[3], ca[4], ca[5], ca[6], ca[7])
+            wb_n, sb_n = _commit(wb, sb, a1, d_out, cb[3], cb[4], cb[5], cb[6], cb[7])
+        else:
+            wa_n, sa_n = _commit(wa, sa, kc, d_out, ca[3], ca[4], ca[5], ca[6], ca[7])
+        if HAS_FLAGS:
+            keep = tl.load(commit_ptr + g * CHUNKS + c) != 0
+            wa, sa = tl.where(keep, wa_n, wa), tl.where(keep, sa_n, sa)
+            if DEPTH == 2:
+                wb, sb = tl.where(keep, wb_n, wb), tl.where(keep, sb_n, sb)
+        else:
+            wa, sa = wa_n, sa_n
+            if DEPTH == 2:
+                wb, sb = wb_n, sb_n
+
+    tl.store(wa_ptr + a_idx, wa)
+    tl.store(sa_ptr + a_idx, sa)
+    if DEPTH == 2:
+        tl.store(wb_ptr + b_idx, wb)
+        tl.store(sb_ptr + b_idx, sb)
+
+
+def check_kernel_inputs(weights: list[Tensor], k: Tensor, chunk: int) -> None:
+    """A one-line error naming the setting when the kernel cannot take these inputs."""
+    dims = [weights[0].shape[-2]] + [w.shape[-1] for w in weights]
+    problem = kernel_shape_problem(dims, chunk) or triton_device_problem(k.device)
+    if problem is None and k.dtype not in (torch.float32, torch.float64):
+        problem = f"dtype {k.dtype} (the memory state is float32 or float64)"
+    if problem:
+        raise ValueError(f"runtime.memory_backend='triton' cannot run this memory: {problem}")
+
+
+def scan_chunks_triton(
+    weights: list[Tensor],
+    momentum: list[Tensor],
+    k: Tensor,
+    v: Tensor,
+    q: Tensor | None,
+    coeffs: list[Tensor],
+    chunk: int,
+    residual_norm: bool,
+    compiled: bool = False,
+    flags: DocFlags | None = None,
+    states: list[Tensor] | None = None,
+) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
+    """``memory_math.scan_chunks`` (same arguments; ``compiled`` is ignored) as one kernel launch.
+    No autograd: ``TritonChunks`` gives the gradients. ``states`` (M then S per layer, each
+    [G, chunks, d_in, d_out], contiguous): filled with every chunk's start state."""
+    check_kernel_inputs(weights, k, chunk)
+    G, T, D = k.shape
+    dt = k.dtype
+
+    def prep(x: Tensor) -> Tensor:
+        return x.detach().to(dt).contiguous()
+
+    w = [prep(x).clone() for x in weights]
+    s = [prep(x).clone() for x in momentum]
+    k, v, co = prep(k), prep(v), [prep(x) for x in coeffs]
+    q = None if q is None else prep(q)
+    y = torch.empty_like(k) if q is not None else k
+    if flags is not None:
+        w0 = [prep(x) for x in flags.init]
+        reset, commit = (f.to(torch.int8).contiguous() for f in (flags.reset, flags.commit))
+    else:
+        w0, reset, commit = w, k, k  # unused (HAS_FLAGS is off)
+    wb, sb, w0b = (w[-1], s[-1], w0[-1]) if len(w) == 2 else (w[0], s[0], w0[0])
+    L = len(w)  # the kernel's order: M_A, S_A, M_B, S_B
+    hist = [k] * 4 if states is None else [states[0], states[L], states[L - 1], states[-1]]
+    with launch_device(k):
+        _memory_scan_kernel[(G,)](
+            w[0], s[0], wb, sb, w0[0], w0b,
+            k, v, k if q is None else q, y, *co, reset, commit, *hist,
+            G, T // chunk, T, min(1, co[0].shape[0] - 1),
+            D=D, H=w[0].shape[-1], N=chunk, DEPTH=len(w), RESNORM=residual_norm,
+            HAS_Q=q is not None, HAS_FLAGS=flags is not None, EPS=LN_EPS,
+            SAVE_STATES=states is not None,
+            num_warps=num_warps(sum(x.shape[-2] * x.shape[-1] for x in w)),
+        )  # fmt: skip
+    return (y if q is not None else None), w, s
+
+
+def num_warps(weight_elements: int) -> int:
+    """Warps per program: 8 once W + S exceed 2 x 1024 values. Compiled for sm80/sm90 by ptxas
+    (``compile_for_cuda``), d 16 / hidden 64 at 4 warps spills 128 bytes a thread, at 8 none."""
+    return 4 if weight_elements <= 1024 else 8
+
+
+def compile_for_cuda(dims: list[int], chunk: int, capability: int = 90, backward: bool = False):
+    """The forward (or backward) kernel compiled to a cubin for an NVIDIA GPU of this compute
+    capability, without a GPU (Triton bundles ptxas): catches what the interpreter lets through
+    (it does not check constexpr globals, types or register use). Needs this module imported
+    without TRITON_INTERPRET. Returns triton's CompiledKernel (``.asm["cubin"]``)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource
+
+    const = dict(D=dims[0], H=dims[1], N=chunk, DEPTH=len(dims) - 1, RESNORM=True,
+                 HAS_FLAGS=True, EPS=LN_EPS)  # fmt: skip
+    if backward:
+        from .memory_triton_bwd import _memory_scan_bwd_kernel as kernel
+
+        const["PB"] = 0
+        ints = ("G", "CHUNKS", "T")
+    else:
+        kernel = _memory_scan_kernel
+        const.update(HAS_Q=True, SAVE_STATES=False)
+        ints = ("G", "CHUNKS", "T", "PB")
+    sig = {p: "*fp32" for p in kernel.arg_names if p.endswith("_ptr")}
+    sig.update(reset_ptr="*i8", commit_ptr="*i8", **{i: "i32" for i in ints})
+    sig.update({c: "constexpr" for c in const})
+    sig = {p: sig[p] for p in kernel.arg_names}  # the kernel's argument order
+    warps = num_warps(sum(a * b for a, b in zip(dims[:-1], dims[1:])))
+    return triton.compile(
+        ASTSource(kernel, sig, const),
+        target=GPUTarget("cuda", capability, 32),
+        options=dict(num_warps=warps),
+    )
+
+
+def _flat_parts(inputs, n_layers: int):
+    """``memory_scan._scan_flat``'s input layout -> (M, S, k, v, q, coeffs, flags)."""
+    weights, momentum = list(inputs[:n_layers]), list(inputs[n_layers : 2 * n_layers])
+    k, v, q, *rest = inputs[2 * n_layers :]
+    coeffs, extra = rest[:5], rest[5:]
+    flags = DocFlags(list(extra[:n_layers]), *extra[n_layers:]) if extra else None
+    return weights, momentum, k, v, q, coeffs, flags
+
+
+def _kernel_flat(inputs, n_layers: int, chunk: int, residual_norm: bool):
+    """``memory_scan._scan_flat``, run by the kernel."""
+    weights, momentum, k, v, q, coeffs, flags = _flat_parts(inputs, n_layers)
+    return scan_chunks_triton(
+        weights, momentum, k, v, q, coeffs, chunk, residual_norm, False, flags
+    )
+
+
+class TritonChunks(torch.autograd.Function):
+    """A checkpoint group of chunks on the kernels: the forward kernel, keeping only the group's
+    inputs (as ``memory_scan._CheckpointedChunks`` does); the backward rebuilds the chunk-start
+    states with the forward kernel and runs the fused backward kernel over the chunks in reverse
+    (``memory_triton_bwd``). Same inputs and outputs as ``_CheckpointedChunks``."""
+
+    @staticmethod
+    def forward(ctx, n_layers: int, chunk: int, residual_norm: bool, compiled: bool, *inputs):
+        ctx.meta = (n_layers, chunk, residual_norm)
+        ctx.save_for_backward(*inputs)
+        y, w, s = _kernel_flat(inputs, n_layers, chunk, residual_norm)
+        return (y, *w, *s)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        from .memory_triton_bwd import scan_chunks_triton_backward
+
+        n_layers, chunk, residual_norm = ctx.meta
+        inputs = ctx.saved_tensors
+        out = scan_chunks_triton_backward(inputs, n_layers, chunk, residual_norm, grads)
+        need = ctx.needs_input_grad[4:]
+        return (None, None, None, None, *(g if n else None for g, n in zip(out, need)))

@@ -1,0 +1,328 @@
+"""The fused backward of the memory's chunk loop (issue 14): one program per group walks the
+chunks of a checkpoint group in reverse, from the chunk-start states the forward kernel saved.
+
+Per chunk it recomputes the chunk's intermediates (memory on the keys, errors, dual-form reads)
+and back-propagates through ``chunk_step`` by hand, second-order terms included (the inner
+gradient depends on the weights: LayerNorm's backward is differentiated again, and GELU'' enters
+through the errors). Outputs: gradients of k, v, q, the five coefficient tensors, the state at
+the group start and M_0 (document resets). The derivation is checked term by term against
+autograd through ``memory_math.chunk_step`` (tests/test_memory_triton.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..memory_math import LN_EPS
+from . import launch_device
+from .memory_triton import (
+    _INV_SQRT_2PI,
+    _dot,
+    _gelu,
+    _gelu_grad,
+    _layer_norm,
+    _layer_norm_grad,
+    num_warps,
+)
+
+
+@triton.jit
+def _gelu_grad2(z):
+    """GELU''(z) = phi(z) (2 - z^2)."""
+    return tl.exp(-0.5 * z * z) * _INV_SQRT_2PI * (2.0 - z * z)
+
+
+@triton.jit
+def _row_coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, base, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    b0 = tl.load(b0_ptr + base * N + offs)
+    c0 = tl.load(c0_ptr + base * N + offs)
+    ct = tl.load(ct_ptr + base * N * N + offs[:, None] * N + offs[None, :])
+    e0_end = tl.load(e0_ptr + base * N + N - 1)
+    et_end = tl.load(et_ptr + base * N * N + (N - 1) * N + offs)
+    return b0, c0, ct, e0_end, et_end
+
+
+@triton.jit
+def _commit_bwd(w, s, a, d, dwn, dsn, b0, c0, ct, e0_end, et_end, N: tl.constexpr):
+    """Backward of W' = B W + c S - a^T (ct_end d), S' = E S - a^T (et_end d), given dW', dS'.
+    Returns dW, dS, da, dd and the coefficient gradients (scalars for the last entries, the
+    rows for ct_end and et_end)."""
+    last = tl.arange(0, N) == N - 1
+    b0_end = tl.sum(tl.where(last, b0, 0.0), 0)
+    c0_end = tl.sum(tl.where(last, c0, 0.0), 0)
+    ct_end = tl.sum(tl.where(last[:, None], ct, 0.0), 0)
+    dw = b0_end * dwn
+    ds = c0_end * dwn + e0_end * dsn
+    db0_end = tl.sum(tl.sum(w * dwn, 1), 0)
+    dc0_end = tl.sum(tl.sum(s * dwn, 1), 0)
+    de0_end = tl.sum(tl.sum(s * dsn, 1), 0)
+    x, y = ct_end[:, None] * d, et_end[:, None] * d
+    da = -(_dot(x, tl.trans(dwn)) + _dot(y, tl.trans(dsn)))
+    dx, dy = -_dot(a, dwn), -_dot(a, dsn)
+    dd = ct_end[:, None] * dx + et_end[:, None] * dy
+    dct_end, det_end = tl.sum(d * dx, 1), tl.sum(d * dy, 1)
+    return dw, ds, da, dd, db0_end, dc0_end, de0_end, dct_end, det_end
+
+
+@triton.jit
+def _read_bwd(h, w, s, a, d, b0, c0, ct, p, gu):
+    """Backward of u = b0 (h W) + c0 (h S) - (ct * p) d with p = h a^T, given du = gu."""
+    bg, cg = b0[:, None] * gu, c0[:, None] * gu
+    dw, ds = _dot(tl.trans(h), bg), _dot(tl.trans(h), cg)
+    db0 = tl.sum(gu * _dot(h, w), 1)
+    dc0 = tl.sum(gu * _dot(h, s), 1)
+    da_mat = -_dot(gu, tl.trans(d))
+    dd = -_dot(tl.trans(ct * p), gu)
+    dct = da_mat * p
+    dp = da_mat * ct
+    dh = _dot(bg, tl.trans(w)) + _dot(cg, tl.trans(s)) + _dot(dp, a)
+    da = _dot(tl.trans(dp), h)
+    return dw, ds, db0, dc0, dct, dh, da, dd
+
+
+@triton.jit
+def _store_coeff_grads(
+    db0_ptr, dc0_ptr, dct_ptr, de0_ptr, det_ptr, base, db0, dc0, dct, de0_end, det_end, ct_end_g,
+    db0_end, dc0_end, N: tl.constexpr,
+):  # fmt: skip
+    """Adds the commit's last-row/last-entry gradients and stores one layer's (or the summed
+    layers') coefficient gradients of one chunk."""
+    on = tl.arange(0, N)
+    last = on == N - 1
+    tl.store(db0_ptr + base * N + on, db0 + tl.where(last, db0_end, 0.0))
+    tl.store(dc0_ptr + base * N + on, dc0 + tl.where(last, dc0_end, 0.0))
+    tl.store(de0_ptr + base * N + on, tl.where(last, de0_end, 0.0) + 0.0 * db0)
+    mat = base * N * N + on[:, None] * N + on[None, :]
+    tl.store(dct_ptr + mat, dct + tl.where(last[:, None], ct_end_g[None, :], 0.0))
+    tl.store(det_ptr + mat, tl.where(last[:, None], det_end[None, :], 0.0) + 0.0 * dct)
+
+
+@triton.jit
+def _memory_scan_bwd_kernel(
+    hwa_ptr, hsa_ptr, hwb_ptr, hsb_ptr,  # chunk-start states from the forward [G, chunks, ..]
+    k_ptr, v_ptr, q_ptr, dy_ptr,  # [G, T, D]
+    b0_ptr, e0_ptr, c0_ptr, ct_ptr, et_ptr,  # [P, G, chunks, N(, N)]
+    reset_ptr, commit_ptr,  # int8 [G, chunks]
+    dwa_ptr, dsa_ptr, dwb_ptr, dsb_ptr,  # in: dL/d(final state); out: dL/d(group-start state)
+    dw0a_ptr, dw0b_ptr,  # out: dL/dM_0 per group
+    dk_ptr, dv_ptr, dq_ptr,  # out [G, T, D]
+    db0_ptr, de0_ptr, dc0_ptr, dct_ptr, det_ptr,  # out, like the coefficients
+    G, CHUNKS, T,
+    PB: tl.constexpr, D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, DEPTH: tl.constexpr,
+    RESNORM: tl.constexpr, HAS_FLAGS: tl.constexpr, EPS: tl.constexpr,
+):  # fmt: skip
+    """One program per group; PB: gate set of layer B (0 = shared with layer A)."""
+    g = tl.program_id(0).to(tl.int64)
+    od, oh, on = tl.arange(0, D), tl.arange(0, H), tl.arange(0, N)
+    la, lb = od[:, None] * H + oh[None, :], oh[:, None] * D + od[None, :]
+    a_idx, b_idx = g * D * H + la, g * H * D + lb
+    dwa, dsa = tl.load(dwa_ptr + a_idx), tl.load(dsa_ptr + a_idx)
+    dw0a = tl.zeros([D, H], dtype=dwa.dtype)
+    if DEPTH == 2:
+        dwb, dsb = tl.load(dwb_ptr + b_idx), tl.load(dsb_ptr + b_idx)
+        dw0b = tl.zeros([H, D], dtype=dwa.dtype)
+
+    for i in range(CHUNKS):
+        c = CHUNKS - 1 - i
+        h_at = (g * CHUNKS + c) * D * H
+        wa, sa = tl.load(hwa_ptr + h_at + la), tl.load(hsa_ptr + h_at + la)
+        tok = g * T * D + (c * N + on)[:, None] * D + od[None, :]
+        kc, vc, qc = tl.load(k_ptr + tok), tl.load(v_ptr + tok), tl.load(q_ptr + tok)
+        dyc = tl.load(dy_ptr + tok)
+        ca = _row_coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, g * CHUNKS + c, N)
+        if DEPTH == 2:
+            wb, sb = tl.load(hwb_ptr + h_at + lb), tl.load(hsb_ptr + h_at + lb)
+            cb = _row_coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, (PB * G + g) * CHUNKS + c, N)
+
+        # Recompute: memory on the keys and its errors.
+        if DEPTH == 2:
+            z1 = _dot(kc, wa)
+            a1 = _gelu(z1)
+            zo = _dot(a1, wb)
+        else:
+            zo = _dot(kc, wa)
+        if RESNORM:
+            xhat, r = _layer_norm(zo, D, EPS)
+            e = kc + xhat - vc
+            dl = _layer_norm_grad(xhat, r, e, D)
+        else:
+            dl = zo - vc
+        if DEPTH == 2:
+            g1 = _dot(dl, tl.trans(wb))
+            d1 = g1 * _gelu_grad(z1)
+        # Recompute: the dual-form reads.
+        p1 = _dot(qc, tl.trans(kc))
+        if DEPTH == 2:
+            u1 = ca[0][:, None] * _dot(qc, wa) + ca[1][:, None] * _dot(qc, sa)
+            u1 = u1 - _dot(ca[2] * p1, d1)
+            h1 = _gelu(u1)
+            p2 = _dot(h1, tl.trans(a1))
+            u2 = cb[0][:, None] * _dot(h1, wb) + cb[1][:, None] * _dot(h1, sb)
+            u2 = u2 - _dot(cb[2] * p2, dl)
+        else:
+            u2 = ca[0][:, None] * _dot(qc, wa) + ca[1][:, None] * _dot(qc, sa)
+            u2 = u2 - _dot(ca[2] * p1, dl)
+
+        # Commit (an uncommitted chunk passes dW', dS' straight to its start state).
+        dwa_n, dsa_n, pass_wa, pass_sa = dwa, dsa, 0.0 * dwa, 0.0 * dsa
+        if DEPTH == 2:
+            dwb_n, dsb_n, pass_wb, pass_sb = dwb, dsb, 0.0 * dwb, 0.0 * dsb
+        if HAS_FLAGS:
+            keep = tl.load(commit_ptr + g * CHUNKS + c) != 0
+            dwa_n, dsa_n = tl.where(keep, dwa, 0.0), tl.where(keep, dsa, 0.0)
+            pass_wa, pass_sa = dwa - dwa_n, dsa - dsa_n
+            if DEPTH == 2:
+                dwb_n, dsb_n = tl.where(keep, dwb, 0.0), tl.where(keep, dsb, 0.0)
+                pass_wb, pass_sb = dwb - dwb_n, dsb - dsb_n
+        if DEPTH == 2:
+            ma = _commit_bwd(wa, sa, kc, d1, dwa_n, dsa_n, ca[0], ca[1], ca[2], ca[3], ca[4], N)
+            mb = _commit_bwd(wb, sb, a1, dl, dwb_n, dsb_n, cb[0], cb[1], cb[2], cb[3], cb[4], N)
+        else:
+            ma = _commit_bwd(wa, sa, kc, dl, dwa_n, dsa_n, ca[0], ca[1], ca[2], ca[3], ca[4], N)
+
+        # Reads.
+        if RESNORM:
+            yhat, yr = _layer_norm(u2, D, EPS)
+            du = _layer_norm_grad(yhat, yr, dyc, D)
+            dq = dyc
+        else:
+            du = dyc
+            dq = tl.zeros([N, D], dtype=dyc.dtype)
+        if DEPTH == 2:
+            rb = _read_bwd(h1, wb, sb, a1, dl, cb[0], cb[1], cb[2], p2, du)
+            ra = _read_bwd(qc, wa, sa, kc, d1, ca[0], ca[1], ca[2], p1, rb[5] * _gelu_grad(u1))
+        else:
+            ra = _read_bwd(qc, wa, sa, kc, dl, ca[0], ca[1], ca[2], p1, du)
+        dq += ra[5]
+
+        # Errors: d1 = (dl W_B^T) * GELU'(z1); dl = LN'(zo)^T e (or zo - v).
+        dk = ma[2] + ra[6]
+        if DEPTH == 2:
+            dd1 = ma[3] + ra[7]
+            ddl = mb[3] + rb[7]
+            dg1 = dd1 * _gelu_grad(z1)
+            dz1 = dd1 * g1 * _gelu_grad2(z1)
+            ddl += _dot(dg1, wb)
+            dwb_k = _dot(tl.trans(dg1), dl)
+        else:
+            ddl = ma[3] + ra[7]
+        if RESNORM:
+            de = _layer_norm_grad(xhat, r, ddl, D)
+            m_ex = tl.sum(e * xhat, 1) / D
+            m_dx = tl.sum(ddl * xhat, 1) / D
+            dxhat = de - r[:, None] * (ddl * m_ex[:, None] + e * m_dx[:, None])
+            dr = tl.sum(ddl * dl, 1) / r
+            dzo = _layer_norm_grad(xhat, r, dxhat, D) - (dr * r * r / D)[:, None] * xhat
+            dk += de
+            dv = -de
+        else:
+            dzo = ddl
+            dv = -ddl
+        # The memory on the keys.
+        if DEPTH == 2:
+            dwb_k += _dot(tl.trans(a1), dzo)
+            da1 = mb[2] + rb[6] + _dot(dzo, tl.trans(wb))
+            dz1 += da1 * _gelu_grad(z1)
+            dwa_k = _dot(tl.trans(kc), dz1)
+            dk += _dot(dz1, tl.trans(wa))
+        else:
+            dwa_k = _dot(tl.trans(kc), dzo)
+            dk += _dot(dzo, tl.trans(wa))
+        tl.store(dk_ptr + tok, dk)
+        tl.store(dv_ptr + tok, dv)
+        tl.store(dq_ptr + tok, dq)
+
+        # Coefficient gradients (summed over layers when they share one gate set).
+        base_a = g * CHUNKS + c
+        if DEPTH == 2:
+            if PB == 0:
+                _store_coeff_grads(
+                    db0_ptr, dc0_ptr, dct_ptr, de0_ptr, det_ptr, base_a, ra[2] + rb[2],
+                    ra[3] + rb[3], ra[4] + rb[4], ma[6] + mb[6], ma[8] + mb[8], ma[7] + mb[7],
+                    ma[4] + mb[4], ma[5] + mb[5], N,
+                )  # fmt: skip
+            else:
+                _store_coeff_grads(
+                    db0_ptr, dc0_ptr, dct_ptr, de0_ptr, det_ptr, base_a, ra[2], ra[3], ra[4],
+                    ma[6], ma[8], ma[7], ma[4], ma[5], N,
+                )  # fmt: skip
+                _store_coeff_grads(
+                    db0_ptr, dc0_ptr, dct_ptr, de0_ptr, det_ptr, (G + g) * CHUNKS + c, rb[2],
+                    rb[3], rb[4], mb[6], mb[8], mb[7], mb[4], mb[5], N,
+                )  # fmt: skip
+        else:
+            _store_coeff_grads(
+                db0_ptr, dc0_ptr, dct_ptr, de0_ptr, det_ptr, base_a, ra[2], ra[3], ra[4],
+                ma[6], ma[8], ma[7], ma[4], ma[5], N,
+            )  # fmt: skip
+
+        # Gradients at the chunk's start state; a reset sends them to M_0 (S restarts at 0).
+        dwa = ma[0] + ra[0] + dwa_k + pass_wa
+        dsa = ma[1] + ra[1] + pass_sa
+        if DEPTH == 2:
+            dwb = mb[0] + rb[0] + dwb_k + pass_wb
+            dsb = mb[1] + rb[1] + pass_sb
+        if HAS_FLAGS:
+            reset = tl.load(reset_ptr + g * CHUNKS + c) != 0
+            dw0a += tl.where(reset, dwa, 0.0)
+            dwa, dsa = tl.where(reset, 0.0, dwa), tl.where(reset, 0.0, dsa)
+            if DEPTH == 2:
+                dw0b += tl.where(reset, dwb, 0.0)
+                dwb, dsb = tl.where(reset, 0.0, dwb), tl.where(reset, 0.0, dsb)
+
+    tl.store(dwa_ptr + a_idx, dwa)
+    tl.store(dsa_ptr + a_idx, dsa)
+    tl.store(dw0a_ptr + a_idx, dw0a)
+    if DEPTH == 2:
+        tl.store(dwb_ptr + b_idx, dwb)
+        tl.store(dsb_ptr + b_idx, dsb)
+        tl.store(dw0b_ptr + b_idx, dw0b)
+
+
+def scan_chunks_triton_backward(inputs, n_layers: int, chunk: int, residual_norm: bool, grads):
+    """Gradients of ``memory_scan._scan_flat``'s inputs (its layout: M, S, k, v, q, the five
+    coefficient fields, then optionally M_0, reset, commit) from the gradients of (reads, M', S').
+    Rebuilds the chunk-start states with the forward kernel first (only the group's inputs were
+    kept, as in ``_CheckpointedChunks``)."""
+    from .memory_triton import _flat_parts, scan_chunks_triton
+
+    weights, momentum, k, v, q, coeffs, flags = _flat_parts(inputs, n_layers)
+    G, T, D = k.shape
+    chunks, dt = T // chunk, k.dtype
+    hist = [torch.empty(G, chunks, *w.shape[1:], dtype=dt, device=k.device) for w in weights]
+    hist += [torch.empty_like(h) for h in hist]
+    scan_chunks_triton(weights, momentum, k, v, None, coeffs, chunk, residual_norm, False, flags,
+                       states=hist)  # fmt: skip
+
+    def prep(x):
+        return x.detach().to(dt).contiguous()
+
+    dy = prep(grads[0])
+    dw = [prep(x).clone() for x in grads[1 : 1 + n_layers]]
+    ds = [prep(x).clone() for x in grads[1 + n_layers :]]
+    k, v, q, co = prep(k), prep(v), prep(q), [prep(x) for x in coeffs]
+    dk, dv, dq = torch.empty_like(k), torch.empty_like(v), torch.empty_like(q)
+    dco = [torch.zeros_like(x) for x in co]
+    dw0 = [torch.empty_like(x) for x in dw]
+    if flags is not None:
+        reset, commit = (f.to(torch.int8).contiguous() for f in (flags.reset, flags.commit))
+    else:
+        reset = commit = k  # unused
+    two = n_layers == 2
+    hb = (hist[1], hist[3]) if two else (hist[0], hist[1])
+    with launch_device(k):
+        _memory_scan_bwd_kernel[(G,)](
+            hist[0], hist[n_layers], *hb, k, v, q, dy, *co, reset, commit,
+            dw[0], ds[0], dw[-1], ds[-1], dw0[0], dw0[-1], dk, dv, dq, *dco,
+            G, chunks, T,
+            PB=min(1, co[0].shape[0] - 1), D=D, H=weights[0].shape[-1], N=chunk, DEPTH=n_layers,
+            RESNORM=residual_norm, HAS_FLAGS=flags is not None, EPS=LN_EPS,
+            num_warps=num_warps(sum(x.shape[-2] * x.shape[-1] for x in dw)),
+        )  # fmt: skip
+    out = [*dw, *ds, dk, dv, dq, *dco]
+    if flags is not None:
+        out += [*dw0, None, None]
+    return out
