@@ -11,6 +11,12 @@ else:
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Triton's interpreter (the memory kernels' CPU tests) must be on before triton is first
+# imported: triton.language decorates its own helpers (tl.sum, ...) at import, and a test that
+# runs earlier may import it (torch's flash/flex paths do). Without this, test_memory_triton
+# failed after test_attention.py with "Cannot call @triton.jit'd outside of the scope of a kernel".
+if os.environ.get("TITANS_TEST_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 

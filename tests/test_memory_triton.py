@@ -307,7 +307,7 @@ def test_kernel_sweep(depth, P, rn, chunk):
 COMPILE = """
 import os, subprocess, sys, tempfile
 import triton
-from titans_train.models.kernels.memory_triton import compile_for_cuda
+from titans_train.models.kernels.memory_triton_autograd import compile_for_cuda
 bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 for dims, cap, backward in {cases}:
     cubin = compile_for_cuda(dims, 16, cap, backward).asm["cubin"]

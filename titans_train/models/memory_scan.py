@@ -100,7 +100,8 @@ def _runners(triton: bool):
     """(scan without autograd, checkpointed group Function) of the eager or the kernel path."""
     if not triton:
         return scan_chunks, _CheckpointedChunks
-    from .kernels.memory_triton import TritonChunks, scan_chunks_triton
+    from .kernels.memory_triton import scan_chunks_triton
+    from .kernels.memory_triton_autograd import TritonChunks
 
     return scan_chunks_triton, TritonChunks
 

@@ -30,7 +30,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .flash_contract import (
+from .flash_contract_core import (
     _check,
     _fail,
     _unsupported,

@@ -8,8 +8,9 @@ hand (LayerNorm and GELU derivatives), reads every query in the dual form (after
 write), and commits W' = B W + c S - A^T diag(C theta) Delta, S' = E S - A^T diag(E theta) Delta.
 Document flags reset the state to M_0 before a chunk, or discard a chunk's update.
 
-The decay coefficients come from ``span_coeffs`` (PyTorch, outside the kernel). ``TritonChunks``
-is the training path: this kernel forward, the fused backward of ``memory_triton_bwd``.
+The decay coefficients come from ``span_coeffs`` (PyTorch, outside the kernel). The training path,
+this kernel forward and the fused backward of ``memory_triton_bwd``, is
+``memory_triton_autograd.TritonChunks``.
 
 Triton decides at decoration time whether to interpret (``TRITON_INTERPRET=1`` must be set before
 this module is first imported to run on CPU tensors).
@@ -256,37 +257,6 @@ def num_warps(weight_elements: int) -> int:
     return 4 if weight_elements <= 1024 else 8
 
 
-def compile_for_cuda(dims: list[int], chunk: int, capability: int = 90, backward: bool = False):
-    """The forward (or backward) kernel compiled to a cubin for an NVIDIA GPU of this compute
-    capability, without a GPU (Triton bundles ptxas): catches what the interpreter lets through
-    (it does not check constexpr globals, types or register use). Needs this module imported
-    without TRITON_INTERPRET. Returns triton's CompiledKernel (``.asm["cubin"]``)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import ASTSource
-
-    const = dict(D=dims[0], H=dims[1], N=chunk, DEPTH=len(dims) - 1, RESNORM=True,
-                 HAS_FLAGS=True, EPS=LN_EPS)  # fmt: skip
-    if backward:
-        from .memory_triton_bwd import _memory_scan_bwd_kernel as kernel
-
-        const["PB"] = 0
-        ints = ("G", "CHUNKS", "T")
-    else:
-        kernel = _memory_scan_kernel
-        const.update(HAS_Q=True, SAVE_STATES=False)
-        ints = ("G", "CHUNKS", "T", "PB")
-    sig = {p: "*fp32" for p in kernel.arg_names if p.endswith("_ptr")}
-    sig.update(reset_ptr="*i8", commit_ptr="*i8", **{i: "i32" for i in ints})
-    sig.update({c: "constexpr" for c in const})
-    sig = {p: sig[p] for p in kernel.arg_names}  # the kernel's argument order
-    warps = num_warps(sum(a * b for a, b in zip(dims[:-1], dims[1:])))
-    return triton.compile(
-        ASTSource(kernel, sig, const),
-        target=GPUTarget("cuda", capability, 32),
-        options=dict(num_warps=warps),
-    )
-
-
 def _flat_parts(inputs, n_layers: int):
     """``memory_scan._scan_flat``'s input layout -> (M, S, k, v, q, coeffs, flags)."""
     weights, momentum = list(inputs[:n_layers]), list(inputs[n_layers : 2 * n_layers])
@@ -294,35 +264,3 @@ def _flat_parts(inputs, n_layers: int):
     coeffs, extra = rest[:5], rest[5:]
     flags = DocFlags(list(extra[:n_layers]), *extra[n_layers:]) if extra else None
     return weights, momentum, k, v, q, coeffs, flags
-
-
-def _kernel_flat(inputs, n_layers: int, chunk: int, residual_norm: bool):
-    """``memory_scan._scan_flat``, run by the kernel."""
-    weights, momentum, k, v, q, coeffs, flags = _flat_parts(inputs, n_layers)
-    return scan_chunks_triton(
-        weights, momentum, k, v, q, coeffs, chunk, residual_norm, False, flags
-    )
-
-
-class TritonChunks(torch.autograd.Function):
-    """A checkpoint group of chunks on the kernels: the forward kernel, keeping only the group's
-    inputs (as ``memory_scan._CheckpointedChunks`` does); the backward rebuilds the chunk-start
-    states with the forward kernel and runs the fused backward kernel over the chunks in reverse
-    (``memory_triton_bwd``). Same inputs and outputs as ``_CheckpointedChunks``."""
-
-    @staticmethod
-    def forward(ctx, n_layers: int, chunk: int, residual_norm: bool, compiled: bool, *inputs):
-        ctx.meta = (n_layers, chunk, residual_norm)
-        ctx.save_for_backward(*inputs)
-        y, w, s = _kernel_flat(inputs, n_layers, chunk, residual_norm)
-        return (y, *w, *s)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        from .memory_triton_bwd import scan_chunks_triton_backward
-
-        n_layers, chunk, residual_norm = ctx.meta
-        inputs = ctx.saved_tensors
-        out = scan_chunks_triton_backward(inputs, n_layers, chunk, residual_norm, grads)
-        need = ctx.needs_input_grad[4:]
-        return (None, None, None, None, *(g if n else None for g, n in zip(out, need)))
