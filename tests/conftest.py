@@ -21,6 +21,19 @@ if os.environ.get("TITANS_TEST_GPU") != "1":
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def float64():
+    """fp64 as the default dtype for one test (``pytestmark = pytest.mark.usefixtures("float64")``
+    in a module): a module-level set_default_dtype would leak into every test collected with it
+    (it did: export tests then compared fp64 fresh models with fp32 loads)."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory):
     """Demo shards (stdlib sources, byte tokenizer, T=128), built once per test session."""

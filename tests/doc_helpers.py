@@ -1,6 +1,7 @@
-"""Packed-document attention fixtures shared by test_attention_docs and test_flash_contract:
-two rows with different document boundaries, a cache from an earlier call, a persistent prefix,
-padding, and an explicit per-row reference (mask written out, softmax, average)."""
+"""Packed-document fixtures. For the attention (test_attention_docs, test_flash_contract): two
+rows with different document boundaries, a cache from an earlier call, a persistent prefix,
+padding, and an explicit per-row reference (mask written out, softmax, average). For the memory
+and the model (test_memory_docs, test_documents_model): ``marks`` and ``documents``."""
 
 import math
 
@@ -121,3 +122,17 @@ def forward_and_grads(fn, q, q_nope, groups):
     xs = leaves(q, q_nope, groups)
     grads = torch.autograd.grad((out * w).sum(), xs, allow_unused=True)
     return out, [torch.zeros_like(x) if g is None else g for g, x in zip(grads, xs)]
+
+
+def marks(T: int, rows: list[list[int]]) -> torch.Tensor:
+    """doc_starts [len(rows), T]: True at the listed positions of each row."""
+    starts = torch.zeros(len(rows), T, dtype=torch.bool)
+    for b, where in enumerate(rows):
+        starts[b, where] = True
+    return starts
+
+
+def documents(starts: torch.Tensor, b: int) -> list[tuple[int, int]]:
+    """(start, end) of every document of row b (the first from 0, whether marked or not)."""
+    cuts = [0] + [int(i) for i in starts[b].nonzero()[:, 0] if i > 0] + [starts.shape[1]]
+    return list(zip(cuts[:-1], cuts[1:]))

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from doc_helpers import documents, marks
 
 from titans_train.models import ModelConfig, TitansLM
 
@@ -22,12 +23,7 @@ VARIANTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def model(variant, retrieval="per_token", seed=0):
@@ -38,18 +34,6 @@ def model(variant, retrieval="per_token", seed=0):
         num_memory_tokens=3,
     )  # fmt: skip
     return TitansLM(cfg)
-
-
-def marks(T, rows):
-    starts = torch.zeros(len(rows), T, dtype=torch.bool)
-    for b, where in enumerate(rows):
-        starts[b, where] = True
-    return starts
-
-
-def documents(starts, b):
-    cuts = [0] + [int(i) for i in starts[b].nonzero()[:, 0] if i > 0] + [starts.shape[1]]
-    return list(zip(cuts[:-1], cuts[1:]))
 
 
 @pytest.mark.parametrize("variant,retrieval", VARIANTS)

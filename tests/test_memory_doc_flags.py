@@ -8,13 +8,7 @@ from test_memory_math import make_inputs
 from titans_train.models.memory_math import DocFlags
 from titans_train.models.memory_scan import memory_scan
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def scan(W, S, k, v, q, theta, eta, keep, chunk=4, group=0, flags=None):

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from doc_helpers import documents, marks
 
 from titans_train.models.doc_layout import stream_layout
 from titans_train.models.memory import NeuralMemory
@@ -13,29 +14,12 @@ from titans_train.models.memory import NeuralMemory
 D, HEADS, CHUNK, NP = 16, 2, 4, 3
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def make(depth=2, group=0, seed=0):
     torch.manual_seed(seed)
     return NeuralMemory(D, HEADS, chunk_size=CHUNK, depth=depth, checkpoint_group=group)
-
-
-def marks(T, rows):
-    starts = torch.zeros(len(rows), T, dtype=torch.bool)
-    for b, where in enumerate(rows):
-        starts[b, where] = True
-    return starts
-
-
-def documents(starts, b):
-    cuts = [0] + [int(i) for i in starts[b].nonzero()[:, 0] if i > 0] + [starts.shape[1]]
-    return list(zip(cuts[:-1], cuts[1:]))
 
 
 def alone(mem, x, prefix):

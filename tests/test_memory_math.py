@@ -8,15 +8,7 @@ from reference import naive_memory
 from titans_train.models.memory_math import segsum
 from titans_train.models.memory_scan import memory_scan
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    """fp64 for this module only: a module-level set_default_dtype would leak into every test
-    collected with it (it did: export tests then compared fp64 fresh models with fp32 loads)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def make_inputs(G=3, N=37, d=4, depth=2, P=1, seed=0, zero_eta=False, zero_alpha=False):
