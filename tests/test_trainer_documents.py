@@ -3,6 +3,7 @@ training and validation, the loss differs from a run without masking, and a mask
 bitwise. The demo corpus has documents longer than a sample, so these runs use shards of short
 documents (the ``short_doc_shards`` fixture)."""
 
+import pytest
 from trainer_helpers import EXPERIMENT, base_overrides, losses, metrics
 
 from titans_train.callbacks import default_callbacks
@@ -56,3 +57,17 @@ def test_a_config_saved_before_document_masking_reads_as_without_it(short_doc_sh
     assert protected == ["data.document_masking: False -> True"]
     off = public_dict(cfg("data.document_masking=false"))
     assert config_diff(upgrade_stored(old), off) == ([], [])
+
+
+@pytest.mark.parametrize("variant", ["mac", "mal"])
+def test_documents_train_under_zero3(short_doc_shards, process_group, tmp_path, variant):
+    """ZeRO-3 gathers parameters with module hooks: the document paths (MAC's grid, MAL's
+    persistent prefix) must use every parameter inside its module's forward. The first step's
+    loss equals ZeRO-2's."""
+    runs = {}
+    for stage in (2, 3):
+        run = tmp_path / f"z{stage}"
+        fit(short_doc_shards, run, 2, f"zero.stage={stage}", f"model.variant={variant}",
+            process_group=process_group)  # fmt: skip
+        runs[stage] = losses(run)
+    assert runs[3][1] == pytest.approx(runs[2][1], rel=1e-5)
