@@ -73,6 +73,7 @@ def process_group():
     """A one-process group for the module, made as the trainer makes it (init_distributed);
     yields its DistEnv. The launcher variables are restored afterwards."""
     import torch.distributed as dist
+    from trainer_helpers import forget_deepspeed_groups
 
     from titans_train.distributed import init_distributed
 
@@ -81,7 +82,7 @@ def process_group():
     os.environ.update(launch, MASTER_PORT=str(29400 + os.getpid() % 500))
     yield init_distributed(startup_timeout=60)
     dist.destroy_process_group()
-    _forget_deepspeed_groups()
+    forget_deepspeed_groups()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
@@ -89,12 +90,18 @@ def process_group():
             os.environ[k] = v
 
 
-def _forget_deepspeed_groups() -> None:
-    """DeepSpeed caches groups it cloned from the world group (deepspeed.utils.groups); after
-    the world group is destroyed they are stale, and the next module's engine would fail on
-    them ("Group ... is not registered")."""
-    from deepspeed.utils import groups
+# pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): the tests that share an expensive
+# session fixture run on one worker, so it is built once; the launcher and SLURM tests also share
+# fixed ports (29500, the cluster's) and stay together for that reason.
+SHARED_FIXTURE_GROUPS = {
+    "zero_run": "zero-runs",
+    "launch_reference": "launch",
+    "slurm": "launch",
+}
 
-    for name, value in vars(groups).items():
-        if name.startswith("_") and name.endswith("_GROUP"):
-            setattr(groups, name, {} if isinstance(value, dict) else None)
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        groups = {SHARED_FIXTURE_GROUPS[f] for f in item.fixturenames if f in SHARED_FIXTURE_GROUPS}
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(min(groups)))
