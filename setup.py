@@ -29,7 +29,13 @@ def requirements(name: str) -> list[str]:
 
 
 EXTRAS = {
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "matplotlib>=3.8"],
+    "dev": [
+        "pytest>=8",
+        "pytest-timeout>=2.3",
+        "pytest-xdist>=3.5",
+        "ruff>=0.6",
+        "matplotlib>=3.8",
+    ],
     # flash-attn builds from source against a CUDA torch and needs --no-build-isolation:
     # use `make install-gpu` (docs/gpus.md). It is picked up automatically when importable.
     "gpu": requirements("gpu.txt"),
