@@ -82,11 +82,16 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# pytest-xdist: TEST_WORKERS processes (0: none). Tests sharing an expensive session fixture run
+# on one worker (tests/conftest.py); many tests start 2 ranks of their own, so 2 suit 2 cores.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
 test: install lint check-build-tools
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: install check-build-tools
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 format: install
 	$(PY) -m ruff format .

@@ -35,6 +35,7 @@ EXTRAS = {
     "dev": [
         "pytest>=8",
         "pytest-timeout>=2.3",
+        "pytest-xdist>=3.5",
         "ruff>=0.6",
         "matplotlib>=3.8",
         'triton; sys_platform == "linux"',

@@ -110,6 +110,7 @@ def process_group():
     """A one-process group for the module, made as the trainer makes it (init_distributed);
     yields its DistEnv. The launcher variables are restored afterwards."""
     import torch.distributed as dist
+    from trainer_helpers import forget_deepspeed_groups
 
     from titans_train.distributed import init_distributed
 
@@ -118,7 +119,7 @@ def process_group():
     os.environ.update(launch, MASTER_PORT=str(29400 + os.getpid() % 500))
     yield init_distributed(startup_timeout=60)
     dist.destroy_process_group()
-    _forget_deepspeed_groups()
+    forget_deepspeed_groups()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
@@ -126,12 +127,43 @@ def process_group():
             os.environ[k] = v
 
 
-def _forget_deepspeed_groups() -> None:
-    """DeepSpeed caches groups it cloned from the world group (deepspeed.utils.groups); after
-    the world group is destroyed they are stale, and the next module's engine would fail on
-    them ("Group ... is not registered")."""
-    from deepspeed.utils import groups
+# pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): the tests of these files share an
+# expensive session fixture, so each group runs on one worker and builds it once; the launcher and
+# SLURM tests also share the cluster and fixed ports. (xdist_group marks cannot do this here:
+# xdist 3.8 renames items through an attribute pytest 9 no longer reads.)
+XDIST_GROUPS = {
+    "tests/test_train.py": "zero-runs",
+    "tests/test_eval_export.py": "zero-runs",
+    "tests/test_crash_consistency.py": "launch",
+    "tests/test_launch_slurm.py": "launch",
+    "tests/test_launch_torchrun.py": "launch",
+    "tests/test_launch_universal.py": "launch",
+}
+SHARED_FIXTURES = {"zero_run": "zero-runs", "launch_reference": "launch", "slurm": "launch"}
 
-    for name, value in vars(groups).items():
-        if name.startswith("_") and name.endswith("_GROUP"):
-            setattr(groups, name, {} if isinstance(value, dict) else None)
+
+def pytest_collection_modifyitems(config, items):
+    """Keeps XDIST_GROUPS true: a test that uses a shared fixture is in that fixture's group."""
+    for item in items:
+        file = item.nodeid.split("::")[0]
+        for name in item.fixturenames:
+            group = SHARED_FIXTURES.get(name)
+            if group and XDIST_GROUPS.get(file) != group:
+                raise pytest.UsageError(
+                    f"{item.nodeid} uses the session fixture {name}: add {file} to XDIST_GROUPS "
+                    f"in tests/conftest.py as {group!r}"
+                )
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadgroup with XDIST_GROUPS: a group's tests go to one worker, others one by one."""
+    if config.option.dist != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return XDIST_GROUPS.get(nodeid.split("::")[0], nodeid)
+
+    return FileGroups(config, log)

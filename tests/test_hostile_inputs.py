@@ -16,7 +16,7 @@ import pytest
 import webdataset as wds
 from data_helpers import build, shards_from_corpus
 from distributed import ROOT
-from trainer_helpers import EXPERIMENT, base_overrides, metrics
+from trainer_helpers import EXPERIMENT, base_overrides, metrics, train_here
 from wandb_helpers import clean_env, wandb_home
 
 from data_pipelines.sources import InputError
@@ -82,9 +82,10 @@ def small_tmpfs(tmp_path):
 
 @pytest.mark.slow
 def test_really_full_disk_is_named_too(demo_shards, small_tmpfs, tmp_path):
-    """On a real full disk torch reports only `unexpected pos` / `file write failed`."""
+    """On a real full disk torch reports only `unexpected pos` / `file write failed`. The run is
+    made in this process (trainer_helpers.train_here); the launched one is the test above."""
     run = small_tmpfs / "run"
-    proc = run_trainer(
+    proc = train_here(
         demo_shards, run, 3, "checkpoint.interval=1", f"tracking.dir={tmp_path / 'wandb'}"
     )
     assert proc.returncode == 74, proc.stderr[-3000:]
@@ -97,18 +98,19 @@ def test_really_full_disk_is_named_too(demo_shards, small_tmpfs, tmp_path):
 @pytest.mark.slow
 def test_metrics_are_rewound_on_resume_so_every_step_appears_once(demo_shards, tmp_path):
     """Steps 3-4 ran after the step-2 checkpoint; resuming from it trains them again, and the
-    file keeps only the second attempt. (After real SIGKILLs: test_crash_consistency.py.)"""
+    file keeps only the second attempt. (After real SIGKILLs: test_crash_consistency.py.) Both
+    runs are made in this process (trainer_helpers.train_here)."""
     run = tmp_path / "run"
     run.mkdir()
     header = json.dumps({"header": {"attempt": 0}})
     (run / "metrics.jsonl").write_text(header + "\n")
     common = ("checkpoint.interval=2", "checkpoint.keep_last=5", "train.eval_interval=3")
-    first = run_trainer(demo_shards, run, 4, *common)
+    first = train_here(demo_shards, run, 4, *common)
     assert first.returncode == 0, first.stderr[-3000:]
     before = metrics(run)
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "loss": 1.0')  # a torn last line, as a crash mid-write leaves it
-    resumed = run_trainer(
+    resumed = train_here(
         demo_shards, run, 4, *common, f"checkpoint.resume={run / 'checkpoints' / 'step_00000002'}"
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]

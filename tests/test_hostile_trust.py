@@ -2,7 +2,9 @@
 that try to run code, secrets in config values, file modes, damage that keeps a file's size,
 two runs in one directory, lost COMPLETE markers, and non-finite settings and parameters.
 
-Training runs are tiny (1 process, a few steps); each is a real `titans-train` subprocess."""
+Training runs are tiny (1 process, a few steps). What a process does to another (the run lock,
+a preemption stop) and the private run's file modes and W&B files use real `titans-train`
+subprocesses; the checkpoint checks run train.main inside pytest (trainer_helpers.train_here)."""
 
 import base64
 import io
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from distributed import ROOT
-from trainer_helpers import EXPERIMENT, base_overrides, losses, train
+from trainer_helpers import EXPERIMENT, base_overrides, losses, train, train_here
 from wandb_helpers import clean_env, wandb_home
 
 from titans_train import checkpoint as ckpt
@@ -56,6 +58,11 @@ def cli(data, run_dir, steps, *overrides, env=None, popen=False, timeout=300):
         log = open(Path(run_dir).parent / "popen.log", "w")  # noqa: SIM115 (closed by the OS)
         return subprocess.Popen(cmd, env=full, stdout=log, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=timeout)
+
+
+def here(data, run_dir, steps, *overrides):
+    """The run cli() makes, inside this process (trainer_helpers.train_here)."""
+    return train_here(data, run_dir, steps, "train.global_batch=2", *overrides)
 
 
 def ok(proc):
@@ -93,7 +100,7 @@ def recommit(path: Path) -> None:
 def finished(demo_shards, tmp_path_factory):
     """4 steps of ZeRO-2 with checkpoints at steps 2 and 4."""
     run = tmp_path_factory.mktemp("finished") / "run"
-    ok(cli(demo_shards, run, 4, "checkpoint.interval=2", "checkpoint.keep_last=5"))
+    ok(here(demo_shards, run, 4, "checkpoint.interval=2", "checkpoint.keep_last=5"))
     return run
 
 
@@ -117,13 +124,13 @@ def test_crafted_rng_blob_does_not_run_on_resume(demo_shards, finished, tmp_path
     state["rng"][0] = {"format": "torch.save+base64", "data": blob}
     (newest / ckpt.STATE).write_text(json.dumps(state))
     recommit(newest)
-    proc = cli(demo_shards, run, 6)
+    proc = here(demo_shards, run, 6)
     assert proc.returncode != 0
     assert not marker.exists()
     assert f"{newest / ckpt.STATE}: rng[0]: not a plain RNG pickle" in proc.stderr
     assert "checkpoint.force=true to resume without restoring RNG states" in proc.stderr
     # Forced: resumes, without the RNG states, and still runs nothing.
-    proc = ok(cli(demo_shards, run, 6, "checkpoint.force=true"))
+    proc = ok(here(demo_shards, run, 6, "checkpoint.force=true"))
     assert not marker.exists()
     assert "checkpoint.force: RNG states not restored" in proc.stderr
     assert "resumed from" in proc.stderr and sorted(losses(run)) == [5, 6]
@@ -272,7 +279,7 @@ def test_damage_that_keeps_the_size_is_skipped_naming_the_file(demo_shards, fini
     data = bytearray(victim.read_bytes())
     data[len(data) // 2 : len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[:64])
     victim.write_bytes(bytes(data))
-    proc = ok(cli(demo_shards, run, 5))
+    proc = ok(here(demo_shards, run, 5))
     assert (
         f"skipping incomplete checkpoint {newest}: checksum mismatch in file {victim.name}"
         in proc.stderr
@@ -298,12 +305,12 @@ def test_second_run_in_a_locked_dir_is_refused_and_a_dead_holder_is_taken_over(
     holder = cli(demo_shards, run, 5, "debug.hang_at_step=2", popen=True)
     try:
         deadline = time.time() + 240
-        while time.time() < deadline:  # until the first run holds the lock and trains
-            if (run / "metrics.jsonl").exists():
+        while time.time() < deadline:  # until the first run holds the lock and trained step 1
+            if logged_a_step(run):
                 break
             assert holder.poll() is None, (tmp_path / "popen.log").read_text()[-3000:]
             time.sleep(0.5)
-        proc = cli(demo_shards, run, 3)
+        proc = here(demo_shards, run, 3)  # this process: the lock is another's
         assert proc.returncode == 1
         assert json.loads((run / run_lock.LOCK_NAME).read_text())["pid"] == holder.pid
         assert (
@@ -316,7 +323,7 @@ def test_second_run_in_a_locked_dir_is_refused_and_a_dead_holder_is_taken_over(
     finally:
         holder.send_signal(signal.SIGKILL)  # dies holding the lock: the record stays behind
         holder.communicate()
-    proc = ok(cli(demo_shards, run, 3))
+    proc = ok(here(demo_shards, run, 3))
     assert f"pid {holder.pid}" in proc.stderr and "that process is no longer running" in proc.stderr
     assert json.loads((run / run_lock.LOCK_NAME).read_text())["released"] is True
 
@@ -335,7 +342,7 @@ def test_lock_is_released_by_a_preemption_stop_and_the_requeue_takes_it(demo_sha
     assert record["pid"] == first.pid and record["released"] is True
     stopped = max(int(p.name[5:]) for p in (run / "checkpoints").glob("step_*"))
     # The requeued job, with one step left (the stop's step depends on the machine's speed).
-    proc = ok(cli(demo_shards, run, stopped + 1, "checkpoint.interval=100"))
+    proc = ok(here(demo_shards, run, stopped + 1, "checkpoint.interval=100"))
     assert "resumed from" in proc.stderr and "taking over" not in proc.stderr
 
 
@@ -391,13 +398,13 @@ def test_auto_resume_refuses_when_no_checkpoint_is_complete(demo_shards, finishe
     run = copy_run(finished, tmp_path / "run")
     for step in (2, 4):
         (step_path(run, step) / ckpt.MARKER).unlink()
-    proc = cli(demo_shards, run, 4)
+    proc = here(demo_shards, run, 4)
     assert proc.returncode != 0
     assert f"{run / 'checkpoints'} holds 2 step directories but none is complete" in proc.stderr
     assert "checkpoint.resume=never to start over" in proc.stderr
     assert step_path(run, 2).is_dir() and step_path(run, 4).is_dir()  # nothing deleted
     assert not (run / "metrics.jsonl").exists()  # nothing trained
-    proc = ok(cli(demo_shards, run, 2, "checkpoint.resume=never"))
+    proc = ok(here(demo_shards, run, 2, "checkpoint.resume=never"))
     (aside,) = (run / "checkpoints").glob("previous-*")
     assert sorted(p.name for p in aside.iterdir()) == ["latest", "step_00000002", "step_00000004"]
     assert ckpt.incomplete_reason(step_path(run, 2)) is None  # the new run's own checkpoint
@@ -434,7 +441,7 @@ def test_non_finite_parameters_are_never_committed(demo_shards, tmp_path, stage,
     run = tmp_path / "run"
     args = ("optim.eps=0", "checkpoint.interval=1", f"zero.stage={stage}")
     if nproc == 1:
-        proc = cli(demo_shards, run, 3, *args)
+        proc = here(demo_shards, run, 3, *args)
     else:
         proc = train(demo_shards, run, 3, *args, nproc=nproc, check=False)
     assert proc.returncode != 0

@@ -306,12 +306,12 @@ def test_checkpoint_in_the_old_layout_resumes_without_force(demo_shards, tmp_pat
     (as written before the runtime section) resumes, and may switch on activation checkpointing."""
     import json
 
-    from trainer_helpers import losses, train
+    from trainer_helpers import losses, train_here
 
     from titans_train import checkpoint as ckpt
 
     run = tmp_path / "run"
-    train(demo_shards, run, 2, nproc=1)
+    assert train_here(demo_shards, run, 2).returncode == 0  # in this process: trainer_helpers
     step = run / "checkpoints" / "step_00000002"
     state = json.loads((step / ckpt.STATE).read_text())
     state["config"] = legacy_layout(state["config"])
@@ -323,7 +323,8 @@ def test_checkpoint_in_the_old_layout_resumes_without_force(demo_shards, tmp_pat
         marker["digests"][ckpt.STATE] = ckpt.file_digest(step / ckpt.STATE, marker["checksum"])
     (step / ckpt.MARKER).write_text(json.dumps(marker))
 
-    proc = train(demo_shards, run, 3, "runtime.activation_checkpointing=true", nproc=1)
+    proc = train_here(demo_shards, run, 3, "runtime.activation_checkpointing=true")
+    assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"resumed from {step} at step 2" in proc.stderr
     assert "runtime.activation_checkpointing: False -> True" in proc.stderr
     assert sorted(losses(run)) == [1, 2, 3]

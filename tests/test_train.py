@@ -6,7 +6,15 @@ import shutil
 
 import pytest
 import torch
-from trainer_helpers import SHARED_STEPS, consolidated, losses, metrics, shared_run_args, train
+from trainer_helpers import (
+    SHARED_STEPS,
+    consolidated,
+    losses,
+    metrics,
+    shared_run_args,
+    train,
+    train_here,
+)
 from wandb_helpers import history, read_records, run_record
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -18,11 +26,13 @@ STEPS = SHARED_STEPS  # the 2-process runs are conftest.py's zero_run, shared wi
 
 @pytest.fixture(scope="module")
 def reference(demo_shards, tmp_path_factory):
-    """One process, the same global batch (8 = 4 micro-batches of 2), for MAC and MAG."""
+    """One process, the same global batch (8 = 4 micro-batches of 2), for MAC and MAG: run in
+    this process (trainer_helpers.train_here), the ZeRO runs it is compared with are launched."""
     out = {}
     for variant in ("mac", "mag"):
         run = tmp_path_factory.mktemp(f"ref-{variant}")
-        train(demo_shards, run, STEPS, f"model.variant={variant}", "zero.stage=0", nproc=1)
+        done = train_here(demo_shards, run, STEPS, f"model.variant={variant}", "zero.stage=0")
+        assert done.returncode == 0, done.stderr[-4000:]
         out[variant] = losses(run)
     return out
 
