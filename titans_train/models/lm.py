@@ -101,8 +101,8 @@ class TitansLM(nn.Module):
             raise ValueError(
                 f"doc_starts has shape {tuple(doc_starts.shape)}, expected {tuple(tokens.shape)}"
             )
-        if doc_starts is not None and state is None and not bool(doc_starts[:, 1:].any()):
-            doc_starts = None  # one document per row: the plain path computes the same, faster
+        if doc_starts is not None and _one_document(doc_starts, state):
+            doc_starts = None  # the plain path computes the same, faster
         x = self.embed(tokens)
         new_states = []
         for i, block in enumerate(self.blocks):
@@ -162,6 +162,17 @@ class TitansLM(nn.Module):
                 out = self(nxt[:, None], state=state)
                 state, logits = out.state, out.logits[:, -1]
         return ids[0] if squeeze else ids
+
+
+def _one_document(doc_starts: Tensor, state: LMState | None) -> bool:
+    """True when every row goes on with a single document: no mark after position 0 of a fresh
+    sequence, or no mark at all in a sequence that has not seen documents (per-row document
+    state, once there is some, needs the document path)."""
+    if state is None:
+        return not bool(doc_starts[:, 1:].any())
+    if any(b.doc_pos is not None for b in state.blocks):
+        return False
+    return not bool(doc_starts.any())
 
 
 def sample_next(
