@@ -14,10 +14,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .attention import Causal, KeyGroup, Visible
+from .attention import Causal, KeyGroup, Visible, document_positions
 from .config import ModelConfig
 from .doc_layout import (
-    document_positions,
     document_starts,
     fit,
     gather_slots,
@@ -133,7 +132,8 @@ class Block(nn.Module):
         doc_pos = st.doc_pos
         if doc_pos is None:  # a state written without documents: one document so far
             doc_pos = torch.full((B,), st.pos, dtype=torch.long, device=xn.device)
-        docs = document_positions(starts, doc_pos)
+        doc, pos, _ = document_positions(starts, (torch.zeros_like(doc_pos), doc_pos))
+        docs = (doc, pos)  # document 0: the one the state's cache belongs to
         cache_docs = st.kv_docs
         if st.kv is not None and cache_docs is None:
             n = st.kv[0].shape[2]

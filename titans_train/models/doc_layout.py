@@ -176,15 +176,6 @@ def document_starts(x: Tensor, fresh: bool, doc_starts: Tensor | None) -> Tensor
     return starts
 
 
-def document_positions(starts: Tensor, doc_pos: Tensor) -> tuple[Tensor, Tensor]:
-    """(document, position inside it) of every token, [B, T] each: document 0 continues the
-    state's (its positions go on from ``doc_pos`` [B]), document j starts at the j-th mark."""
-    t = torch.arange(starts.shape[1], device=starts.device)
-    last_start = torch.cummax(torch.where(starts, t, -1), dim=1).values
-    pos = torch.where(last_start >= 0, t - last_start, doc_pos[:, None] + t)
-    return starts.long().cumsum(1), pos
-
-
 def grid_positions(lay: StreamLayout, doc_pos: Tensor, align: int, length: int) -> Tensor:
     """Every grid slot's position inside its document ([B, length]; 0 for padding): RoPE
     restarts at each document (docs/memory.md, "Documents")."""
