@@ -9,6 +9,12 @@ if os.environ.get("TITANS_TEST_GPU") == "1":
 else:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# One intra-op thread per test process (set it yourself to override): `make test` runs 2 xdist
+# workers on 2 cores, and most tests start ranks of their own, so torch's default of one thread
+# per core oversubscribes the cores, and every small op's OpenMP join then waits for a
+# descheduled thread. tests/test_models.py + test_memory.py on 2 workers, loaded machine,
+# alternating: 170 s and 152 s with 2 threads, 54 s and 50 s with 1 (2026-12-01).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 # Triton's interpreter (the memory kernels' CPU tests) must be on before triton is first
