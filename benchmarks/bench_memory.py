@@ -11,7 +11,12 @@ Every measurement runs in its own subprocess (2 threads) so peak RSS is its own.
               titans-pytorch's MemoryAsContextTransformer when installed
               (`pip install titans-pytorch torch==2.13.0`): its default mode, and the paper's
               semantics (memory every layer, chunk 16, neural_memory_batch_size=16), capped at
-              12 GB of address space
+              12 GB of address space; and ours with per-block activation checkpointing
+              (`runtime.activation_checkpointing: true`, impl ours-ac)
+Each row also gives the child's CPU seconds per step (``cpu_seconds``): on a shared machine,
+compare arms by it rather than by wall time.
+
+    python benchmarks/bench_memory.py --mac --lengths 1024,4096   # only the MAC arms
 """
 
 from __future__ import annotations
@@ -29,13 +34,18 @@ ROOT = Path(__file__).resolve().parents[1]
 MAC = dict(vocab=256, dim=256, depth=4, heads=4, segment=128)
 
 
+CPU_SECONDS: list[float] = []  # per timed repeat, read by child()
+
+
 def timed(step, repeats: int) -> float:
     step()  # warm-up
     times = []
+    CPU_SECONDS.clear()
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
+        CPU_SECONDS.append(time.process_time() - c0)
     return sorted(times)[len(times) // 2]
 
 
@@ -85,7 +95,8 @@ def run_mac(impl: str, T: int, repeats: int) -> dict:
     torch.manual_seed(0)
     tokens = torch.randint(0, MAC["vocab"], (2, T + 1))
     if impl.startswith("ours"):
-        from titans_train.models import ModelConfig, TitansLM
+        from titans_train.models import ModelConfig, RuntimeConfig, TitansLM
+        from titans_train.models.runtime import apply_activation_checkpointing
 
         cfg = ModelConfig(
             variant="mac",
@@ -96,9 +107,11 @@ def run_mac(impl: str, T: int, repeats: int) -> dict:
             segment_len=MAC["segment"],
             chunk_size=16,
             num_persistent=4,
-            memory_compile=impl == "ours-compiled",
         )
-        model = TitansLM(cfg)
+        runtime = RuntimeConfig(memory_backend="compile" if impl == "ours-compiled" else "eager")
+        model = TitansLM(cfg, runtime=runtime)
+        if impl == "ours-ac":  # what the trainer does for runtime.activation_checkpointing
+            apply_activation_checkpointing(model)
 
         def step():
             model(tokens[:, :-1], targets=tokens[:, 1:]).loss.backward()
@@ -142,6 +155,7 @@ def child(kind: str, args: list[str]) -> None:
     else:
         out = run_mac(args[0], int(args[1]), int(args[2]))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out["cpu_seconds"] = sorted(CPU_SECONDS)[len(CPU_SECONDS) // 2] if CPU_SECONDS else None
     out.update(peak_rss_gb=peak / 1e6, peak_above_start_gb=(peak - base) / 1e6)
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -170,19 +184,29 @@ def measure(
 
 
 # --smoke: each kind once at a tiny length, one timed repeat (T=32: 2 chunks, 1 group of 2)
-SMOKE = [("memory", 32, 0, 1, 0), ("memory", 32, 2, 1, 0), ("naive", 16, 1), ("mac", "ours", 32, 1)]
+SMOKE = [
+    ("memory", 32, 0, 1, 0),
+    ("memory", 32, 2, 1, 0),
+    ("naive", 16, 1),
+    ("mac", "ours", 32, 1),
+    ("mac", "ours-ac", 32, 1),
+]
 
 
-def plan(quick: bool, skip_titans: bool) -> list[tuple]:
+def plan(
+    quick: bool, skip_titans: bool, mac_only: bool = False, mac_lengths: list[int] | None = None
+) -> list[tuple]:
     """The measurements: (kind, *args of the child)."""
     reps = 2 if quick else 3
     lengths = [1024, 4096] if quick else [1024, 2048, 4096, 8192, 16384]
     jobs = [("memory", T, g, reps, c) for g, c in ((0, 0), (16, 0), (0, 1)) for T in lengths]
     jobs += [("naive", T, 1) for T in (128, 256)]
     jobs += [("memory", T, 0, reps, 0) for T in (128, 256)]
-    jobs += [
-        ("mac", impl, T, reps) for impl in ("ours", "ours-compiled") for T in (256, 1024, 4096)
-    ]
+    if mac_only:
+        jobs = []
+    mac_lengths = mac_lengths or [256, 1024, 4096]
+    impls = ("ours", "ours-ac") if mac_only else ("ours", "ours-ac", "ours-compiled")
+    jobs += [("mac", impl, T, reps) for T in mac_lengths for impl in impls]
     try:
         import titans_pytorch  # noqa: F401
 
@@ -190,8 +214,10 @@ def plan(quick: bool, skip_titans: bool) -> list[tuple]:
     except ImportError:
         have_titans = False
     if have_titans:
-        jobs += [("mac", "titans-pytorch-default", T, reps) for T in (1024, 4096)]
-        jobs += [("mac", "titans-pytorch-paper", 256, 1)]
+        ref = [T for T in mac_lengths if T >= 1024]
+        jobs += [("mac", "titans-pytorch-default", T, reps) for T in ref]
+        if not mac_only:
+            jobs += [("mac", "titans-pytorch-paper", 256, 1)]
     return jobs
 
 
@@ -201,13 +227,17 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="each kind once, tiny T, 1 thread (CI)")
     ap.add_argument("--out", type=Path, help="also write the JSON lines here")
     ap.add_argument("--skip-titans", action="store_true")
+    ap.add_argument("--mac", action="store_true", help="only the MAC arms (no compile arm)")
+    ap.add_argument("--lengths", help="MAC lengths, comma-separated (default 256,1024,4096)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child[0], args.child[1:])
         return
     rows = []
-    for kind, *rest in SMOKE if args.smoke else plan(args.quick, args.skip_titans):
+    lengths = [int(t) for t in args.lengths.split(",")] if args.lengths else None
+    jobs = SMOKE if args.smoke else plan(args.quick, args.skip_titans, args.mac, lengths)
+    for kind, *rest in jobs:
         cap = 12 if rest[0] == "titans-pytorch-paper" else None
         row = measure(kind, *rest, cap_gb=cap, threads=1 if args.smoke else 2)
         rows.append(row)
