@@ -36,7 +36,10 @@ def kernel():
     return importlib.import_module(KERNEL_MODULE)
 
 
-def make_inputs(G=2, D=16, depth=2, P=1, N=24, dt=torch.float64, seed=0, exact_gates=False, lr=0.3):
+def make_inputs(
+    G=2, D=16, depth=2, P=1, N=24, dt=torch.float64, seed=0, exact_gates=False, lr=0.3, hidden=0
+):
+    """Memory inputs; ``hidden`` defaults to 4 D (depth 2)."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -45,7 +48,7 @@ def make_inputs(G=2, D=16, depth=2, P=1, N=24, dt=torch.float64, seed=0, exact_g
     def randn(*shape):
         return torch.randn(*shape, generator=g, dtype=dt)
 
-    dims = [D] + [4 * D] * (depth - 1) + [D]
+    dims = [D] + [hidden or 4 * D] * (depth - 1) + [D]
     W = [randn(G, a, b) / a**0.5 for a, b in zip(dims[:-1], dims[1:])]
     S = [0.1 * randn(*w.shape) for w in W]
     k, v, q = (torch.nn.functional.normalize(randn(G, N, D), dim=-1) for _ in range(3))
@@ -109,10 +112,16 @@ def test_backward_kernel_equals_autograd(depth, P, rn, flags):
     """The fused backward's gradients of every input of a group (M, S, k, v, q, the five
     coefficient tensors, M_0) equal autograd through the eager scan, fp64; 3 chunks, exact
     eta = 0 / alpha = 1 and a reset and a discarded chunk when flags are on."""
+    check_backward(depth, P, rn, flags)
+
+
+def check_backward(depth, P, rn, flags, D=16, hidden=0):
     from titans_train.models.kernels.memory_triton_bwd import scan_chunks_triton_backward
     from titans_train.models.memory_scan import _scan_flat, flatten_flags
 
-    W, S, k, v, q, theta, log_eta, log_keep = make_inputs(depth=depth, P=P, exact_gates=True)
+    W, S, k, v, q, theta, log_eta, log_keep = make_inputs(
+        D=D, depth=depth, P=P, exact_gates=True, hidden=hidden
+    )
     co = span_coeffs(theta, log_eta, log_keep, 8)
     inputs = [*W, *S, k, v, q, *co, *flatten_flags(make_flags(W, 3) if flags else None)]
     inputs = [t.detach().requires_grad_(t.dtype.is_floating_point) for t in inputs]
@@ -132,8 +141,64 @@ def test_backward_kernel_equals_autograd(depth, P, rn, flags):
         assert_all_close([a], [b], 1e-10)
 
 
-def grads_of(triton, group, flags, N, P=1, depth=2):
-    W, S, k, v, q, theta, log_eta, log_keep = make_inputs(depth=depth, P=P, N=N)
+# Widths that are not powers of two: head dim 24 / hidden 48 (blocks 32 / 64), a depth-1 odd
+# width 13 (block 16), head dim 16 with hidden 40 (only the hidden padded).
+PADDED = [(24, 48, 2, 2, True), (13, 0, 1, 1, True), (16, 40, 2, 1, False)]
+
+
+@pytest.mark.parametrize("D,hidden,depth,P,rn", PADDED)
+def test_padded_widths_forward_equals_scan_chunks(D, hidden, depth, P, rn):
+    """Widths padded to powers of two inside the kernel: reads and final M, S equal
+    scan_chunks in fp64, with document flags; LayerNorm statistics use the true width."""
+    W, S, k, v, q, theta, log_eta, log_keep = make_inputs(
+        D=D, depth=depth, P=P, exact_gates=True, hidden=hidden
+    )
+    co = span_coeffs(theta, log_eta, log_keep, 8)
+    fl = make_flags(W, 3)
+    y, w, s = kernel().scan_chunks_triton(W, S, k, v, q, co, 8, rn, flags=fl)
+    y0, w0, s0 = scan_chunks(W, S, k, v, q, co, 8, rn, flags=fl)
+    assert [t.shape for t in [y, *w, *s]] == [t.shape for t in [y0, *w0, *s0]]
+    assert_all_close([y, *w, *s], [y0, *w0, *s0], 1e-12)
+
+
+@pytest.mark.parametrize("D,hidden,depth,P,rn", PADDED)
+def test_padded_widths_backward_equals_autograd(D, hidden, depth, P, rn):
+    """The fused backward at padded widths: gradients of every input equal autograd (fp64)."""
+    check_backward(depth, P, rn, True, D=D, hidden=hidden)
+
+
+def nan_tailed(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous view at the start of a larger NaN-filled buffer: a read past the
+    end of a row block (an unmasked padded column) would bring NaN in."""
+    buf = torch.full((t.numel() + 4096,), float("nan"), dtype=t.dtype)
+    view = buf[: t.numel()].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def test_padded_state_never_leaks():
+    """Head dim 24 / hidden 48 (padded to 32 / 64), every input ending where a NaN buffer
+    begins: the chunk-start states the kernel saves for the backward (true shapes, pre-filled
+    with NaN) equal eager's state after each prefix of chunks, and the returned M, S have the
+    true shapes and equal eager. Nothing outside the true widths is read or written."""
+    W, S, k, v, q, theta, log_eta, log_keep = make_inputs(D=24, hidden=48, N=24)
+    co = span_coeffs(theta, log_eta, log_keep, 8)
+    W, S, co = [nan_tailed(t) for t in W], [nan_tailed(t) for t in S], [nan_tailed(t) for t in co]
+    k, v, q = nan_tailed(k), nan_tailed(v), nan_tailed(q)
+    states = [torch.full((2, 3, *w.shape[1:]), float("nan"), dtype=w.dtype) for w in W + S]
+    y, w, s = kernel().scan_chunks_triton(W, S, k, v, q, co, 8, True, states=states)
+    y0, w0, s0 = scan_chunks(W, S, k, v, q, co, 8, True)
+    assert [t.shape for t in w + s] == [t.shape for t in W + S]
+    assert_all_close([y, *w, *s], [y0, *w0, *s0], 1e-12)
+    assert_all_close([x[:, 0] for x in states], W + S, 0)
+    for c in (1, 2):  # the state at the start of chunk c: eager over the first c chunks
+        _, wc, sc = scan_chunks(W, S, k[:, : 8 * c], v[:, : 8 * c], None,
+                                [x[:, :, :c] for x in co], 8, True)  # fmt: skip
+        assert_all_close([x[:, c] for x in states], wc + sc, 1e-12)
+
+
+def grads_of(triton, group, flags, N, P=1, depth=2, D=16, hidden=0):
+    W, S, k, v, q, theta, log_eta, log_keep = make_inputs(D=D, depth=depth, P=P, N=N, hidden=hidden)
     leaves = [*W, *S, k, v, q, theta, log_eta, log_keep]
     fl = make_flags(W, -(-N // 8)) if flags else None
     if fl is not None:
@@ -150,14 +215,15 @@ def grads_of(triton, group, flags, N, P=1, depth=2):
 
 
 @pytest.mark.parametrize(
-    "group,flags,N",
-    [(0, False, 24), (2, True, 29)],  # one span / checkpoint groups, documents, a partial chunk
+    "group,flags,N,D,hidden",
+    # one span / checkpoint groups, documents, a partial chunk / head dim 12, hidden 40 (padded)
+    [(0, False, 24, 16, 0), (2, True, 29, 16, 0), (2, True, 29, 12, 40)],
 )
-def test_training_path_gradients_equal_eager(group, flags, N):
+def test_training_path_gradients_equal_eager(group, flags, N, D, hidden):
     """memory_scan(triton=True): outputs and gradients wrt M, S, k, v, q, the gates and M_0 equal
     the eager path's (the backward recomputes eagerly)."""
-    outs, grads = grads_of(True, group, flags, N)
-    outs0, grads0 = grads_of(False, group, flags, N)
+    outs, grads = grads_of(True, group, flags, N, D=D, hidden=hidden)
+    outs0, grads0 = grads_of(False, group, flags, N, D=D, hidden=hidden)
     assert_all_close(outs, outs0, 1e-12)
     assert_all_close(grads, grads0, 1e-10)
 
@@ -188,13 +254,14 @@ LM_VARIANTS = [
     pytest.param(
         "mac", dict(mac_retrieval="memory_tokens", memory_per_layer_gates=True), marks=SLOW
     ),
+    pytest.param("lmm", dict(dim=24), marks=SLOW),  # memory head dim 12, hidden 48: padded
 ]
 
 
 @pytest.mark.parametrize("variant,kw", LM_VARIANTS)
 def test_lm_with_triton_backend_equals_eager(variant, kw, monkeypatch):
-    """A tiny TitansLM (head dim 16, chunk 8, a partial last chunk) trains identically on
-    memory_backend=triton and eager: loss and every parameter gradient."""
+    """A tiny TitansLM (head dim 16, or 12 padded to 16; chunk 8, a partial last chunk) trains
+    identically on memory_backend=triton and eager: loss and every parameter gradient."""
     mod, launches = kernel(), []
     real = mod.scan_chunks_triton
     spy = lambda *a, **k: launches.append(1) or real(*a, **k)  # noqa: E731
@@ -351,7 +418,7 @@ def test_depth_2_backward_compiles_for_cuda():
 
 @pytest.mark.parametrize(
     "D,depth,chunk,match",
-    [(12, 2, 8, "widths"), (16, 3, 8, "depth 3"), (16, 2, 4, "chunk size 4")],
+    [(16, 3, 8, "depth 3"), (16, 2, 4, "chunk size 4"), (12, 2, 12, "chunk size 12")],
 )
 def test_unsupported_shapes_name_the_key(D, depth, chunk, match):
     W, S, k, v, q, theta, log_eta, log_keep = make_inputs(D=D, depth=depth, N=2 * chunk)
@@ -371,6 +438,11 @@ def test_backend_selection(monkeypatch):
     assert runtime_mod.resolve_memory_backend("auto", cuda, [64, 256, 64], 16) == "compile"
     assert runtime_mod.resolve_memory_backend("auto", cuda, [16, 64, 64, 16], 16) == "compile"
     assert runtime_mod.resolve_memory_backend("auto", cuda, [24, 96, 24], 16) == "compile"
+    # Widths that are not powers of two count at their padded blocks: 24 / 48 holds 32 / 64
+    # (8,192 state values, as 32 / 64 does); the 170M preset's 48 / 192 holds 64 / 256.
+    assert runtime_mod.resolve_memory_backend("auto", cuda, [24, 48, 24], 16) == "triton"
+    assert runtime_mod.resolve_memory_backend("auto", cuda, [13, 13], 16) == "triton"
+    assert runtime_mod.resolve_memory_backend("auto", cuda, [48, 192, 48], 16) == "compile"
     assert runtime_mod.resolve_memory_backend("auto", cuda) == "compile"
     monkeypatch.setitem(sys.modules, "triton", None)  # what an install without triton looks like
     with pytest.raises(ValueError, match="runtime.memory_backend='triton': triton is not inst"):

@@ -39,22 +39,34 @@ def _pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
 
+def block_width(d: int) -> int:
+    """The kernels' block for a layer width ``d``: the next power of two (``tl.arange`` needs
+    one), at least 16 (matmul rows; fp32 ``tl.dot`` needs a reduction of at least 8 on NVIDIA,
+    triton/backends/nvidia/compiler.py min_dot_size). Masks keep the padding at zero."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
 def kernel_shape_problem(dims: list[int], chunk: int) -> str | None:
     """Why the kernel cannot take a memory with layer widths ``dims`` (d, hidden..., d) and this
-    chunk size (None if it can). Block sizes must be powers of two (tl.arange), and fp32 tl.dot
-    needs a reduction of at least 8 on NVIDIA (triton/backends/nvidia/compiler.py min_dot_size);
-    widths are also matmul rows, so they get the usual 16."""
+    chunk size (None if it can). Any width >= 1 (padded to ``block_width``); the chunk is a
+    block of tokens and must be a power of two >= 8 itself."""
     if len(dims) - 1 not in (1, 2):
         return f"memory depth {len(dims) - 1} (the kernel has depth 1 and 2)"
-    if not all(_pow2(d) and d >= 16 for d in dims):
-        return f"memory widths {dims} (powers of two >= 16 only)"
+    if min(dims) < 1:
+        return f"memory widths {dims} (must be >= 1)"
     if not (_pow2(chunk) and chunk >= 8):
         return f"chunk size {chunk} (powers of two >= 8 only)"
     return None
 
 
+def state_elements(dims: list[int]) -> int:
+    """M + S of all memory layers as the kernel holds them (padded widths), in elements."""
+    blocks = [block_width(d) for d in dims]
+    return 2 * sum(a * b for a, b in zip(blocks[:-1], blocks[1:]))
+
+
 def kernel_fits_registers(dims: list[int]) -> bool:
-    return 2 * sum(a * b for a, b in zip(dims[:-1], dims[1:])) <= AUTO_STATE_ELEMENTS
+    return state_elements(dims) <= AUTO_STATE_ELEMENTS
 
 
 def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:

@@ -10,6 +10,7 @@ import torch
 import triton
 
 from ..memory_math import LN_EPS
+from . import block_width, state_elements
 from . import memory_triton as fwd
 
 
@@ -23,6 +24,7 @@ def compile_for_cuda(dims: list[int], chunk: int, capability: int = 90, backward
 
     const = dict(D=dims[0], H=dims[1], N=chunk, DEPTH=len(dims) - 1, RESNORM=True,
                  HAS_FLAGS=True, EPS=LN_EPS)  # fmt: skip
+    const.update(BD=block_width(dims[0]), BH=block_width(dims[1]))
     if backward:
         from .memory_triton_bwd import _memory_scan_bwd_kernel as kernel
 
@@ -36,7 +38,7 @@ def compile_for_cuda(dims: list[int], chunk: int, capability: int = 90, backward
     sig.update(reset_ptr="*i8", commit_ptr="*i8", **{i: "i32" for i in ints})
     sig.update({c: "constexpr" for c in const})
     sig = {p: sig[p] for p in kernel.arg_names}  # the kernel's argument order
-    warps = fwd.num_warps(sum(a * b for a, b in zip(dims[:-1], dims[1:])))
+    warps = fwd.num_warps(state_elements(dims) // 2)
     return triton.compile(
         ASTSource(kernel, sig, const),
         target=GPUTarget("cuda", capability, 32),
