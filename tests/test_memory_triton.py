@@ -13,6 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from titans_train.models import ModelConfig, NeuralMemory, RuntimeConfig, TitansLM
+from titans_train.models import kernels as kernels_mod
 from titans_train.models import runtime as runtime_mod
 from titans_train.models.memory_math import DocFlags, scan_chunks, span_coeffs
 from titans_train.models.memory_scan import memory_scan
@@ -197,6 +198,48 @@ def test_padded_state_never_leaks():
         assert_all_close([x[:, c] for x in states], wc + sc, 1e-12)
 
 
+@pytest.mark.parametrize(
+    "D,hidden,P,rn,flags",
+    # 4 tiles of 16 with documents; 3 tiles of 16 over hidden 40 (a masked tail), no flags
+    [(16, 64, 1, True, True), (24, 40, 2, False, False)],
+)
+def test_streamed_kernel_equals_scan_chunks(D, hidden, P, rn, flags):
+    """The streamed kernel (state in global memory, hidden in tiles of 16) gives scan_chunks'
+    reads and final M, S (fp64), and the same chunk-start states as the register kernel."""
+    W, S, k, v, q, theta, log_eta, log_keep = make_inputs(D=D, P=P, exact_gates=True, hidden=hidden)
+    co = span_coeffs(theta, log_eta, log_keep, 8)
+    fl = make_flags(W, 3) if flags else None
+    y, w, s = kernel().scan_chunks_triton(W, S, k, v, q, co, 8, rn, flags=fl, tile=16)
+    y0, w0, s0 = scan_chunks(W, S, k, v, q, co, 8, rn, flags=fl)
+    assert_all_close([y, *w, *s], [y0, *w0, *s0], 1e-12)
+    got, want = ([torch.full((2, 3, *x.shape[1:]), float("nan"), dtype=x.dtype) for x in W + S]
+                 for _ in range(2))  # fmt: skip
+    kernel().scan_chunks_triton(W, S, k, v, None, co, 8, rn, flags=fl, states=got, tile=16)
+    kernel().scan_chunks_triton(W, S, k, v, None, co, 8, rn, flags=fl, states=want, tile=0)
+    assert_all_close(got, want, 1e-12)
+
+
+def test_large_state_trains_on_the_streamed_kernel(monkeypatch):
+    """A state over the register budget runs the streamed kernel (the budget shrunk so that head
+    dim 16 / hidden 64 counts as large): memory_scan's outputs and gradients equal eager, with
+    checkpoint groups, documents and a partial chunk (the backward rebuilds its chunk-start
+    states with the streamed kernel, then runs the fused backward)."""
+    from titans_train.models import kernels
+
+    monkeypatch.setattr(kernels, "AUTO_STATE_ELEMENTS", 2048)
+    monkeypatch.setattr(kernels, "STREAM_TILE_ELEMENTS", 1024)  # 4 tiles of 16
+    assert kernels.stream_tile([16, 64, 16]) == 16 and kernels.stream_tile([16, 16]) == 0
+    streamed = importlib.import_module(KERNEL_MODULE + "_streamed")
+    launches = []
+    name = "_memory_scan_streamed_kernel"
+    monkeypatch.setattr(streamed, name, CountedLaunch(getattr(streamed, name), launches))
+    outs, grads = grads_of(True, 2, True, 29)
+    assert len(launches) == 4  # forward and the rebuild in backward, for each of 2 groups
+    outs0, grads0 = grads_of(False, 2, True, 29)
+    assert_all_close(outs, outs0, 1e-12)
+    assert_all_close(grads, grads0, 1e-10)
+
+
 def grads_of(triton, group, flags, N, P=1, depth=2, D=16, hidden=0):
     W, S, k, v, q, theta, log_eta, log_keep = make_inputs(D=D, depth=depth, P=P, N=N, hidden=hidden)
     leaves = [*W, *S, k, v, q, theta, log_eta, log_keep]
@@ -376,8 +419,8 @@ import os, subprocess, sys, tempfile
 import triton
 from titans_train.models.kernels.memory_triton_autograd import compile_for_cuda
 bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-for dims, cap, backward in {cases}:
-    cubin = compile_for_cuda(dims, 16, cap, backward).asm["cubin"]
+for dims, cap, backward, *tile in {cases}:
+    cubin = compile_for_cuda(dims, 16, cap, backward, *tile).asm["cubin"]
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     out = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "--dump-resource-usage", f.name],
@@ -405,8 +448,19 @@ def test_kernel_compiles_for_cuda_without_spills():
     that the shapes ``auto`` takes keep their state in registers (no stack) in the forward, and
     the depth-1 backward too."""
     cases = [([16, 16], 80, False), ([16, 64, 16], 90, False), ([16, 16], 80, True)]
+    cases.append(([13, 13], 90, False))  # a padded width (masks, LayerNorm over 13 of 16)
     lines = compile_for_cuda(cases)
     assert all("STACK:0 " in line for line in lines), lines
+
+
+def test_streamed_kernel_compiles_for_the_paper_head_with_little_stack():
+    """Head dim 64 / hidden 256 (256 KB of state per group), streamed in tiles of 16: 16 bytes of
+    stack a thread on sm90 (the register kernel at the 170M preset's 48 / 192, padded to the same
+    blocks, spills 20,512). Checked: at most 64 bytes."""
+    assert kernels_mod.stream_tile([64, 256, 64]) == 16
+    (line,) = compile_for_cuda([([64, 256, 64], 90, False, 16)])
+    stack = int(line.split("STACK:")[1].split()[0])
+    assert stack <= 64, line
 
 
 @pytest.mark.slow

@@ -15,6 +15,10 @@ import torch
 # 4,096 values (d 16, hidden 64) do not spill, 8,192 (d 64, depth 1) spill 8 bytes a thread and
 # 16,384 (d 32, hidden 128) 400-1,400. Larger heads need the split kernel (docs/memory.md).
 AUTO_STATE_ELEMENTS = 8192
+# The streamed kernel's four state tiles (W, S of both layers, 4 x d_block x tile values): at
+# head dim 64 / hidden 256, tiles of 16 (4,096 values) spill 16 bytes a thread on sm90 (280 on
+# sm80), tiles of 32 640 (1,056); head dim 48 / hidden 192 at 16: 40 (176).
+STREAM_TILE_ELEMENTS = 4096
 
 
 def triton_importable() -> bool:
@@ -67,6 +71,19 @@ def state_elements(dims: list[int]) -> int:
 
 def kernel_fits_registers(dims: list[int]) -> bool:
     return state_elements(dims) <= AUTO_STATE_ELEMENTS
+
+
+def stream_tile(dims: list[int]) -> int:
+    """0 when the register kernel holds the whole state (it fits, or depth 1); otherwise the
+    hidden tile of the streamed kernel (``memory_triton_streamed``): the largest power of two
+    from 16 to the hidden block whose four state tiles (4 x d_block x tile) fit
+    ``STREAM_TILE_ELEMENTS``."""
+    if len(dims) != 3 or kernel_fits_registers(dims):
+        return 0
+    bd, bh, tile = block_width(dims[0]), block_width(dims[1]), 16
+    while 2 * tile <= bh and 4 * bd * 2 * tile <= STREAM_TILE_ELEMENTS:
+        tile *= 2
+    return tile
 
 
 def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:

@@ -29,6 +29,7 @@ from . import (
     kernel_shape_problem,
     launch_device,
     state_elements,
+    stream_tile,
     triton_device_problem,
 )
 
@@ -236,10 +237,13 @@ def scan_chunks_triton(
     compiled: bool = False,
     flags: DocFlags | None = None,
     states: list[Tensor] | None = None,
+    tile: int | None = None,
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
     """``memory_math.scan_chunks`` (same arguments; ``compiled`` is ignored) as one kernel launch.
     No autograd: ``TritonChunks`` gives the gradients. ``states`` (M then S per layer, each
-    [G, chunks, d_in, d_out], contiguous): filled with every chunk's start state."""
+    [G, chunks, d_in, d_out], contiguous): filled with every chunk's start state. ``tile``: 0 runs
+    the register kernel, t > 0 the streamed one with hidden tiles of t (depth 2), None chooses
+    (``kernels.stream_tile``)."""
     check_kernel_inputs(weights, k, chunk)
     G, T, D = k.shape
     H, dt = weights[0].shape[-1], k.dtype
@@ -260,6 +264,22 @@ def scan_chunks_triton(
     wb, sb, w0b = (w[-1], s[-1], w0[-1]) if len(w) == 2 else (w[0], s[0], w0[0])
     L = len(w)  # the kernel's order: M_A, S_A, M_B, S_B
     hist = [k] * 4 if states is None else [states[0], states[L], states[L - 1], states[-1]]
+    tile = stream_tile(dims_of(w)) if tile is None else tile
+    if tile and len(w) != 2:
+        raise ValueError(f"the streamed kernel has memory depth 2, not {len(w)}")
+    if tile:
+        from .memory_triton_streamed import _memory_scan_streamed_kernel
+
+        with launch_device(k):
+            _memory_scan_streamed_kernel[(G,)](
+                w[0], s[0], wb, sb, w0[0], w0b,
+                k, v, k if q is None else q, y, *co, reset, commit, *hist,
+                G, T // chunk, T, min(1, co[0].shape[0] - 1),
+                D=D, H=H, N=chunk, RESNORM=residual_norm, HAS_Q=q is not None,
+                HAS_FLAGS=flags is not None, EPS=LN_EPS, BD=block_width(D), BT=tile,
+                SAVE_STATES=states is not None, num_warps=8,
+            )  # fmt: skip
+        return (y if q is not None else None), w, s
     with launch_device(k):
         _memory_scan_kernel[(G,)](
             w[0], s[0], wb, sb, w0[0], w0b,

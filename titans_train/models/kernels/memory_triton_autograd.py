@@ -14,11 +14,14 @@ from . import block_width, state_elements
 from . import memory_triton as fwd
 
 
-def compile_for_cuda(dims: list[int], chunk: int, capability: int = 90, backward: bool = False):
+def compile_for_cuda(
+    dims: list[int], chunk: int, capability: int = 90, backward: bool = False, tile: int = 0
+):
     """The forward (or backward) kernel compiled to a cubin for an NVIDIA GPU of this compute
     capability, without a GPU (Triton bundles ptxas): catches what the interpreter lets through
-    (it does not check constexpr globals, types or register use). Needs this module imported
-    without TRITON_INTERPRET. Returns triton's CompiledKernel (``.asm["cubin"]``)."""
+    (it does not check constexpr globals, types or register use). ``tile`` > 0: the streamed
+    forward with that hidden tile. Needs this module imported without TRITON_INTERPRET. Returns
+    triton's CompiledKernel (``.asm["cubin"]``)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource
 
@@ -30,6 +33,12 @@ def compile_for_cuda(dims: list[int], chunk: int, capability: int = 90, backward
 
         const["PB"] = 0
         ints = ("G", "CHUNKS", "T")
+    elif tile:
+        from .memory_triton_streamed import _memory_scan_streamed_kernel as kernel
+
+        del const["DEPTH"], const["BH"]
+        const.update(HAS_Q=True, SAVE_STATES=False, BT=tile)
+        ints = ("G", "CHUNKS", "T", "PB")
     else:
         kernel = fwd._memory_scan_kernel
         const.update(HAS_Q=True, SAVE_STATES=False)
@@ -38,7 +47,7 @@ def compile_for_cuda(dims: list[int], chunk: int, capability: int = 90, backward
     sig.update(reset_ptr="*i8", commit_ptr="*i8", **{i: "i32" for i in ints})
     sig.update({c: "constexpr" for c in const})
     sig = {p: sig[p] for p in kernel.arg_names}  # the kernel's argument order
-    warps = fwd.num_warps(state_elements(dims) // 2)
+    warps = 8 if tile else fwd.num_warps(state_elements(dims) // 2)
     return triton.compile(
         ASTSource(kernel, sig, const),
         target=GPUTarget("cuda", capability, 32),
