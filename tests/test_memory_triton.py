@@ -116,7 +116,7 @@ def test_backward_kernel_equals_autograd(depth, P, rn, flags):
     check_backward(depth, P, rn, flags)
 
 
-def check_backward(depth, P, rn, flags, D=16, hidden=0):
+def check_backward(depth, P, rn, flags, D=16, hidden=0, tile=None):
     from titans_train.models.kernels.memory_triton_bwd import scan_chunks_triton_backward
     from titans_train.models.memory_scan import _scan_flat, flatten_flags
 
@@ -132,7 +132,7 @@ def check_backward(depth, P, rn, flags, D=16, hidden=0):
     grads = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
     used = [t for t in inputs if t.requires_grad]
     want = torch.autograd.grad(outs, used, grads, allow_unused=True)
-    got = scan_chunks_triton_backward([t.detach() for t in inputs], depth, 8, rn, grads)
+    got = scan_chunks_triton_backward([t.detach() for t in inputs], depth, 8, rn, grads, tile)
     got = [a for a, t in zip(got, inputs) if t.requires_grad]
     assert len(got) == len(want) == len(used)
     for a, b in zip(got, want):
@@ -160,6 +160,12 @@ def test_padded_widths_forward_equals_scan_chunks(D, hidden, depth, P, rn):
     y0, w0, s0 = scan_chunks(W, S, k, v, q, co, 8, rn, flags=fl)
     assert [t.shape for t in [y, *w, *s]] == [t.shape for t in [y0, *w0, *s0]]
     assert_all_close([y, *w, *s], [y0, *w0, *s0], 1e-12)
+
+
+def test_register_backward_at_depth_2_equals_autograd():
+    """The register backward kernel at depth 2 (depth 2 runs the streamed backward by default,
+    ``kernels.backward_tile``; the register one is kept for comparison on a GPU)."""
+    check_backward(2, 2, True, True, tile=0)
 
 
 @pytest.mark.parametrize("D,hidden,depth,P,rn", PADDED)
@@ -229,12 +235,14 @@ def test_large_state_trains_on_the_streamed_kernel(monkeypatch):
     monkeypatch.setattr(kernels, "AUTO_STATE_ELEMENTS", 2048)
     monkeypatch.setattr(kernels, "STREAM_TILE_ELEMENTS", 1024)  # 4 tiles of 16
     assert kernels.stream_tile([16, 64, 16]) == 16 and kernels.stream_tile([16, 16]) == 0
-    streamed = importlib.import_module(KERNEL_MODULE + "_streamed")
-    launches = []
-    name = "_memory_scan_streamed_kernel"
-    monkeypatch.setattr(streamed, name, CountedLaunch(getattr(streamed, name), launches))
+    launches = {}
+    for suffix, name in (("_streamed", "_memory_scan_streamed_kernel"),
+                         ("_streamed_bwd", "_memory_scan_streamed_bwd_kernel")):  # fmt: skip
+        mod, launches[name] = importlib.import_module(KERNEL_MODULE + suffix), []
+        monkeypatch.setattr(mod, name, CountedLaunch(getattr(mod, name), launches[name]))
     outs, grads = grads_of(True, 2, True, 29)
-    assert len(launches) == 4  # forward and the rebuild in backward, for each of 2 groups
+    # forward and the rebuild in backward, then the backward, for each of 2 groups
+    assert [len(n) for n in launches.values()] == [4, 2]
     outs0, grads0 = grads_of(False, 2, True, 29)
     assert_all_close(outs, outs0, 1e-12)
     assert_all_close(grads, grads0, 1e-10)
@@ -356,11 +364,14 @@ def test_ops_do_not_grow_with_chunks(group):
 
     def count(T: int, backend: str) -> tuple[int, int]:
         mem.backend, launches = backend, []
-        fwd, bwd = kernel(), importlib.import_module(KERNEL_MODULE + "_bwd")
+        fwd, bwd = kernel(), importlib.import_module(KERNEL_MODULE + "_streamed_bwd")
         x = torch.randn(1, T, 16, requires_grad=True)
         mem(x)[0].sum().backward()  # warm-up (cached masks)
         with pytest.MonkeyPatch.context() as mp:
-            for mod, name in ((fwd, "_memory_scan_kernel"), (bwd, "_memory_scan_bwd_kernel")):
+            for mod, name in (
+                (fwd, "_memory_scan_kernel"),
+                (bwd, "_memory_scan_streamed_bwd_kernel"),
+            ):
                 mp.setattr(mod, name, CountedLaunch(getattr(mod, name), launches))
             with OpCounter() as counter:
                 mem(x)[0].sum().backward()
@@ -446,21 +457,24 @@ def test_kernel_compiles_for_cuda_without_spills():
     """The interpreter does not check what the compiler does (it ran a kernel that read a plain
     float global): compile for sm80 / sm90 with Triton's bundled ptxas, no GPU needed, and check
     that the shapes ``auto`` takes keep their state in registers (no stack) in the forward, and
-    the depth-1 backward too."""
+    the depth-1 and the streamed depth-2 backward too."""
     cases = [([16, 16], 80, False), ([16, 64, 16], 90, False), ([16, 16], 80, True)]
     cases.append(([13, 13], 90, False))  # a padded width (masks, LayerNorm over 13 of 16)
+    cases.append(([16, 64, 16], 90, True, 16))  # the streamed backward (depth 2's)
     lines = compile_for_cuda(cases)
     assert all("STACK:0 " in line for line in lines), lines
 
 
-def test_streamed_kernel_compiles_for_the_paper_head_with_little_stack():
+@pytest.mark.slow
+def test_streamed_kernels_compile_for_the_paper_head_with_little_stack():
     """Head dim 64 / hidden 256 (256 KB of state per group), streamed in tiles of 16: 16 bytes of
-    stack a thread on sm90 (the register kernel at the 170M preset's 48 / 192, padded to the same
-    blocks, spills 20,512). Checked: at most 64 bytes."""
+    stack a thread on sm90 in the forward (the register kernel at the 170M preset's 48 / 192,
+    padded to the same blocks, spills 20,512), 512 in the backward. Checked: at most 64 and
+    1,024 bytes."""
     assert kernels_mod.stream_tile([64, 256, 64]) == 16
-    (line,) = compile_for_cuda([([64, 256, 64], 90, False, 16)])
-    stack = int(line.split("STACK:")[1].split()[0])
-    assert stack <= 64, line
+    lines = compile_for_cuda([([64, 256, 64], 90, False, 16), ([64, 256, 64], 90, True, 16)])
+    stacks = [int(line.split("STACK:")[1].split()[0]) for line in lines]
+    assert stacks[0] <= 64 and stacks[1] <= 1024, lines
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ def compile_for_cuda(
     """The forward (or backward) kernel compiled to a cubin for an NVIDIA GPU of this compute
     capability, without a GPU (Triton bundles ptxas): catches what the interpreter lets through
     (it does not check constexpr globals, types or register use). ``tile`` > 0: the streamed
-    forward with that hidden tile. Needs this module imported without TRITON_INTERPRET. Returns
+    kernel with that hidden tile. Needs this module imported without TRITON_INTERPRET. Returns
     triton's CompiledKernel (``.asm["cubin"]``)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource
@@ -28,7 +28,13 @@ def compile_for_cuda(
     const = dict(D=dims[0], H=dims[1], N=chunk, DEPTH=len(dims) - 1, RESNORM=True,
                  HAS_FLAGS=True, EPS=LN_EPS)  # fmt: skip
     const.update(BD=block_width(dims[0]), BH=block_width(dims[1]))
-    if backward:
+    if backward and tile:
+        from .memory_triton_streamed_bwd import _memory_scan_streamed_bwd_kernel as kernel
+
+        del const["DEPTH"], const["BH"]
+        const.update(PB=0, BT=tile)
+        ints = ("G", "CHUNKS", "T")
+    elif backward:
         from .memory_triton_bwd import _memory_scan_bwd_kernel as kernel
 
         const["PB"] = 0

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..memory_math import LN_EPS
-from . import block_width, launch_device, state_elements
+from . import backward_tile, block_width, launch_device, state_elements, stream_tile
 from .memory_triton import (
     _INV_SQRT_2PI,
     _dot,
@@ -296,11 +296,15 @@ def _memory_scan_bwd_kernel(
         tl.store(dw0b_ptr + b_idx, dw0b, mask_b)
 
 
-def scan_chunks_triton_backward(inputs, n_layers: int, chunk: int, residual_norm: bool, grads):
+def scan_chunks_triton_backward(
+    inputs, n_layers: int, chunk: int, residual_norm: bool, grads, tile: int | None = None
+):
     """Gradients of ``memory_scan._scan_flat``'s inputs (its layout: M, S, k, v, q, the five
     coefficient fields, then optionally M_0, reset, commit) from the gradients of (reads, M', S').
     Rebuilds the chunk-start states with the forward kernel first (only the group's inputs were
-    kept, as in ``_CheckpointedChunks``)."""
+    kept, as in ``_CheckpointedChunks``). ``tile``: None chooses (the forward by
+    ``stream_tile``, the backward by ``backward_tile``); t > 0 runs both streamed with hidden
+    tiles of t (``memory_triton_streamed_bwd``), 0 both on registers."""
     from .memory_triton import _flat_parts, scan_chunks_triton
 
     weights, momentum, k, v, q, coeffs, flags = _flat_parts(inputs, n_layers)
@@ -308,8 +312,11 @@ def scan_chunks_triton_backward(inputs, n_layers: int, chunk: int, residual_norm
     H, chunks, dt = weights[0].shape[-1], T // chunk, k.dtype
     hist = [torch.empty(G, chunks, *w.shape[1:], dtype=dt, device=k.device) for w in weights]
     hist += [torch.empty_like(h) for h in hist]
+    dims = dims_of(weights)
+    fwd_tile = stream_tile(dims) if tile is None else tile
+    tile = backward_tile(dims) if tile is None else tile
     scan_chunks_triton(weights, momentum, k, v, None, coeffs, chunk, residual_norm, False, flags,
-                       states=hist)  # fmt: skip
+                       states=hist, tile=fwd_tile)  # fmt: skip
 
     def prep(x):
         return x.detach().to(dt).contiguous()
@@ -320,13 +327,27 @@ def scan_chunks_triton_backward(inputs, n_layers: int, chunk: int, residual_norm
     k, v, q, co = prep(k), prep(v), prep(q), [prep(x) for x in coeffs]
     dk, dv, dq = torch.empty_like(k), torch.empty_like(v), torch.empty_like(q)
     dco = [torch.zeros_like(x) for x in co]
-    dw0 = [torch.empty_like(x) for x in dw]
+    dw0 = [torch.zeros_like(x) for x in dw]
     if flags is not None:
         reset, commit = (f.to(torch.int8).contiguous() for f in (flags.reset, flags.commit))
     else:
         reset = commit = k  # unused
     two = n_layers == 2
     hb = (hist[1], hist[3]) if two else (hist[0], hist[1])
+    if tile:
+        from .memory_triton_streamed_bwd import _memory_scan_streamed_bwd_kernel
+
+        scratch = [torch.empty(G, chunk, H, dtype=dt, device=k.device) for _ in range(2)]
+        with launch_device(k):
+            _memory_scan_streamed_bwd_kernel[(G,)](
+                hist[0], hist[2], hist[1], hist[3], k, v, q, dy, *co, reset, commit,
+                dw[0], ds[0], dw[1], ds[1], dw0[0], dw0[1], dk, dv, dq, *dco, *scratch,
+                G, chunks, T,
+                PB=min(1, co[0].shape[0] - 1), D=D, H=H, N=chunk, RESNORM=residual_norm,
+                HAS_FLAGS=flags is not None, EPS=LN_EPS, BD=block_width(D), BT=tile,
+                num_warps=8,
+            )  # fmt: skip
+        return _grads_out(dw, ds, dk, dv, dq, dco, dw0, flags)
     with launch_device(k):
         _memory_scan_bwd_kernel[(G,)](
             hist[0], hist[n_layers], *hb, k, v, q, dy, *co, reset, commit,
@@ -337,6 +358,10 @@ def scan_chunks_triton_backward(inputs, n_layers: int, chunk: int, residual_norm
             BD=block_width(D), BH=block_width(H),
             num_warps=num_warps(state_elements(dims_of(weights)) // 2),
         )  # fmt: skip
+    return _grads_out(dw, ds, dk, dv, dq, dco, dw0, flags)
+
+
+def _grads_out(dw, ds, dk, dv, dq, dco, dw0, flags) -> list:
     out = [*dw, *ds, dk, dv, dq, *dco]
     if flags is not None:
         out += [*dw0, None, None]
