@@ -50,8 +50,10 @@ def test_register_backward_at_depth_2_equals_autograd():
 
 @pytest.mark.parametrize("D,hidden,depth,P,rn", PADDED)
 def test_padded_widths_backward_equals_autograd(D, hidden, depth, P, rn):
-    """The fused backward at padded widths: gradients of every input equal autograd (fp64)."""
-    check_backward(depth, P, rn, True, D=D, hidden=hidden)
+    """The fused backward at padded widths: gradients of every input equal autograd (fp64).
+    Depth 2 on the streamed kernels with hidden tiles of 16 (3 tiles; over hidden 40 the last
+    one masked), as on a GPU (the interpreter's default is one tile, ``backward_tile``)."""
+    check_backward(depth, P, rn, True, D=D, hidden=hidden, tile=16 if depth == 2 else None)
 
 
 def nan_tailed(t: torch.Tensor) -> torch.Tensor:
@@ -138,3 +140,15 @@ def test_streamed_kernels_compile_for_the_paper_head_with_little_stack():
     lines = compile_for_cuda([([64, 256, 64], 90, False, 16), ([64, 256, 64], 90, True, 16)])
     stacks = [int(line.split("STACK:")[1].split()[0]) for line in lines]
     assert stacks[0] <= 64 and stacks[1] <= 1024, lines
+
+
+def test_backward_tile_choice(monkeypatch):
+    """Depth 2 takes the streamed backward at tiles of 16 on a GPU, at every width; depth 1 the
+    register one; the interpreter runs a state within the register budget as one tile."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    tiles = [kernels_mod.backward_tile(d) for d in ([16, 64, 16], [64, 256, 64], [16, 16])]
+    assert tiles == [16, 16, 0]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels_mod.backward_tile([16, 64, 16]) == 64
+    assert kernels_mod.backward_tile([24, 48, 24]) == 64
+    assert kernels_mod.backward_tile([64, 256, 64]) == 16
