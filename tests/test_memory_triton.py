@@ -36,7 +36,10 @@ def kernel():
     return importlib.import_module(KERNEL_MODULE)
 
 
-def make_inputs(G=2, D=16, depth=2, P=1, N=24, dt=torch.float64, seed=0, exact_gates=False, lr=0.3):
+def make_inputs(
+    G=2, D=16, depth=2, P=1, N=24, dt=torch.float64, seed=0, exact_gates=False, lr=0.3, hidden=0
+):
+    """Memory inputs; ``hidden`` defaults to 4 D (depth 2)."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -45,7 +48,7 @@ def make_inputs(G=2, D=16, depth=2, P=1, N=24, dt=torch.float64, seed=0, exact_g
     def randn(*shape):
         return torch.randn(*shape, generator=g, dtype=dt)
 
-    dims = [D] + [4 * D] * (depth - 1) + [D]
+    dims = [D] + [hidden or 4 * D] * (depth - 1) + [D]
     W = [randn(G, a, b) / a**0.5 for a, b in zip(dims[:-1], dims[1:])]
     S = [0.1 * randn(*w.shape) for w in W]
     k, v, q = (torch.nn.functional.normalize(randn(G, N, D), dim=-1) for _ in range(3))
@@ -109,10 +112,16 @@ def test_backward_kernel_equals_autograd(depth, P, rn, flags):
     """The fused backward's gradients of every input of a group (M, S, k, v, q, the five
     coefficient tensors, M_0) equal autograd through the eager scan, fp64; 3 chunks, exact
     eta = 0 / alpha = 1 and a reset and a discarded chunk when flags are on."""
+    check_backward(depth, P, rn, flags)
+
+
+def check_backward(depth, P, rn, flags, D=16, hidden=0, tile=None):
     from titans_train.models.kernels.memory_triton_bwd import scan_chunks_triton_backward
     from titans_train.models.memory_scan import _scan_flat, flatten_flags
 
-    W, S, k, v, q, theta, log_eta, log_keep = make_inputs(depth=depth, P=P, exact_gates=True)
+    W, S, k, v, q, theta, log_eta, log_keep = make_inputs(
+        D=D, depth=depth, P=P, exact_gates=True, hidden=hidden
+    )
     co = span_coeffs(theta, log_eta, log_keep, 8)
     inputs = [*W, *S, k, v, q, *co, *flatten_flags(make_flags(W, 3) if flags else None)]
     inputs = [t.detach().requires_grad_(t.dtype.is_floating_point) for t in inputs]
@@ -122,7 +131,7 @@ def test_backward_kernel_equals_autograd(depth, P, rn, flags):
     grads = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
     used = [t for t in inputs if t.requires_grad]
     want = torch.autograd.grad(outs, used, grads, allow_unused=True)
-    got = scan_chunks_triton_backward([t.detach() for t in inputs], depth, 8, rn, grads)
+    got = scan_chunks_triton_backward([t.detach() for t in inputs], depth, 8, rn, grads, tile)
     got = [a for a, t in zip(got, inputs) if t.requires_grad]
     assert len(got) == len(want) == len(used)
     for a, b in zip(got, want):
@@ -132,8 +141,8 @@ def test_backward_kernel_equals_autograd(depth, P, rn, flags):
         assert_all_close([a], [b], 1e-10)
 
 
-def grads_of(triton, group, flags, N, P=1, depth=2):
-    W, S, k, v, q, theta, log_eta, log_keep = make_inputs(depth=depth, P=P, N=N)
+def grads_of(triton, group, flags, N, P=1, depth=2, D=16, hidden=0):
+    W, S, k, v, q, theta, log_eta, log_keep = make_inputs(D=D, depth=depth, P=P, N=N, hidden=hidden)
     leaves = [*W, *S, k, v, q, theta, log_eta, log_keep]
     fl = make_flags(W, -(-N // 8)) if flags else None
     if fl is not None:
@@ -150,14 +159,15 @@ def grads_of(triton, group, flags, N, P=1, depth=2):
 
 
 @pytest.mark.parametrize(
-    "group,flags,N",
-    [(0, False, 24), (2, True, 29)],  # one span / checkpoint groups, documents, a partial chunk
+    "group,flags,N,D,hidden",
+    # one span / checkpoint groups, documents, a partial chunk / head dim 12, hidden 40 (padded)
+    [(0, False, 24, 16, 0), (2, True, 29, 16, 0), (2, True, 29, 12, 40)],
 )
-def test_training_path_gradients_equal_eager(group, flags, N):
+def test_training_path_gradients_equal_eager(group, flags, N, D, hidden):
     """memory_scan(triton=True): outputs and gradients wrt M, S, k, v, q, the gates and M_0 equal
     the eager path's (the backward recomputes eagerly)."""
-    outs, grads = grads_of(True, group, flags, N)
-    outs0, grads0 = grads_of(False, group, flags, N)
+    outs, grads = grads_of(True, group, flags, N, D=D, hidden=hidden)
+    outs0, grads0 = grads_of(False, group, flags, N, D=D, hidden=hidden)
     assert_all_close(outs, outs0, 1e-12)
     assert_all_close(grads, grads0, 1e-10)
 
@@ -188,13 +198,14 @@ LM_VARIANTS = [
     pytest.param(
         "mac", dict(mac_retrieval="memory_tokens", memory_per_layer_gates=True), marks=SLOW
     ),
+    pytest.param("lmm", dict(dim=24), marks=SLOW),  # memory head dim 12, hidden 48: padded
 ]
 
 
 @pytest.mark.parametrize("variant,kw", LM_VARIANTS)
 def test_lm_with_triton_backend_equals_eager(variant, kw, monkeypatch):
-    """A tiny TitansLM (head dim 16, chunk 8, a partial last chunk) trains identically on
-    memory_backend=triton and eager: loss and every parameter gradient."""
+    """A tiny TitansLM (head dim 16, or 12 padded to 16; chunk 8, a partial last chunk) trains
+    identically on memory_backend=triton and eager: loss and every parameter gradient."""
     mod, launches = kernel(), []
     real = mod.scan_chunks_triton
     spy = lambda *a, **k: launches.append(1) or real(*a, **k)  # noqa: E731
@@ -246,11 +257,14 @@ def test_ops_do_not_grow_with_chunks(group):
 
     def count(T: int, backend: str) -> tuple[int, int]:
         mem.backend, launches = backend, []
-        fwd, bwd = kernel(), importlib.import_module(KERNEL_MODULE + "_bwd")
+        fwd, bwd = kernel(), importlib.import_module(KERNEL_MODULE + "_streamed_bwd")
         x = torch.randn(1, T, 16, requires_grad=True)
         mem(x)[0].sum().backward()  # warm-up (cached masks)
         with pytest.MonkeyPatch.context() as mp:
-            for mod, name in ((fwd, "_memory_scan_kernel"), (bwd, "_memory_scan_bwd_kernel")):
+            for mod, name in (
+                (fwd, "_memory_scan_kernel"),
+                (bwd, "_memory_scan_streamed_bwd_kernel"),
+            ):
                 mp.setattr(mod, name, CountedLaunch(getattr(mod, name), launches))
             with OpCounter() as counter:
                 mem(x)[0].sum().backward()
@@ -309,8 +323,8 @@ import os, subprocess, sys, tempfile
 import triton
 from titans_train.models.kernels.memory_triton_autograd import compile_for_cuda
 bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-for dims, cap, backward in {cases}:
-    cubin = compile_for_cuda(dims, 16, cap, backward).asm["cubin"]
+for dims, cap, backward, *tile in {cases}:
+    cubin = compile_for_cuda(dims, 16, cap, backward, *tile).asm["cubin"]
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     out = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "--dump-resource-usage", f.name],
@@ -336,8 +350,10 @@ def test_kernel_compiles_for_cuda_without_spills():
     """The interpreter does not check what the compiler does (it ran a kernel that read a plain
     float global): compile for sm80 / sm90 with Triton's bundled ptxas, no GPU needed, and check
     that the shapes ``auto`` takes keep their state in registers (no stack) in the forward, and
-    the depth-1 backward too."""
+    the depth-1 and the streamed depth-2 backward too."""
     cases = [([16, 16], 80, False), ([16, 64, 16], 90, False), ([16, 16], 80, True)]
+    cases.append(([13, 13], 90, False))  # a padded width (masks, LayerNorm over 13 of 16)
+    cases.append(([16, 64, 16], 90, True, 16))  # the streamed backward (depth 2's)
     lines = compile_for_cuda(cases)
     assert all("STACK:0 " in line for line in lines), lines
 
@@ -351,7 +367,7 @@ def test_depth_2_backward_compiles_for_cuda():
 
 @pytest.mark.parametrize(
     "D,depth,chunk,match",
-    [(12, 2, 8, "widths"), (16, 3, 8, "depth 3"), (16, 2, 4, "chunk size 4")],
+    [(16, 3, 8, "depth 3"), (16, 2, 4, "chunk size 4"), (12, 2, 12, "chunk size 12")],
 )
 def test_unsupported_shapes_name_the_key(D, depth, chunk, match):
     W, S, k, v, q, theta, log_eta, log_keep = make_inputs(D=D, depth=depth, N=2 * chunk)
@@ -371,6 +387,11 @@ def test_backend_selection(monkeypatch):
     assert runtime_mod.resolve_memory_backend("auto", cuda, [64, 256, 64], 16) == "compile"
     assert runtime_mod.resolve_memory_backend("auto", cuda, [16, 64, 64, 16], 16) == "compile"
     assert runtime_mod.resolve_memory_backend("auto", cuda, [24, 96, 24], 16) == "compile"
+    # Widths that are not powers of two count at their padded blocks: 24 / 48 holds 32 / 64
+    # (8,192 state values, as 32 / 64 does); the 170M preset's 48 / 192 holds 64 / 256.
+    assert runtime_mod.resolve_memory_backend("auto", cuda, [24, 48, 24], 16) == "triton"
+    assert runtime_mod.resolve_memory_backend("auto", cuda, [13, 13], 16) == "triton"
+    assert runtime_mod.resolve_memory_backend("auto", cuda, [48, 192, 48], 16) == "compile"
     assert runtime_mod.resolve_memory_backend("auto", cuda) == "compile"
     monkeypatch.setitem(sys.modules, "triton", None)  # what an install without triton looks like
     with pytest.raises(ValueError, match="runtime.memory_backend='triton': triton is not inst"):

@@ -24,7 +24,14 @@ import triton.language as tl
 from torch import Tensor
 
 from ..memory_math import LN_EPS, DocFlags
-from . import kernel_shape_problem, launch_device, triton_device_problem
+from . import (
+    block_width,
+    kernel_shape_problem,
+    launch_device,
+    state_elements,
+    stream_tile,
+    triton_device_problem,
+)
 
 # Globals a jit function reads must be constexpr (the interpreter does not check this; the
 # compiler does).
@@ -44,19 +51,26 @@ def _gelu_grad(z):
 
 
 @triton.jit
-def _layer_norm(z, D: tl.constexpr, EPS: tl.constexpr):
-    """Parameter-free LayerNorm over rows: (normalised z, 1 / std per row)."""
+def _layer_norm(z, D: tl.constexpr, EPS: tl.constexpr, md, PAD: tl.constexpr):
+    """Parameter-free LayerNorm over rows: (normalised z, 1 / std per row). ``z`` is [rows, BD]
+    with zeros past the true width D (mask ``md``): statistics over D, output zero there."""
     zc = z - (tl.sum(z, 1) / D)[:, None]
+    if PAD:
+        zc = tl.where(md[None, :], zc, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, 1) / D + EPS)
     return zc * rstd[:, None], rstd
 
 
 @triton.jit
-def _layer_norm_grad(xhat, rstd, g, D: tl.constexpr):
-    """dL/dz given dL/dLN(z) = g (rows): rstd (g - mean g - xhat mean(g xhat))."""
+def _layer_norm_grad(xhat, rstd, g, D: tl.constexpr, md, PAD: tl.constexpr):
+    """dL/dz given dL/dLN(z) = g (rows): rstd (g - mean g - xhat mean(g xhat)); g is zero past
+    the true width D, and so is the result."""
     mg = tl.sum(g, 1) / D
     mgx = tl.sum(g * xhat, 1) / D
-    return rstd[:, None] * (g - mg[:, None] - xhat * mgx[:, None])
+    out = rstd[:, None] * (g - mg[:, None] - xhat * mgx[:, None])
+    if PAD:
+        out = tl.where(md[None, :], out, 0.0)
+    return out
 
 
 @triton.jit
@@ -107,25 +121,34 @@ def _memory_scan_kernel(
     G, CHUNKS, T, PB,  # PB: gate set of layer B (0 if shared, 1 if per layer)
     D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, DEPTH: tl.constexpr,
     RESNORM: tl.constexpr, HAS_Q: tl.constexpr, HAS_FLAGS: tl.constexpr, EPS: tl.constexpr,
-    SAVE_STATES: tl.constexpr = False,
+    BD: tl.constexpr, BH: tl.constexpr, SAVE_STATES: tl.constexpr = False,
 ):  # fmt: skip
     """One program per group. DEPTH 1: layer A alone is [D, D] (H == D, layer B unused).
-    SAVE_STATES keeps every chunk's start state (after a reset) for the fused backward."""
+    SAVE_STATES keeps every chunk's start state (after a reset) for the fused backward.
+    Widths D, H are held in blocks BD, BH (powers of two): the padding loads as zeros and stays
+    zero (GELU(0) = 0, zero rows/columns get zero updates); LayerNorm reduces over D."""
     g = tl.program_id(0).to(tl.int64)
-    od, oh, on = tl.arange(0, D), tl.arange(0, H), tl.arange(0, N)
+    od, oh, on = tl.arange(0, BD), tl.arange(0, BH), tl.arange(0, N)
+    PAD: tl.constexpr = BD != D
+    md, mh = od < D, oh < H
+    mask_a, mask_b = md[:, None] & mh[None, :], mh[:, None] & md[None, :]
+    mt = (on < N)[:, None] & md[None, :]  # a chunk's tokens [N, BD]
     la, lb = od[:, None] * H + oh[None, :], oh[:, None] * D + od[None, :]  # within a matrix
     a_idx, b_idx = g * D * H + la, g * H * D + lb  # layer A is [D, H] (H == D at depth 1)
     if DEPTH == 2:
-        wb, sb = tl.load(wb_ptr + b_idx), tl.load(sb_ptr + b_idx)
-    wa, sa = tl.load(wa_ptr + a_idx), tl.load(sa_ptr + a_idx)
+        wb, sb = (
+            tl.load(wb_ptr + b_idx, mask_b, other=0.0),
+            tl.load(sb_ptr + b_idx, mask_b, other=0.0),
+        )
+    wa, sa = tl.load(wa_ptr + a_idx, mask_a, other=0.0), tl.load(sa_ptr + a_idx, mask_a, other=0.0)
     if HAS_FLAGS:
-        w0a = tl.load(w0a_ptr + a_idx)
+        w0a = tl.load(w0a_ptr + a_idx, mask_a, other=0.0)
         if DEPTH == 2:
-            w0b = tl.load(w0b_ptr + b_idx)
+            w0b = tl.load(w0b_ptr + b_idx, mask_b, other=0.0)
 
     for c in range(CHUNKS):
         tok = g * T * D + (c * N + on)[:, None] * D + od[None, :]
-        kc, vc = tl.load(k_ptr + tok), tl.load(v_ptr + tok)
+        kc, vc = tl.load(k_ptr + tok, mt, other=0.0), tl.load(v_ptr + tok, mt, other=0.0)
         if HAS_FLAGS:
             reset = tl.load(reset_ptr + g * CHUNKS + c) != 0
             wa, sa = tl.where(reset, w0a, wa), tl.where(reset, 0.0, sa)
@@ -133,11 +156,11 @@ def _memory_scan_kernel(
                 wb, sb = tl.where(reset, w0b, wb), tl.where(reset, 0.0, sb)
         if SAVE_STATES:
             h_at = (g * CHUNKS + c) * D * H
-            tl.store(hwa_ptr + h_at + la, wa)
-            tl.store(hsa_ptr + h_at + la, sa)
+            tl.store(hwa_ptr + h_at + la, wa, mask_a)
+            tl.store(hsa_ptr + h_at + la, sa, mask_a)
             if DEPTH == 2:
-                tl.store(hwb_ptr + h_at + lb, wb)
-                tl.store(hsb_ptr + h_at + lb, sb)
+                tl.store(hwb_ptr + h_at + lb, wb, mask_b)
+                tl.store(hsb_ptr + h_at + lb, sb, mask_b)
 
         # The memory on the chunk's keys at the chunk-start weights, and its errors delta_l.
         if DEPTH == 2:
@@ -147,8 +170,8 @@ def _memory_scan_kernel(
         else:
             z_out = _dot(kc, wa)
         if RESNORM:
-            xhat, rstd = _layer_norm(z_out, D, EPS)
-            d_out = _layer_norm_grad(xhat, rstd, kc + xhat - vc, D)
+            xhat, rstd = _layer_norm(z_out, D, EPS, md, PAD)
+            d_out = _layer_norm_grad(xhat, rstd, kc + xhat - vc, D, md, PAD)
         else:
             d_out = z_out - vc
         if DEPTH == 2:
@@ -160,15 +183,15 @@ def _memory_scan_kernel(
             cb = _coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, (PB * G + g) * CHUNKS + c, N)
 
         if HAS_Q:
-            qc = tl.load(q_ptr + tok)
+            qc = tl.load(q_ptr + tok, mt, other=0.0)
             if DEPTH == 2:
                 hq = _gelu(_dual_read(qc, wa, sa, kc, d1, ca[0], ca[1], ca[2]))
                 zq = _dual_read(hq, wb, sb, a1, d_out, cb[0], cb[1], cb[2])
             else:
                 zq = _dual_read(qc, wa, sa, kc, d_out, ca[0], ca[1], ca[2])
             if RESNORM:
-                zq = qc + _layer_norm(zq, D, EPS)[0]
-            tl.store(y_ptr + tok, zq)
+                zq = qc + _layer_norm(zq, D, EPS, md, PAD)[0]
+            tl.store(y_ptr + tok, zq, mt)
 
         if DEPTH == 2:
             wa_n, sa_n = _commit(wa, sa, kc, d1, ca[3], ca[4], ca[5], ca[6], ca[7])
@@ -185,16 +208,16 @@ def _memory_scan_kernel(
             if DEPTH == 2:
                 wb, sb = wb_n, sb_n
 
-    tl.store(wa_ptr + a_idx, wa)
-    tl.store(sa_ptr + a_idx, sa)
+    tl.store(wa_ptr + a_idx, wa, mask_a)
+    tl.store(sa_ptr + a_idx, sa, mask_a)
     if DEPTH == 2:
-        tl.store(wb_ptr + b_idx, wb)
-        tl.store(sb_ptr + b_idx, sb)
+        tl.store(wb_ptr + b_idx, wb, mask_b)
+        tl.store(sb_ptr + b_idx, sb, mask_b)
 
 
 def check_kernel_inputs(weights: list[Tensor], k: Tensor, chunk: int) -> None:
     """A one-line error naming the setting when the kernel cannot take these inputs."""
-    dims = [weights[0].shape[-2]] + [w.shape[-1] for w in weights]
+    dims = dims_of(weights)
     problem = kernel_shape_problem(dims, chunk) or triton_device_problem(k.device)
     if problem is None and k.dtype not in (torch.float32, torch.float64):
         problem = f"dtype {k.dtype} (the memory state is float32 or float64)"
@@ -214,13 +237,16 @@ def scan_chunks_triton(
     compiled: bool = False,
     flags: DocFlags | None = None,
     states: list[Tensor] | None = None,
+    tile: int | None = None,
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
     """``memory_math.scan_chunks`` (same arguments; ``compiled`` is ignored) as one kernel launch.
     No autograd: ``TritonChunks`` gives the gradients. ``states`` (M then S per layer, each
-    [G, chunks, d_in, d_out], contiguous): filled with every chunk's start state."""
+    [G, chunks, d_in, d_out], contiguous): filled with every chunk's start state. ``tile``: 0 runs
+    the register kernel, t > 0 the streamed one with hidden tiles of t (depth 2), None chooses
+    (``kernels.stream_tile``)."""
     check_kernel_inputs(weights, k, chunk)
     G, T, D = k.shape
-    dt = k.dtype
+    H, dt = weights[0].shape[-1], k.dtype
 
     def prep(x: Tensor) -> Tensor:
         return x.detach().to(dt).contiguous()
@@ -238,22 +264,44 @@ def scan_chunks_triton(
     wb, sb, w0b = (w[-1], s[-1], w0[-1]) if len(w) == 2 else (w[0], s[0], w0[0])
     L = len(w)  # the kernel's order: M_A, S_A, M_B, S_B
     hist = [k] * 4 if states is None else [states[0], states[L], states[L - 1], states[-1]]
+    tile = stream_tile(dims_of(w)) if tile is None else tile
+    if tile and len(w) != 2:
+        raise ValueError(f"the streamed kernel has memory depth 2, not {len(w)}")
+    if tile:
+        from .memory_triton_streamed import _memory_scan_streamed_kernel
+
+        with launch_device(k):
+            _memory_scan_streamed_kernel[(G,)](
+                w[0], s[0], wb, sb, w0[0], w0b,
+                k, v, k if q is None else q, y, *co, reset, commit, *hist,
+                G, T // chunk, T, min(1, co[0].shape[0] - 1),
+                D=D, H=H, N=chunk, RESNORM=residual_norm, HAS_Q=q is not None,
+                HAS_FLAGS=flags is not None, EPS=LN_EPS, BD=block_width(D), BT=tile,
+                SAVE_STATES=states is not None, num_warps=8,
+            )  # fmt: skip
+        return (y if q is not None else None), w, s
     with launch_device(k):
         _memory_scan_kernel[(G,)](
             w[0], s[0], wb, sb, w0[0], w0b,
             k, v, k if q is None else q, y, *co, reset, commit, *hist,
             G, T // chunk, T, min(1, co[0].shape[0] - 1),
-            D=D, H=w[0].shape[-1], N=chunk, DEPTH=len(w), RESNORM=residual_norm,
+            D=D, H=H, N=chunk, DEPTH=len(w), RESNORM=residual_norm,
             HAS_Q=q is not None, HAS_FLAGS=flags is not None, EPS=LN_EPS,
-            SAVE_STATES=states is not None,
-            num_warps=num_warps(sum(x.shape[-2] * x.shape[-1] for x in w)),
+            BD=block_width(D), BH=block_width(H), SAVE_STATES=states is not None,
+            num_warps=num_warps(state_elements(dims_of(w)) // 2),
         )  # fmt: skip
     return (y if q is not None else None), w, s
 
 
+def dims_of(weights: list[Tensor]) -> list[int]:
+    """Layer widths (d, hidden..., d) of the memory weights [G, d_in, d_out]."""
+    return [weights[0].shape[-2]] + [w.shape[-1] for w in weights]
+
+
 def num_warps(weight_elements: int) -> int:
-    """Warps per program: 8 once W + S exceed 2 x 1024 values. Compiled for sm80/sm90 by ptxas
-    (``compile_for_cuda``), d 16 / hidden 64 at 4 warps spills 128 bytes a thread, at 8 none."""
+    """Warps per program (``weight_elements``: W of all layers at the padded widths): 8 once
+    W + S exceed 2 x 1024 values. Compiled for sm80/sm90 by ptxas (``compile_for_cuda``),
+    d 16 / hidden 64 at 4 warps spills 128 bytes a thread, at 8 none."""
     return 4 if weight_elements <= 1024 else 8
 
 

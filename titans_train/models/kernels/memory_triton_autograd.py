@@ -10,24 +10,41 @@ import torch
 import triton
 
 from ..memory_math import LN_EPS
+from . import block_width, state_elements
 from . import memory_triton as fwd
 
 
-def compile_for_cuda(dims: list[int], chunk: int, capability: int = 90, backward: bool = False):
+def compile_for_cuda(
+    dims: list[int], chunk: int, capability: int = 90, backward: bool = False, tile: int = 0
+):
     """The forward (or backward) kernel compiled to a cubin for an NVIDIA GPU of this compute
     capability, without a GPU (Triton bundles ptxas): catches what the interpreter lets through
-    (it does not check constexpr globals, types or register use). Needs this module imported
-    without TRITON_INTERPRET. Returns triton's CompiledKernel (``.asm["cubin"]``)."""
+    (it does not check constexpr globals, types or register use). ``tile`` > 0: the streamed
+    kernel with that hidden tile. Needs this module imported without TRITON_INTERPRET. Returns
+    triton's CompiledKernel (``.asm["cubin"]``)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource
 
     const = dict(D=dims[0], H=dims[1], N=chunk, DEPTH=len(dims) - 1, RESNORM=True,
                  HAS_FLAGS=True, EPS=LN_EPS)  # fmt: skip
-    if backward:
+    const.update(BD=block_width(dims[0]), BH=block_width(dims[1]))
+    if backward and tile:
+        from .memory_triton_streamed_bwd import _memory_scan_streamed_bwd_kernel as kernel
+
+        del const["DEPTH"], const["BH"]
+        const.update(PB=0, BT=tile)
+        ints = ("G", "CHUNKS", "T")
+    elif backward:
         from .memory_triton_bwd import _memory_scan_bwd_kernel as kernel
 
         const["PB"] = 0
         ints = ("G", "CHUNKS", "T")
+    elif tile:
+        from .memory_triton_streamed import _memory_scan_streamed_kernel as kernel
+
+        del const["DEPTH"], const["BH"]
+        const.update(HAS_Q=True, SAVE_STATES=False, BT=tile)
+        ints = ("G", "CHUNKS", "T", "PB")
     else:
         kernel = fwd._memory_scan_kernel
         const.update(HAS_Q=True, SAVE_STATES=False)
@@ -36,7 +53,7 @@ def compile_for_cuda(dims: list[int], chunk: int, capability: int = 90, backward
     sig.update(reset_ptr="*i8", commit_ptr="*i8", **{i: "i32" for i in ints})
     sig.update({c: "constexpr" for c in const})
     sig = {p: sig[p] for p in kernel.arg_names}  # the kernel's argument order
-    warps = fwd.num_warps(sum(a * b for a, b in zip(dims[:-1], dims[1:])))
+    warps = 8 if tile else fwd.num_warps(state_elements(dims) // 2)
     return triton.compile(
         ASTSource(kernel, sig, const),
         target=GPUTarget("cuda", capability, 32),

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..memory_math import LN_EPS
-from . import launch_device
+from . import backward_tile, block_width, launch_device, state_elements, stream_tile
 from .memory_triton import (
     _INV_SQRT_2PI,
     _dot,
@@ -24,6 +24,7 @@ from .memory_triton import (
     _gelu_grad,
     _layer_norm,
     _layer_norm_grad,
+    dims_of,
     num_warps,
 )
 
@@ -113,28 +114,41 @@ def _memory_scan_bwd_kernel(
     G, CHUNKS, T,
     PB: tl.constexpr, D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, DEPTH: tl.constexpr,
     RESNORM: tl.constexpr, HAS_FLAGS: tl.constexpr, EPS: tl.constexpr,
+    BD: tl.constexpr, BH: tl.constexpr,
 ):  # fmt: skip
-    """One program per group; PB: gate set of layer B (0 = shared with layer A)."""
+    """One program per group; PB: gate set of layer B (0 = shared with layer A). Widths D, H in
+    blocks BD, BH as in the forward kernel: the padding loads as zeros and every gradient stays
+    zero there (LayerNorm's, masked, reduce over D)."""
     g = tl.program_id(0).to(tl.int64)
-    od, oh, on = tl.arange(0, D), tl.arange(0, H), tl.arange(0, N)
+    od, oh, on = tl.arange(0, BD), tl.arange(0, BH), tl.arange(0, N)
+    PAD: tl.constexpr = BD != D
+    md, mh = od < D, oh < H
+    mask_a, mask_b = md[:, None] & mh[None, :], mh[:, None] & md[None, :]
+    mt = (on < N)[:, None] & md[None, :]  # a chunk's tokens [N, BD]
     la, lb = od[:, None] * H + oh[None, :], oh[:, None] * D + od[None, :]
     a_idx, b_idx = g * D * H + la, g * H * D + lb
-    dwa, dsa = tl.load(dwa_ptr + a_idx), tl.load(dsa_ptr + a_idx)
-    dw0a = tl.zeros([D, H], dtype=dwa.dtype)
+    dwa, dsa = (
+        tl.load(dwa_ptr + a_idx, mask_a, other=0.0),
+        tl.load(dsa_ptr + a_idx, mask_a, other=0.0),
+    )
+    dw0a = tl.zeros([BD, BH], dtype=dwa.dtype)
     if DEPTH == 2:
-        dwb, dsb = tl.load(dwb_ptr + b_idx), tl.load(dsb_ptr + b_idx)
-        dw0b = tl.zeros([H, D], dtype=dwa.dtype)
+        dwb = tl.load(dwb_ptr + b_idx, mask_b, other=0.0)
+        dsb = tl.load(dsb_ptr + b_idx, mask_b, other=0.0)
+        dw0b = tl.zeros([BH, BD], dtype=dwa.dtype)
 
     for i in range(CHUNKS):
         c = CHUNKS - 1 - i
         h_at = (g * CHUNKS + c) * D * H
-        wa, sa = tl.load(hwa_ptr + h_at + la), tl.load(hsa_ptr + h_at + la)
+        wa = tl.load(hwa_ptr + h_at + la, mask_a, other=0.0)
+        sa = tl.load(hsa_ptr + h_at + la, mask_a, other=0.0)
         tok = g * T * D + (c * N + on)[:, None] * D + od[None, :]
-        kc, vc, qc = tl.load(k_ptr + tok), tl.load(v_ptr + tok), tl.load(q_ptr + tok)
-        dyc = tl.load(dy_ptr + tok)
+        kc, vc = tl.load(k_ptr + tok, mt, other=0.0), tl.load(v_ptr + tok, mt, other=0.0)
+        qc, dyc = tl.load(q_ptr + tok, mt, other=0.0), tl.load(dy_ptr + tok, mt, other=0.0)
         ca = _row_coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, g * CHUNKS + c, N)
         if DEPTH == 2:
-            wb, sb = tl.load(hwb_ptr + h_at + lb), tl.load(hsb_ptr + h_at + lb)
+            wb = tl.load(hwb_ptr + h_at + lb, mask_b, other=0.0)
+            sb = tl.load(hsb_ptr + h_at + lb, mask_b, other=0.0)
             cb = _row_coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, (PB * G + g) * CHUNKS + c, N)
 
         # Recompute: memory on the keys and its errors.
@@ -145,9 +159,9 @@ def _memory_scan_bwd_kernel(
         else:
             zo = _dot(kc, wa)
         if RESNORM:
-            xhat, r = _layer_norm(zo, D, EPS)
+            xhat, r = _layer_norm(zo, D, EPS, md, PAD)
             e = kc + xhat - vc
-            dl = _layer_norm_grad(xhat, r, e, D)
+            dl = _layer_norm_grad(xhat, r, e, D, md, PAD)
         else:
             dl = zo - vc
         if DEPTH == 2:
@@ -185,12 +199,12 @@ def _memory_scan_bwd_kernel(
 
         # Reads.
         if RESNORM:
-            yhat, yr = _layer_norm(u2, D, EPS)
-            du = _layer_norm_grad(yhat, yr, dyc, D)
+            yhat, yr = _layer_norm(u2, D, EPS, md, PAD)
+            du = _layer_norm_grad(yhat, yr, dyc, D, md, PAD)
             dq = dyc
         else:
             du = dyc
-            dq = tl.zeros([N, D], dtype=dyc.dtype)
+            dq = tl.zeros([N, BD], dtype=dyc.dtype)
         if DEPTH == 2:
             rb = _read_bwd(h1, wb, sb, a1, dl, cb[0], cb[1], cb[2], p2, du)
             ra = _read_bwd(qc, wa, sa, kc, d1, ca[0], ca[1], ca[2], p1, rb[5] * _gelu_grad(u1))
@@ -210,12 +224,12 @@ def _memory_scan_bwd_kernel(
         else:
             ddl = ma[3] + ra[7]
         if RESNORM:
-            de = _layer_norm_grad(xhat, r, ddl, D)
+            de = _layer_norm_grad(xhat, r, ddl, D, md, PAD)
             m_ex = tl.sum(e * xhat, 1) / D
             m_dx = tl.sum(ddl * xhat, 1) / D
             dxhat = de - r[:, None] * (ddl * m_ex[:, None] + e * m_dx[:, None])
             dr = tl.sum(ddl * dl, 1) / r
-            dzo = _layer_norm_grad(xhat, r, dxhat, D) - (dr * r * r / D)[:, None] * xhat
+            dzo = _layer_norm_grad(xhat, r, dxhat, D, md, PAD) - (dr * r * r / D)[:, None] * xhat
             dk += de
             dv = -de
         else:
@@ -231,9 +245,9 @@ def _memory_scan_bwd_kernel(
         else:
             dwa_k = _dot(tl.trans(kc), dzo)
             dk += _dot(dzo, tl.trans(wa))
-        tl.store(dk_ptr + tok, dk)
-        tl.store(dv_ptr + tok, dv)
-        tl.store(dq_ptr + tok, dq)
+        tl.store(dk_ptr + tok, dk, mt)
+        tl.store(dv_ptr + tok, dv, mt)
+        tl.store(dq_ptr + tok, dq, mt)
 
         # Coefficient gradients (summed over layers when they share one gate set).
         base_a = g * CHUNKS + c
@@ -273,29 +287,36 @@ def _memory_scan_bwd_kernel(
                 dw0b += tl.where(reset, dwb, 0.0)
                 dwb, dsb = tl.where(reset, 0.0, dwb), tl.where(reset, 0.0, dsb)
 
-    tl.store(dwa_ptr + a_idx, dwa)
-    tl.store(dsa_ptr + a_idx, dsa)
-    tl.store(dw0a_ptr + a_idx, dw0a)
+    tl.store(dwa_ptr + a_idx, dwa, mask_a)
+    tl.store(dsa_ptr + a_idx, dsa, mask_a)
+    tl.store(dw0a_ptr + a_idx, dw0a, mask_a)
     if DEPTH == 2:
-        tl.store(dwb_ptr + b_idx, dwb)
-        tl.store(dsb_ptr + b_idx, dsb)
-        tl.store(dw0b_ptr + b_idx, dw0b)
+        tl.store(dwb_ptr + b_idx, dwb, mask_b)
+        tl.store(dsb_ptr + b_idx, dsb, mask_b)
+        tl.store(dw0b_ptr + b_idx, dw0b, mask_b)
 
 
-def scan_chunks_triton_backward(inputs, n_layers: int, chunk: int, residual_norm: bool, grads):
+def scan_chunks_triton_backward(
+    inputs, n_layers: int, chunk: int, residual_norm: bool, grads, tile: int | None = None
+):
     """Gradients of ``memory_scan._scan_flat``'s inputs (its layout: M, S, k, v, q, the five
     coefficient fields, then optionally M_0, reset, commit) from the gradients of (reads, M', S').
     Rebuilds the chunk-start states with the forward kernel first (only the group's inputs were
-    kept, as in ``_CheckpointedChunks``)."""
+    kept, as in ``_CheckpointedChunks``). ``tile``: None chooses (the forward by
+    ``stream_tile``, the backward by ``backward_tile``); t > 0 runs both streamed with hidden
+    tiles of t (``memory_triton_streamed_bwd``), 0 both on registers."""
     from .memory_triton import _flat_parts, scan_chunks_triton
 
     weights, momentum, k, v, q, coeffs, flags = _flat_parts(inputs, n_layers)
     G, T, D = k.shape
-    chunks, dt = T // chunk, k.dtype
+    H, chunks, dt = weights[0].shape[-1], T // chunk, k.dtype
     hist = [torch.empty(G, chunks, *w.shape[1:], dtype=dt, device=k.device) for w in weights]
     hist += [torch.empty_like(h) for h in hist]
+    dims = dims_of(weights)
+    fwd_tile = stream_tile(dims) if tile is None else tile
+    tile = backward_tile(dims) if tile is None else tile
     scan_chunks_triton(weights, momentum, k, v, None, coeffs, chunk, residual_norm, False, flags,
-                       states=hist)  # fmt: skip
+                       states=hist, tile=fwd_tile)  # fmt: skip
 
     def prep(x):
         return x.detach().to(dt).contiguous()
@@ -306,22 +327,41 @@ def scan_chunks_triton_backward(inputs, n_layers: int, chunk: int, residual_norm
     k, v, q, co = prep(k), prep(v), prep(q), [prep(x) for x in coeffs]
     dk, dv, dq = torch.empty_like(k), torch.empty_like(v), torch.empty_like(q)
     dco = [torch.zeros_like(x) for x in co]
-    dw0 = [torch.empty_like(x) for x in dw]
+    dw0 = [torch.zeros_like(x) for x in dw]
     if flags is not None:
         reset, commit = (f.to(torch.int8).contiguous() for f in (flags.reset, flags.commit))
     else:
         reset = commit = k  # unused
     two = n_layers == 2
     hb = (hist[1], hist[3]) if two else (hist[0], hist[1])
+    if tile:
+        from .memory_triton_streamed_bwd import _memory_scan_streamed_bwd_kernel
+
+        scratch = [torch.empty(G, chunk, H, dtype=dt, device=k.device) for _ in range(2)]
+        with launch_device(k):
+            _memory_scan_streamed_bwd_kernel[(G,)](
+                hist[0], hist[2], hist[1], hist[3], k, v, q, dy, *co, reset, commit,
+                dw[0], ds[0], dw[1], ds[1], dw0[0], dw0[1], dk, dv, dq, *dco, *scratch,
+                G, chunks, T,
+                PB=min(1, co[0].shape[0] - 1), D=D, H=H, N=chunk, RESNORM=residual_norm,
+                HAS_FLAGS=flags is not None, EPS=LN_EPS, BD=block_width(D), BT=tile,
+                num_warps=8,
+            )  # fmt: skip
+        return _grads_out(dw, ds, dk, dv, dq, dco, dw0, flags)
     with launch_device(k):
         _memory_scan_bwd_kernel[(G,)](
             hist[0], hist[n_layers], *hb, k, v, q, dy, *co, reset, commit,
             dw[0], ds[0], dw[-1], ds[-1], dw0[0], dw0[-1], dk, dv, dq, *dco,
             G, chunks, T,
-            PB=min(1, co[0].shape[0] - 1), D=D, H=weights[0].shape[-1], N=chunk, DEPTH=n_layers,
+            PB=min(1, co[0].shape[0] - 1), D=D, H=H, N=chunk, DEPTH=n_layers,
             RESNORM=residual_norm, HAS_FLAGS=flags is not None, EPS=LN_EPS,
-            num_warps=num_warps(sum(x.shape[-2] * x.shape[-1] for x in dw)),
+            BD=block_width(D), BH=block_width(H),
+            num_warps=num_warps(state_elements(dims_of(weights)) // 2),
         )  # fmt: skip
+    return _grads_out(dw, ds, dk, dv, dq, dco, dw0, flags)
+
+
+def _grads_out(dw, ds, dk, dv, dq, dco, dw0, flags) -> list:
     out = [*dw, *ds, dk, dv, dq, *dco]
     if flags is not None:
         out += [*dw0, None, None]
