@@ -32,9 +32,11 @@ MEMORY_BACKENDS: dict[str, dict] = {
     "compile": {"memory_compile": True},
 }
 # The fused kernel (issue 14), when Triton imports: a real launch on CUDA, Triton's interpreter
-# on the dry run (gpu_smoke.set_environment sets TRITON_INTERPRET=1). It takes power-of-two head
-# dims only, so it runs at memory head dim 16 (``kernel_heads``), next to an eager run of the same
-# shape ("eager_kernel_shape") as its reference and its speed baseline.
+# on the dry run (gpu_smoke.set_environment sets TRITON_INTERPRET=1). It runs at memory head dim 16
+# (``kernel_heads``: the state fits its registers), next to an eager run of the same shape
+# ("eager_kernel_shape") as its reference and its speed baseline; on a GPU also at the preset's own
+# head dim ("triton_preset_shape": 48 at 170M, padded to 64, the streamed kernels), to be compared
+# with "compile", which `auto` picks there today (docs/memory.md, "The fused Triton kernel").
 KERNEL_HEAD_DIM = 16
 if triton_importable():
     MEMORY_BACKENDS["triton"] = {"memory_backend": "triton"}
@@ -399,6 +401,8 @@ def throughput_stage(smoke: Smoke) -> dict:
         heads = {"memory_heads": kernel_heads(load_model_config(path).dim)}
         runs["eager_kernel_shape"] = {**MEMORY_BACKENDS["eager"], **heads}
         runs["triton"] = {**MEMORY_BACKENDS["triton"], **heads}
+        if not smoke.dry_run:  # too slow for the interpreter
+            runs["triton_preset_shape"] = dict(MEMORY_BACKENDS["triton"])
     with dry_run_compile(smoke.dry_run):
         for backend, overrides in runs.items():
             dotlist = [f"{k}={v}" for k, v in overrides.items()]
