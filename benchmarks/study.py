@@ -126,11 +126,12 @@ def train(name: str, ffn: int, data: tuple[Path, Path], run_dir: Path, args) -> 
         ),
         f"data.train=[{data[0]},{data[1]}]",
         f"data.weights=[{1 - args.recall_share},{args.recall_share}]",
+        f"data.document_masking={str(args.document_masking == 'on').lower()}",
         f"run_dir={run_dir}",
         f"name=study-{name}",
         f"train.seq_len={args.seq_len}",
         "train.global_batch=16",
-        "train.micro_batch=8",
+        f"train.micro_batch={16 // args.procs}",
         f"train.max_steps={args.steps}",
         f"train.eval_interval={args.steps}",
         "train.eval_batches=8",
@@ -141,7 +142,13 @@ def train(name: str, ffn: int, data: tuple[Path, Path], run_dir: Path, args) -> 
         "tracking.mode=disabled",
         "tracking.log_interval=10",
     ]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.procs}",
+    ]
     cmd += ["-m", "titans_train.cli", "--config", "configs/experiments/tiny_mac.yaml"]
     t0 = time.perf_counter()
     log = run_dir.with_suffix(".train.log")
@@ -196,6 +203,13 @@ def main(argv: list[str] | None = None) -> None:
         help="model.memory_forget_bias (default: the model's own)",
     )
     ap.add_argument("--recall-share", type=float, default=0.9)
+    ap.add_argument(
+        "--document-masking",
+        choices=("on", "off"),
+        default="on",
+        help="data.document_masking (the study in docs/results.md ran before it existed: off)",
+    )
+    ap.add_argument("--procs", type=int, choices=(1, 2), default=2, help="trainer processes")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--suites", default=SUITES)
     ap.add_argument("--ppl-tokens", type=int, default=4096, help="titans-eval --ppl-tokens")
@@ -218,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
         old = json.loads(previous.read_text())
         old["args"].setdefault("ppl_tokens", "4096")  # studies from before the option
         old["args"].setdefault("memory_forget_bias", "None")
+        old["args"].setdefault("document_masking", "off")  # studies from before the option
+        old["args"].setdefault("procs", "2")
         same = {k: v for k, v in old["args"].items() if k != "variants"}
         if same == {k: v for k, v in report["args"].items() if k != "variants"}:
             report["models"] = old["models"]
