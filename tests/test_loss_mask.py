@@ -173,3 +173,26 @@ def test_trainer_puts_the_loss_on_the_answers_only(tmp_path):
     last = [r["loss"] for r in rows if "loss" in r][-1]
     val = [r["val/loss"] for r in rows if "val/loss" in r][-1]
     assert last < 1.0 and val < 1.0, (last, val)
+
+
+def test_write_examples_gives_tokenize_samples(tmp_path):
+    """Examples of exactly seq_len tokens: the same samples, split and order as tokenize writes
+    for them as text documents, so a study with the loss on the answers trains on the same
+    tokens as one without."""
+    import json
+
+    from data_helpers import build, plain_read
+
+    examples = generate("passkey", T * 2, 30, enc, seed=5)
+    texts = [bytes(e.tokens).decode() for e in examples]
+    (tmp_path / "x.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    build(str(tmp_path / "text"), [str(tmp_path / "x.jsonl")], seq_len=2 * T,
+          samples_per_shard=8, val_fraction=0.2)  # fmt: skip
+    masks = [answer_mask(e) for e in examples]
+    tokens = [e.tokens for e in examples]
+    write_examples(str(tmp_path / "ex"), tokens, masks, samples_per_shard=8, val_fraction=0.2)
+    for split in ("train", "val"):
+        a, b = plain_read(str(tmp_path / "text"), split), plain_read(str(tmp_path / "ex"), split)
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
