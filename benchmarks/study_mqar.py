@@ -15,6 +15,7 @@ forcing; the model streams in pieces of the training length with its state carri
   reference: ``key_choice`` at this level with ``value_mass`` near 1 is the plateau.
 
     python benchmarks/study_mqar.py RUN_DIR [RUN_DIR ...] --lengths 128,256,512 --depth 0,0.5
+    python benchmarks/study_mqar.py --smoke --out F.json   # an untrained tiny model (CI)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from titans_train.load import open_checkpoint  # noqa: E402
+from titans_train.models import ModelConfig, TitansLM  # noqa: E402
 from titans_train.perplexity import stream_logits  # noqa: E402
 from titans_train.synthetic import Example, generate  # noqa: E402
 
@@ -75,14 +77,8 @@ def score_example(model, ex: Example, piece: int) -> dict:
     return out
 
 
-def probe(
-    spec: str, lengths: list[int], count: int, depth: tuple[float, float], pairs: int
-) -> dict:
-    ckpt = open_checkpoint(spec)
-    model = ckpt.model().eval()
-    tok = ckpt.tokenizer()
-    enc = lambda s: tok.encode_batch([s])[0].tolist()  # noqa: E731
-    piece = int(ckpt.config.get("train", {}).get("seq_len") or 512)
+def probe_model(model, enc, piece: int, lengths, count: int, depth, pairs: int) -> dict:
+    """{length: exact, value_mass, key_choice, answers, plateau} of one model (module doc)."""
     res = {}
     for length in lengths:
         answers = []
@@ -91,21 +87,49 @@ def probe(
         n = len(answers)
         res[length] = {k: sum(float(a[k]) for a in answers) / n for k in answers[0]}
         res[length].update(answers=n, plateau=sum(1 / a["choices"] for a in answers) / n)
+    return res
+
+
+def probe(
+    spec: str, lengths: list[int], count: int, depth: tuple[float, float], pairs: int
+) -> dict:
+    ckpt = open_checkpoint(spec)
+    tok = ckpt.tokenizer()
+    enc = lambda s: tok.encode_batch([s])[0].tolist()  # noqa: E731
+    piece = int(ckpt.config.get("train", {}).get("seq_len") or 512)
+    res = probe_model(ckpt.model().eval(), enc, piece, lengths, count, depth, pairs)
     return {"checkpoint": str(ckpt.path), "variant": ckpt.model_config.variant, "results": res}
+
+
+def smoke() -> list[dict]:
+    """--smoke: an untrained tiny MAG (no checkpoint), 2 examples of 64 tokens, 2 pairs."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant="mag", vocab_size=320, dim=32, depth=1, heads=2, window=16,
+                      segment_len=16, chunk_size=8)  # fmt: skip
+    enc = lambda s: list(s.encode())  # noqa: E731
+    res = probe_model(TitansLM(cfg).eval(), enc, 64, [64], 2, (0.0, 0.5), 2)
+    return [{"checkpoint": None, "variant": "mag", "results": res}]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("runs", nargs="+", help="run or checkpoint directories")
+    ap.add_argument("runs", nargs="*", help="run or checkpoint directories")
     ap.add_argument("--lengths", default="128,256,512")
     ap.add_argument("--samples", type=int, default=32, help="examples per length")
     ap.add_argument("--depth", default="0,0.5", help="needle depth range (the study's far)")
     ap.add_argument("--pairs", type=int, default=4)
-    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--out", help="write the results (JSON) here")
+    ap.add_argument("--smoke", action="store_true", help="an untrained tiny model, seconds")
     args = ap.parse_args(argv)
+    if not args.runs and not args.smoke:
+        ap.error("name at least one run directory (or --smoke)")
     depth = tuple(float(x) for x in args.depth.split(","))
     lengths = [int(x) for x in args.lengths.split(",")]
-    out = [probe(r, lengths, args.samples, depth, args.pairs) for r in args.runs]
+    out = (
+        smoke()
+        if args.smoke
+        else [probe(r, lengths, args.samples, depth, args.pairs) for r in args.runs]
+    )
     for r in out:
         for length, v in r["results"].items():
             print(
@@ -113,8 +137,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"{v['value_mass']:.2f}, key choice {100 * v['key_choice']:.0f} % "
                 f"(1/P {100 * v['plateau']:.0f} %)"
             )
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1))
     return out
 
 
