@@ -20,6 +20,10 @@ residual LayerNorm, what MAC writes, and cutting the feedback loop (retrieval fr
 
     python benchmarks/probe_mac.py --out runs/probe_mac.json
     python benchmarks/probe_mac.py --smoke
+    python benchmarks/probe_mac.py --checkpoint RUN_DIR --segments 32 --out probe.json
+
+``--checkpoint`` runs the gain, gradient-reach and memory probes on a trained model instead
+(benchmarks/probe_trained.py).
 
 Findings: docs/results.md, "MAC is chaotic across segments at init".
 """
@@ -177,11 +181,12 @@ def sensitivity(variant, retrieval, exp, tokens, eps: float, mode: str, seed: in
     return per_segment(other(tokens).logits - base, base, seg)
 
 
-def gradient_reach(model: TitansLM, tokens: torch.Tensor) -> list[float]:
+def gradient_reach(model: TitansLM, tokens: torch.Tensor, seg: int = 0) -> list[float]:
     """|d f / d (embeddings of segment j)| for f = the squared logits of the last segment, over
     |d f / d (embeddings of the last segment)|: how much of a late loss's gradient reaches each
-    earlier segment through the carried state (what learning recall across segments needs)."""
-    seg = BASE["segment_len"]
+    earlier segment through the carried state (what learning recall across segments needs).
+    ``seg``: the segment length (default: the probe model's)."""
+    seg = seg or BASE["segment_len"]
     emb = model.embed(tokens).detach().requires_grad_(True)
     hook = model.embed.register_forward_hook(lambda _m, _i, _o: emb)
     try:
@@ -232,10 +237,10 @@ def norm(ts: list[torch.Tensor]) -> float:
 
 
 @torch.no_grad()
-def segment_gains(model, tokens, eps: float, blocks, seed: int = 0) -> list[float]:
+def segment_gains(model, tokens, eps: float, blocks, seed: int = 0, seg: int = 0) -> list[float]:
     """Finite-difference gain of the segment map on the memory state of ``blocks``, with the
     perturbation carried and renormalised from segment to segment (module doc)."""
-    seg = BASE["segment_len"]
+    seg = seg or BASE["segment_len"]
     g = torch.Generator().manual_seed(seed)
     st, direction, gains = None, None, []
     for i in range(tokens.shape[1] // seg):
@@ -289,13 +294,19 @@ def record_memory_calls(model: TitansLM, log: list[dict]) -> None:
         memory._gates, memory.forward = logged_gates, logged_forward
 
 
-@torch.no_grad()
 def diagnostics(variant, retrieval, exp, tokens, seed: int = 0) -> list[dict]:
+    """``memory_rows`` of the probe model (variant, retrieval, experiment)."""
+    return memory_rows(build(variant, retrieval, exp, seed), tokens)
+
+
+@torch.no_grad()
+def memory_rows(model: TitansLM, tokens: torch.Tensor, seg: int = 0) -> list[dict]:
     """Per segment and block: memory weight / momentum norms (Frobenius, mean over batch x heads,
     per memory layer), their relative change over the segment, the gates used by the writes
-    (means, and the max of theta), and RMS(h) / RMS(segment input) of MAC's read."""
-    seg = BASE["segment_len"]
-    model, log, rows, st = build(variant, retrieval, exp, seed), [], [], None
+    (means, and the max of theta), and RMS(h) / RMS(segment input) of MAC's read. Wraps the
+    model's memories (``record_memory_calls``): pass a model used for nothing else."""
+    seg = seg or BASE["segment_len"]
+    log, rows, st = [], [], None
     record_memory_calls(model, log)
     for i in range(tokens.shape[1] // seg):
         log.clear()
@@ -411,7 +422,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-baselines", action="store_true", help="skip the default of every variant")
     ap.add_argument("--smoke", action="store_true", help="4 segments, batch 1, one seed, MAC only")
     ap.add_argument("--out", help="write the JSON here (default: stdout)")
+    ap.add_argument("--checkpoint", help="probe this trained run instead (probe_trained.py)")
+    ap.add_argument("--segment-len", type=int, default=0, help="--checkpoint: piece length")
+    ap.add_argument("--kinds", nargs="*", default=["random", "text"], help="--checkpoint inputs")
     args = ap.parse_args(argv)
+    if args.checkpoint:
+        for kind in args.kinds:
+            if kind not in ("random", "text"):
+                ap.error(f"unknown --kinds {kind!r}; known: random, text")
+        if args.experiments or args.smoke or args.no_baselines:
+            ap.error("--checkpoint probes the trained model as it is: no experiments or --smoke")
+        return args
     if args.smoke:
         args.segments, args.batch, args.seeds = 4, 1, 1
     args.names = args.experiments or (SMOKE_EXPERIMENTS if args.smoke else list(EXPERIMENTS))
@@ -423,6 +444,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
+    if args.checkpoint:
+        return main_checkpoint(args)
     T = args.segments * BASE["segment_len"]
     report: dict = dict(config=dict(BASE, batch=args.batch, tokens=T, eps=args.eps), results=[])
     baselines = [] if args.no_baselines else (RUNS[:2] if args.smoke else RUNS)
@@ -451,6 +474,21 @@ def main(argv: list[str] | None = None) -> dict:
             }
     report["summary"] = summarise(report["results"])
     print(table(report["summary"]), file=sys.stderr)
+    text = json.dumps(report, indent=1)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    else:
+        print(text)
+    return report
+
+
+def main_checkpoint(args: argparse.Namespace) -> dict:
+    from probe_trained import probe_checkpoint
+    from probe_trained import table as trained_table
+
+    report = probe_checkpoint(args.checkpoint, args)
+    print(trained_table(report), file=sys.stderr)
     text = json.dumps(report, indent=1)
     if args.out:
         with open(args.out, "w") as f:

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_pipelines import demo, tokenize  # noqa: E402
+from data_pipelines.examples import answer_mask, write_examples  # noqa: E402
 from titans_train.models import ModelConfig, TitansLM  # noqa: E402
 from titans_train.synthetic import generate  # noqa: E402
 
@@ -68,36 +69,57 @@ def match_ffn(name: str, target: int) -> tuple[int, int]:
     return best
 
 
-def recall_documents(seq_len: int, count: int, seed: int) -> list[str]:
-    """Passkey and MQAR examples of exactly seq_len bytes; facts beyond depth x window."""
+def recall_examples(seq_len: int, count: int, seed: int, mqar_share: float = 0.2) -> list:
+    """Passkey and MQAR examples of exactly seq_len tokens (bytes); facts beyond depth x window.
+    A ``mqar_share`` of them (rounded to 1/1000) is MQAR with 4 pairs, the rest passkey."""
 
     def enc(s: str) -> list[int]:
         return list(s.encode())
 
     # Mostly passkey: in probes at this size full attention learned it in ~1,800 steps of 16
     # sequences, while MQAR was not learned in 2,000 steps by any model (docs/results.md).
-    n_pk = count * 4 // 5
+    n_pk = count * round((1 - mqar_share) * 1000) // 1000
     docs = generate("passkey", seq_len, n_pk, enc, seed=seed, depth=(0.0, 0.4))
     docs += generate("mqar", seq_len, count - n_pk, enc, seed=seed, depth=(0.0, 0.3), pairs=4)
-    return [bytes(d.tokens).decode() for d in docs]
+    return docs
+
+
+def recall_documents(seq_len: int, count: int, seed: int, mqar_share: float = 0.2) -> list[str]:
+    return [bytes(d.tokens).decode() for d in recall_examples(seq_len, count, seed, mqar_share)]
 
 
 def build_data(
-    out: Path, seq_len: int, recall_docs: int, corpus_mb: float = 4.0
+    out: Path,
+    seq_len: int,
+    recall_docs: int,
+    corpus_mb: float = 4.0,
+    answer_loss: bool = False,
+    mqar_share: float = 0.2,
 ) -> tuple[Path, Path]:
+    """The corpus and recall shards. ``answer_loss``: the recall examples carry loss on their
+    answers only (shard loss masks, data_pipelines/examples.py), in the same samples and order
+    as the text path gives (one example plus EOS per sample, the same seeded split)."""
     corpus = out / "data" / "corpus"
     demo.build_demo(str(corpus), seq_len=seq_len, max_mb=corpus_mb, progress=False)
     recall = out / "data" / "recall"
-    if not (recall / "manifest.json").is_file():
-        source = out / "data" / "recall.jsonl"
-        with open(source, "w") as f:
-            for text in recall_documents(seq_len, recall_docs, seed=1):
-                f.write(json.dumps({"text": text}) + "\n")
-        cfg = tokenize.TokenizeConfig(
-            sources=[str(source)], out=str(recall), seq_len=seq_len, samples_per_shard=256,
-            val_fraction=0.05, seed=0, progress=False,
+    if (recall / "manifest.json").is_file():
+        return corpus, recall
+    if answer_loss:
+        examples = recall_examples(seq_len, recall_docs, 1, mqar_share)
+        write_examples(
+            str(recall), [e.tokens for e in examples], [answer_mask(e) for e in examples],
+            samples_per_shard=256, val_fraction=0.05, seed=0,
         )  # fmt: skip
-        tokenize.run(cfg)
+        return corpus, recall
+    source = out / "data" / "recall.jsonl"
+    with open(source, "w") as f:
+        for text in recall_documents(seq_len, recall_docs, 1, mqar_share):
+            f.write(json.dumps({"text": text}) + "\n")
+    cfg = tokenize.TokenizeConfig(
+        sources=[str(source)], out=str(recall), seq_len=seq_len, samples_per_shard=256,
+        val_fraction=0.05, seed=0, progress=False,
+    )  # fmt: skip
+    tokenize.run(cfg)
     return corpus, recall
 
 
@@ -126,11 +148,12 @@ def train(name: str, ffn: int, data: tuple[Path, Path], run_dir: Path, args) -> 
         ),
         f"data.train=[{data[0]},{data[1]}]",
         f"data.weights=[{1 - args.recall_share},{args.recall_share}]",
+        f"data.document_masking={str(args.document_masking == 'on').lower()}",
         f"run_dir={run_dir}",
         f"name=study-{name}",
         f"train.seq_len={args.seq_len}",
         "train.global_batch=16",
-        "train.micro_batch=8",
+        f"train.micro_batch={16 // args.procs}",
         f"train.max_steps={args.steps}",
         f"train.eval_interval={args.steps}",
         "train.eval_batches=8",
@@ -141,7 +164,13 @@ def train(name: str, ffn: int, data: tuple[Path, Path], run_dir: Path, args) -> 
         "tracking.mode=disabled",
         "tracking.log_interval=10",
     ]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.procs}",
+    ]
     cmd += ["-m", "titans_train.cli", "--config", "configs/experiments/tiny_mac.yaml"]
     t0 = time.perf_counter()
     log = run_dir.with_suffix(".train.log")
@@ -196,6 +225,19 @@ def main(argv: list[str] | None = None) -> None:
         help="model.memory_forget_bias (default: the model's own)",
     )
     ap.add_argument("--recall-share", type=float, default=0.9)
+    ap.add_argument(
+        "--document-masking",
+        choices=("on", "off"),
+        default="on",
+        help="data.document_masking (the study in docs/results.md ran before it existed: off)",
+    )
+    ap.add_argument(
+        "--answer-loss",
+        action="store_true",
+        help="the recall examples carry loss on their answers only (as in Zoology)",
+    )
+    ap.add_argument("--mqar-share", type=float, default=0.2, help="MQAR's share of recall data")
+    ap.add_argument("--procs", type=int, choices=(1, 2), default=2, help="trainer processes")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--suites", default=SUITES)
     ap.add_argument("--ppl-tokens", type=int, default=4096, help="titans-eval --ppl-tokens")
@@ -209,7 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     docs = 64 if args.smoke else max(2000, args.steps * 8)
-    data = build_data(out, args.seq_len, docs, corpus_mb=0.5 if args.smoke else 4.0)
+    data = build_data(
+        out, args.seq_len, docs, 0.5 if args.smoke else 4.0, args.answer_loss, args.mqar_share
+    )
     target = TitansLM(ModelConfig(variant="mac", **MODEL)).num_params()
     T = args.seq_len
     report = {"args": {k: str(v) for k, v in vars(args).items() if k != "smoke"}, "models": {}}
@@ -218,6 +262,10 @@ def main(argv: list[str] | None = None) -> None:
         old = json.loads(previous.read_text())
         old["args"].setdefault("ppl_tokens", "4096")  # studies from before the option
         old["args"].setdefault("memory_forget_bias", "None")
+        old["args"].setdefault("document_masking", "off")  # studies from before the option
+        old["args"].setdefault("procs", "2")
+        old["args"].setdefault("answer_loss", "False")
+        old["args"].setdefault("mqar_share", "0.2")
         same = {k: v for k, v in old["args"].items() if k != "variants"}
         if same == {k: v for k, v in report["args"].items() if k != "variants"}:
             report["models"] = old["models"]

@@ -105,3 +105,69 @@ def test_read_initial_patch_reads_m0():
         moved = plain(xs, written, read_only=True)[0]
     torch.testing.assert_close(got, m0, rtol=0, atol=0)
     assert (moved - m0).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def trained_run(short_doc_shards, tmp_path_factory):
+    """A 2-step MAC run (segment 16, forgetting bias -6.9) trained in this process."""
+    from trainer_helpers import train_here
+
+    run = tmp_path_factory.mktemp("probe-run")
+    model = ["model.segment_len=16", "model.chunk_size=8"]
+    ran = train_here(short_doc_shards, run, 2, *model, "model.memory_forget_bias=-6.9")
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    return run
+
+
+@pytest.mark.slow  # ~25 s with the module's 2-step run
+def test_checkpoint_probes_the_trained_model(trained_run, tmp_path):
+    """--checkpoint: the probes run on the run's own model (its segment length and its gates:
+    alpha ~ sigmoid(-6.9) = 0.001, not the default init's 0.0067), on both input kinds."""
+    out = tmp_path / "probe.json"
+    argv = ["--checkpoint", str(trained_run), "--segments", "8", "--seeds", "2", "--batch", "1"]
+    report = P.main([*argv, "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    from probe_trained import probe_tokens
+
+    from titans_train.load import open_checkpoint
+
+    ckpt = open_checkpoint(trained_run)  # the checkpoint's weights, not a fresh init
+    x = probe_tokens("random", ckpt, 128, 1, 0)
+    want = P.gradient_reach(ckpt.model().to(torch.float64), x, 16)
+    assert report["probes"]["random"]["seeds"][0]["gradient_reach"] == pytest.approx(want)
+    assert report["step"] == 2 and report["segment_len"] == 16 and report["tokens"] == 128
+    for kind in ("random", "text"):
+        probe = report["probes"][kind]
+        assert [s["seed"] for s in probe["seeds"]] == [0, 1]
+        for s in probe["seeds"]:
+            assert len(s["gain"]) == 7 and all(math.isfinite(g) and g > 0 for g in s["gain"])
+            assert len(s["gradient_reach"]) == 8 and s["gradient_reach"][-1] == 1.0
+            assert len(s["self_gain_geomean"]) == 2
+        assert len(probe["rows"]) == 8 * 2  # segments x blocks
+        for block in probe["summary"]["blocks"]:
+            assert len(block["alpha_by_segment"]) == 8
+            assert 0.0008 < block["alpha"] < 0.0013, block["alpha"]
+            assert 0 < block["kept_of_first_write"] < 1
+            assert block["read_over_input"][0] > 0  # MAC's read was logged
+
+
+@pytest.mark.slow
+def test_checkpoint_text_is_passkey_text(trained_run):
+    """The text input is the study's pass-key examples, encoded with the run's tokenizer."""
+    from probe_trained import probe_tokens
+
+    from titans_train.load import open_checkpoint
+
+    tokens = probe_tokens("text", open_checkpoint(trained_run), 128, 2, 0)
+    assert tokens.shape == (2, 128)
+    assert "pass key" in bytes(tokens[0].tolist()).decode()
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [(["--kinds", "words"], "unknown --kinds 'words'"), (["--smoke"], "no experiments or --smoke")],
+)
+def test_checkpoint_bad_arguments(extra, message, capsys):
+    with pytest.raises(SystemExit):
+        P.main(["--checkpoint", "somewhere", *extra])
+    assert message in capsys.readouterr().err

@@ -26,7 +26,7 @@ from titans_train.distributed import DistEnv, device, mark_progress, set_tf32, t
 from titans_train.models import TitansLM, apply_activation_checkpointing
 from titans_train.models.attention import attention_backend_report
 from titans_train.run_dir import RunDir
-from titans_train.validation import all_mean, document_args
+from titans_train.validation import all_mean, document_args, loss_targets
 
 
 def planned_steps(cfg: Config) -> int:
@@ -113,7 +113,11 @@ class Trainer:
         skipped_before, losses = self.engine.skipped_steps, []
         for mb in micro_batches:
             batch = mb.tokens.to(device())
-            loss = self.engine(batch[:, :-1], targets=batch[:, 1:], **document_args(mb)).loss
+            targets = loss_targets(mb, batch)
+            out = self.engine(batch[:, :-1], targets=targets, **document_args(mb))
+            loss = out.loss
+            if mb.loss_mask is not None and not bool((targets != -100).any()):
+                loss = out.logits.sum() * 0.0  # nothing carries loss: a zero gradient, not NaN
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss)

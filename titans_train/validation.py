@@ -34,12 +34,23 @@ def document_args(mb: MicroBatch) -> dict:
     return {"doc_starts": mb.doc_starts[:, :-1].to(device())}
 
 
+def loss_targets(mb: MicroBatch, tokens: torch.Tensor) -> torch.Tensor:
+    """The targets of ``tokens`` (``mb.tokens`` on the compute device): tokens[:, 1:], with the
+    model's ignore index -100 where a token carries no loss (``mb.loss_mask``, from shards with
+    a loss mask, e.g. recall data with the loss on the answers only)."""
+    targets = tokens[:, 1:]
+    if mb.loss_mask is None:
+        return targets
+    return targets.masked_fill(~mb.loss_mask[:, 1:].to(targets.device), -100)
+
+
 @torch.no_grad()
 def validation_loss(
     model: nn.Module, batches: Iterable[list[MicroBatch]], max_batches: int
 ) -> dict[str, float]:
-    """Loss and perplexity over ``max_batches`` global batches (0 = all), token-weighted and
-    summed over ranks; {} when the split is empty. ``model`` is the engine or the bare module."""
+    """Loss and perplexity over ``max_batches`` global batches (0 = all), weighted by the
+    targets that carry loss and summed over ranks; {} when the split is empty. ``model`` is
+    the engine or the bare module."""
     model.eval()
     total, count = torch.zeros(2, dtype=torch.float64), 0
     for micro_batches in batches:
@@ -47,9 +58,11 @@ def validation_loss(
             break
         for mb in micro_batches:
             tokens = mb.tokens.to(device())
-            out = model(tokens[:, :-1], targets=tokens[:, 1:], **document_args(mb))
-            n = tokens[:, 1:].numel()
-            total += torch.tensor([out.loss.item() * n, n], dtype=torch.float64)
+            targets = loss_targets(mb, tokens)
+            n = targets.numel() if mb.loss_mask is None else int((targets != -100).sum())
+            if n:  # a micro-batch with no target that carries loss adds nothing
+                out = model(tokens[:, :-1], targets=targets, **document_args(mb))
+                total += torch.tensor([out.loss.item() * n, n], dtype=torch.float64)
         count += 1
     model.train()
     if dist.is_initialized():

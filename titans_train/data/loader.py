@@ -27,6 +27,9 @@ class MicroBatch(NamedTuple):
     tokens: torch.Tensor  # int64 [micro_batch, T+1]: inputs tokens[:, :-1], targets tokens[:, 1:]
     doc_starts: torch.Tensor | None  # bool [micro_batch, T+1]: True where a document begins
     sample_ids: torch.Tensor  # int64 [micro_batch, 3]: source, shard index, row in the shard
+    # bool [micro_batch, T+1]: True where a token carries loss as a target (shard_format.py's
+    # loss_mask); None when every token of the micro-batch does (shards without the member).
+    loss_mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,7 @@ class StreamingLoader:
         tokens = np.empty((per_rank, t1), dtype=np.int64)
         starts = np.zeros((per_rank, t1), dtype=np.uint8)
         rows = np.empty(per_rank, dtype=np.int64)
+        loss = np.ones((per_rank, t1), dtype=np.uint8)
         span = int(slot.max()) + 1
         keys, which = np.unique(epoch * span + slot, return_inverse=True)
         by_shard = np.argsort(which, kind="stable")
@@ -225,6 +229,8 @@ class StreamingLoader:
             tokens[sel] = data.tokens[r]
             if self.return_doc_starts:
                 starts[sel] = np.unpackbits(data.start_bits[r], axis=1, count=t1)
+            if data.loss_bits is not None:
+                loss[sel] = np.unpackbits(data.loss_bits[r], axis=1, count=t1)
         ids = np.empty((per_rank, 3), dtype=np.int64)
         ids[:, 2] = rows
         for e in np.unique(epoch).tolist():
@@ -235,11 +241,13 @@ class StreamingLoader:
         self.position.samples += self.global_batch
         b = self.micro_batch
         tokens_t, ids_t, starts_t = (torch.from_numpy(a) for a in (tokens, ids, starts.view(bool)))
+        loss_t = torch.from_numpy(loss.view(bool))
         return [
             MicroBatch(
                 tokens_t[a : a + b],
                 starts_t[a : a + b] if self.return_doc_starts else None,
                 ids_t[a : a + b],
+                None if loss_t[a : a + b].all() else loss_t[a : a + b],
             )
             for a in range(0, per_rank, b)
         ]

@@ -6,6 +6,11 @@ a document begins, left out when there are none (tar spends 1 KiB per member). R
 decode with one `np.frombuffer`; the manifest holds the dtype. TarWriter writes members in
 sorted order, so doc_starts precedes tokens and a cut-off shard cannot lose it unnoticed.
 
+A third, optional member `<key>.loss_mask.u8` marks the tokens that carry loss as targets (for
+example the answers of a recall task, as in Zoology's MQAR): np.packbits of T+1 booleans, True
+where the token is a target the loss counts. It is written only when some token carries none;
+without it every token counts, as in every shard written before it existed.
+
 Integrity: the first member of a shard, `__titans__/crc32.u32`, holds one CRC32 per sample (of
 its tokens bytes, then its doc_starts bytes), checked as each sample is read, so a flipped byte
 that keeps ids in range is caught by default at a measured cost (docs/benchmarks.md). webdataset
@@ -27,6 +32,7 @@ import webdataset as wds
 from titans_train.data.errors import DataError
 
 DOC_STARTS_FIELD = "doc_starts.u32"
+LOSS_MASK_FIELD = "loss_mask.u8"
 CRC_KEY, CRC_EXT = "__titans__/crc32", "u32"
 CRC_MEMBER = f"{CRC_KEY}.{CRC_EXT}"
 _CHUNK = 1 << 22
@@ -34,9 +40,11 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key/extens
 
 
 def sample_crc(sample: dict) -> int:
-    """CRC32 of a sample's tokens bytes followed by its doc_starts bytes."""
+    """CRC32 of a sample's tokens bytes followed by its doc_starts and loss_mask bytes (an
+    absent member adds nothing, so samples without a loss mask keep their CRC)."""
     raw = next(v for k, v in sample.items() if k.startswith("tokens."))
-    return zlib.crc32(sample.get(DOC_STARTS_FIELD, b""), zlib.crc32(raw))
+    crc = zlib.crc32(sample.get(DOC_STARTS_FIELD, b""), zlib.crc32(raw))
+    return zlib.crc32(sample.get(LOSS_MASK_FIELD, b""), crc)
 
 
 def crc_record(samples: list[dict]) -> dict:
@@ -54,14 +62,23 @@ def tokens_field(dtype: str | np.dtype) -> str:
     return "tokens.u16" if np.dtype(dtype).itemsize == 2 else "tokens.u32"
 
 
-def encode_sample(key: str, tokens: np.ndarray, doc_starts: np.ndarray) -> dict:
-    """The member dict that webdataset's TarWriter writes for one sample."""
+def encode_sample(
+    key: str, tokens: np.ndarray, doc_starts: np.ndarray, loss_mask: np.ndarray | None = None
+) -> dict:
+    """The member dict that webdataset's TarWriter writes for one sample. ``loss_mask``: bool
+    per token, True where the token carries loss as a target (None, or all True: every token)."""
     sample = {
         "__key__": key,
         tokens_field(tokens.dtype): tokens.astype(tokens.dtype.newbyteorder("<")).tobytes(),
     }
     if len(doc_starts):
         sample[DOC_STARTS_FIELD] = np.asarray(doc_starts, dtype="<u4").tobytes()
+    if loss_mask is not None:
+        loss_mask = np.asarray(loss_mask, dtype=bool)
+        if loss_mask.shape != tokens.shape:
+            raise ValueError(f"sample {key}: loss_mask {loss_mask.shape} != tokens {tokens.shape}")
+        if not loss_mask.all():
+            sample[LOSS_MASK_FIELD] = np.packbits(loss_mask).tobytes()
     return sample
 
 
@@ -90,6 +107,7 @@ class ShardData:
     starts: np.ndarray
     starts_ptr: np.ndarray
     start_bits: np.ndarray  # np.packbits of the [n, T+1] "a document begins here" mask
+    loss_bits: np.ndarray | None = None  # np.packbits of [n, T+1] "carries loss"; None: all
 
     def doc_starts(self, row: int) -> np.ndarray:
         return self.starts[self.starts_ptr[row] : self.starts_ptr[row + 1]]
@@ -141,6 +159,8 @@ def read_shard(ref: ShardRef) -> ShardData:
     tokens = np.empty((ref.samples, ref.sample_tokens), dtype=dtype)
     keys: list[str] = []
     starts: list[bytes] = []
+    masks: dict[int, bytes] = {}
+    mask_bytes = -(-ref.sample_tokens // 8)
     count, key, crcs = 0, None, None
     try:
         for sample in _samples(ref):
@@ -165,6 +185,13 @@ def read_shard(ref: ShardRef) -> ShardData:
                 _check_crc(what, sample, crcs, count)
             tokens[count] = np.frombuffer(raw, dtype=dtype)
             starts.append(sample.get(DOC_STARTS_FIELD, b""))
+            if LOSS_MASK_FIELD in sample:
+                if len(sample[LOSS_MASK_FIELD]) != mask_bytes:
+                    raise DataError(
+                        f"{what}: {len(sample[LOSS_MASK_FIELD])} {LOSS_MASK_FIELD} bytes, "
+                        f"expected {mask_bytes} (one bit per token)"
+                    )
+                masks[count] = sample[LOSS_MASK_FIELD]
             keys.append(key)
             count += 1
     except DataError:
@@ -184,7 +211,12 @@ def read_shard(ref: ShardRef) -> ShardData:
         raise DataError(f"{where}: a doc_starts entry lies outside its sample")
     mask = np.zeros(tokens.shape, dtype=bool)
     mask[np.repeat(np.arange(count), np.diff(ptr)), flat] = True
-    return ShardData(keys, tokens, flat, ptr, np.packbits(mask, axis=1))
+    loss = None
+    if masks:  # rows without the member: every token counts (all bits set)
+        loss = np.full((count, mask_bytes), 0xFF, dtype=np.uint8)
+        for row, raw in masks.items():
+            loss[row] = np.frombuffer(raw, dtype=np.uint8)
+    return ShardData(keys, tokens, flat, ptr, np.packbits(mask, axis=1), loss)
 
 
 def _check_ids(ref: ShardRef, where: str, tokens: np.ndarray, keys: list[str]) -> None:

@@ -1,0 +1,198 @@
+"""Loss on some tokens only (issue 15 item 3, MQAR as in Zoology): the shards' optional
+loss_mask member, written by data_pipelines/examples.py, carried by the loader through rank
+splits and resume, and turned into ignored targets by the trainer and the validation loss."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from data_helpers import shards_from_corpus
+
+from data_pipelines.examples import answer_mask, write_examples
+from titans_train.data import DataError, StreamingLoader
+from titans_train.data.manifest import ShardManifest
+from titans_train.data.shard_format import (
+    LOSS_MASK_FIELD,
+    ShardRef,
+    crc_record,
+    encode_sample,
+    read_shard,
+    sample_crc,
+)
+from titans_train.synthetic import generate
+from titans_train.validation import loss_targets
+
+T = 64
+
+
+def enc(s: str) -> list[int]:
+    return list(s.encode())
+
+
+@pytest.fixture(scope="module")
+def mqar(tmp_path_factory):
+    """40 MQAR examples of 64 tokens (2 pairs) written with their answer masks (10 % val)."""
+    out = tmp_path_factory.mktemp("mqar") / "shards"
+    examples = generate("mqar", T, 40, enc, seed=3, pairs=2)
+    masks = [answer_mask(e) for e in examples]
+    write_examples(str(out), [e.tokens for e in examples], masks, samples_per_shard=8,
+                   val_fraction=0.1)  # fmt: skip
+    by_tokens = {bytes(e.tokens): m for e, m in zip(examples, masks)}
+    return out, by_tokens
+
+
+def loader(path, **kw) -> StreamingLoader:
+    args = dict(seq_len=T, vocab_size=320, global_batch=8, micro_batch=2, seed=1)
+    paths = [str(p) for p in path] if isinstance(path, list) else str(path)
+    return StreamingLoader(paths, **{**args, **kw})
+
+
+def check_rows(mb, by_tokens) -> None:
+    """Each row's mask is its example's answers (EOS carries none), and the targets keep
+    exactly those tokens."""
+    assert mb.loss_mask is not None and mb.loss_mask.dtype == torch.bool
+    targets = loss_targets(mb, mb.tokens)
+    for row, mask, tgt in zip(mb.tokens.numpy(), mb.loss_mask.numpy(), targets.numpy()):
+        want = by_tokens[bytes(row[:T].astype(np.uint8))]
+        np.testing.assert_array_equal(mask, np.append(want, False))
+        np.testing.assert_array_equal(tgt != -100, want[1:].tolist() + [False])
+        np.testing.assert_array_equal(tgt[tgt != -100], row[1:][tgt != -100])
+
+
+def test_answer_mask_is_the_answers():
+    ex = generate("mqar", T, 1, enc, pairs=2)[0]
+    mask = answer_mask(ex)
+    assert mask.sum() == sum(b - a for a, b in ex.answers) == 4
+    answers = bytes(np.array(ex.tokens, dtype=np.uint8)[mask]).decode()
+    assert answers == "".join(v for _, v in ex.needles)
+
+
+def test_loader_carries_masks_on_every_rank(mqar):
+    path, by_tokens = mqar
+    for rank in (0, 1):
+        with loader(path, rank=rank, world_size=2, micro_batch=2) as ld:
+            for _ in range(6):  # past the first epoch (36 train samples, 4 per rank per step)
+                for mb in ld.next_step():
+                    check_rows(mb, by_tokens)
+
+
+def test_resumed_loader_gives_the_same_masks(mqar):
+    path, _ = mqar
+    with loader(path) as a:
+        a.next_step()
+        state = a.state_dict()
+        want = a.next_step()
+    with loader(path) as b:
+        b.load_state_dict(state)
+        got = b.next_step()
+    for x, y in zip(want, got):
+        assert torch.equal(x.tokens, y.tokens) and torch.equal(x.loss_mask, y.loss_mask)
+
+
+def test_shards_without_mask_load_and_mix(mqar, tmp_path):
+    """Shards from tokenize (no member) give loss_mask None; mixed with masked data, their
+    rows carry loss on every token."""
+    path, by_tokens = mqar
+    plain = shards_from_corpus(str(tmp_path), "plain", 24, seq_len=T, samples_per_shard=8)
+    m = ShardManifest.load(plain)
+    shard = m.shards("train")[0]
+    ref = ShardRef(m.url(shard), shard.name, shard.samples, shard.sha256, T + 1, m.dtype, 320)
+    assert read_shard(ref).loss_bits is None
+    with loader(plain) as ld:
+        assert all(mb.loss_mask is None for mb in ld.next_step())
+    with loader([plain, str(path)], weights=[0.5, 0.5], micro_batch=8) as ld:
+        (mb,) = ld.next_step()
+    src = mb.sample_ids[:, 0]
+    assert 0 < int((src == 1).sum()) < 8
+    assert mb.loss_mask[src == 0].all()
+    for row, mask in zip(mb.tokens[src == 1].numpy(), mb.loss_mask[src == 1].numpy()):
+        np.testing.assert_array_equal(mask[:T], by_tokens[bytes(row[:T].astype(np.uint8))])
+
+
+def test_crc_covers_the_mask():
+    tokens = np.arange(T + 1, dtype=np.uint16)
+    plain = encode_sample("k", tokens, np.zeros(0))
+    assert LOSS_MASK_FIELD not in encode_sample("k", tokens, np.zeros(0), np.ones(T + 1, bool))
+    mask = np.zeros(T + 1, bool)
+    mask[5] = True
+    masked = encode_sample("k", tokens, np.zeros(0), mask)
+    mask[6] = True
+    other = encode_sample("k", tokens, np.zeros(0), mask)
+    assert sample_crc(plain) != sample_crc(masked) != sample_crc(other)
+
+
+def test_mask_of_the_wrong_length_is_refused(tmp_path):
+    import webdataset as wds
+
+    tokens = np.arange(T + 1, dtype=np.uint16)
+    sample = encode_sample("s-000000", tokens, np.zeros(0), np.arange(T + 1) % 2 == 0)
+    sample[LOSS_MASK_FIELD] = sample[LOSS_MASK_FIELD][:-1]
+    path = tmp_path / "bad.tar"
+    with wds.TarWriter(str(path), encoder=False) as w:
+        w.write(crc_record([sample]))
+        w.write(sample)
+    ref = ShardRef(str(path), "bad.tar", 1, "", T + 1, "uint16", 320, crc=True)
+    with pytest.raises(DataError, match=r"8 loss_mask.u8 bytes, expected 9"):
+        read_shard(ref)
+
+
+@pytest.mark.parametrize(
+    "examples,masks,message",
+    [
+        ([[1, 2, 3]], [[True, False]], "one length"),
+        ([[1, 2, 300]], [[True, True, False]], r"token ids must lie in \[0, 257\)"),
+        ([[1, 2, 3]], [[False] * 3], "example 0: no token carries loss"),
+        ([], [], "need as many, > 0"),
+    ],
+)
+def test_write_examples_bad_input(tmp_path, examples, masks, message):
+    with pytest.raises(ValueError, match=message):
+        write_examples(str(tmp_path / "x"), examples, masks)
+    assert not os.path.exists(tmp_path / "x" / "manifest.json")
+
+
+@pytest.mark.slow  # ~30-60 s: a 30-step run in this process
+def test_trainer_puts_the_loss_on_the_answers_only(tmp_path):
+    """Examples of random letters with a constant answer token ('Z') every 16th position, the
+    loss on the answers only: the run learns 'Z' and its train and validation losses fall far
+    below what any model could reach if the random letters carried loss (15/16 of the tokens
+    at ln 25 = 3.2 nats: >= 3.0)."""
+    from trainer_helpers import metrics, train_here
+
+    rng = np.random.default_rng(0)
+    examples = rng.integers(ord("a"), ord("z"), size=(96, 128))
+    examples[:, 15::16] = ord("Z")
+    masks = np.zeros(examples.shape, dtype=bool)
+    masks[:, 15::16] = True
+    write_examples(str(tmp_path / "data"), examples.tolist(), masks.tolist(), val_fraction=0.1)
+    run = tmp_path / "run"
+    ran = train_here(tmp_path / "data", run, 30, "train.eval_interval=30", "train.eval_batches=1")
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    rows = metrics(run)
+    last = [r["loss"] for r in rows if "loss" in r][-1]
+    val = [r["val/loss"] for r in rows if "val/loss" in r][-1]
+    assert last < 1.0 and val < 1.0, (last, val)
+
+
+def test_write_examples_gives_tokenize_samples(tmp_path):
+    """Examples of exactly seq_len tokens: the same samples, split and order as tokenize writes
+    for them as text documents, so a study with the loss on the answers trains on the same
+    tokens as one without."""
+    import json
+
+    from data_helpers import build, plain_read
+
+    examples = generate("passkey", T * 2, 30, enc, seed=5)
+    texts = [bytes(e.tokens).decode() for e in examples]
+    (tmp_path / "x.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    build(str(tmp_path / "text"), [str(tmp_path / "x.jsonl")], seq_len=2 * T,
+          samples_per_shard=8, val_fraction=0.2)  # fmt: skip
+    masks = [answer_mask(e) for e in examples]
+    tokens = [e.tokens for e in examples]
+    write_examples(str(tmp_path / "ex"), tokens, masks, samples_per_shard=8, val_fraction=0.2)
+    for split in ("train", "val"):
+        a, b = plain_read(str(tmp_path / "text"), split), plain_read(str(tmp_path / "ex"), split)
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
