@@ -196,3 +196,30 @@ def test_write_examples_gives_tokenize_samples(tmp_path):
         assert len(a) == len(b) > 0
         for x, y in zip(a, b):
             np.testing.assert_array_equal(x, y)
+
+
+def test_validation_runs_every_forward_even_without_loss_tokens():
+    """Under ZeRO-3 a forward gathers parameters with collectives every rank must join, so a rank
+    whose micro-batch has no target that carries loss still runs it (it once skipped it: the
+    other ranks would wait forever). Its loss is left out of the mean."""
+    from types import SimpleNamespace
+
+    from titans_train.data.loader import MicroBatch
+    from titans_train.validation import validation_loss
+
+    class Counting(torch.nn.Module):
+        calls = 0
+
+        def forward(self, tokens, targets):
+            self.calls += 1
+            keep = targets != -100
+            loss = torch.tensor(float("nan")) if not keep.any() else torch.tensor(2.0)
+            return SimpleNamespace(loss=loss)
+
+    tokens = torch.zeros(2, T + 1, dtype=torch.long)
+    none = MicroBatch(tokens, None, torch.zeros(2, 3), torch.zeros(2, T + 1, dtype=torch.bool))
+    some = MicroBatch(tokens, None, torch.zeros(2, 3), torch.ones(2, T + 1, dtype=torch.bool))
+    model = Counting()
+    out = validation_loss(model, [[none, some]], max_batches=0)
+    assert model.calls == 2
+    assert out["val/loss"] == pytest.approx(2.0)

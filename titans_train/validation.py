@@ -60,8 +60,10 @@ def validation_loss(
             tokens = mb.tokens.to(device())
             targets = loss_targets(mb, tokens)
             n = targets.numel() if mb.loss_mask is None else int((targets != -100).sum())
-            if n:  # a micro-batch with no target that carries loss adds nothing
-                out = model(tokens[:, :-1], targets=targets, **document_args(mb))
+            # Every rank runs every forward, even with no target that carries loss: under ZeRO-3
+            # a forward gathers parameters with collectives that all ranks must join.
+            out = model(tokens[:, :-1], targets=targets, **document_args(mb))
+            if n:  # a micro-batch with no target that carries loss adds nothing (its loss: NaN)
                 total += torch.tensor([out.loss.item() * n, n], dtype=torch.float64)
         count += 1
     model.train()
