@@ -4,10 +4,13 @@ autocast settings, and the trailing partial chunk. The maths is in ``memory_math
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
+from .memory_group import group_backward, scan_group
 from .memory_math import (
     DocFlags,
     apply_reset,
@@ -82,6 +85,74 @@ class _CheckpointedChunks(torch.autograd.Function):
         return (None, None, None, None, *(t.grad if t.requires_grad else None for t in inputs))
 
 
+class _HandChunks(torch.autograd.Function):
+    """A group of whole chunks on the eager path with the hand-written backward
+    (``memory_group``): the forward runs without autograd; the backward runs the chunk-step
+    backward in plain batched ops, without a graph. With ``keep`` the forward saves every chunk's
+    start state; otherwise only the group's inputs (activation checkpointing) and the backward
+    rebuilds the states with one more forward of the commits (no reads). Same inputs and outputs
+    as ``_CheckpointedChunks``."""
+
+    @staticmethod
+    def forward(ctx, n_layers: int, chunk: int, residual_norm: bool, keep: bool, *inputs):
+        weights, momentum, k, v, q, coeffs, flags = _parts(inputs, n_layers)
+        y, w, s, states = scan_group(
+            weights, momentum, k, v, q, coeffs, chunk, residual_norm, flags
+        )
+        ctx.meta = (n_layers, chunk, residual_norm, len(inputs))
+        ctx.save_for_backward(*inputs, *(states if keep else ()))
+        return (y, *w, *s)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        n_layers, chunk, residual_norm, n_inputs = ctx.meta
+        saved = ctx.saved_tensors
+        weights, momentum, k, v, q, coeffs, flags = _parts(saved[:n_inputs], n_layers)
+        states = list(saved[n_inputs:])
+        # fp32 as in the forward, whatever autocast the backward runs under (thread-local state)
+        with autocast_off(k.device.type), loop_threads(k, chunk, weights):
+            if not states:
+                states = scan_group(weights, momentum, k, v, None, coeffs, chunk, residual_norm,
+                                    flags)[3]  # fmt: skip
+            dw, ds = list(grads[1 : 1 + n_layers]), list(grads[1 + n_layers :])
+            out = group_backward(
+                states, k, v, q, coeffs, chunk, residual_norm, flags, grads[0], dw, ds
+            )
+        if flags is not None:
+            out += [None, None]  # reset, commit
+        need = ctx.needs_input_grad[4:]
+        return (None, None, None, None, *(g if n else None for g, n in zip(out, need)))
+
+
+def _parts(inputs, n_layers: int):
+    """``_scan_flat``'s input layout -> (M, S, k, v, q, coefficient fields, flags or None)."""
+    weights, momentum = list(inputs[:n_layers]), list(inputs[n_layers : 2 * n_layers])
+    k, v, q, *rest = inputs[2 * n_layers :]
+    coeffs, extra = list(rest[:5]), rest[5:]
+    flags = DocFlags(list(extra[:n_layers]), *extra[n_layers:]) if extra else None
+    return weights, momentum, k, v, q, coeffs, flags
+
+
+# Whether memory_scan keeps chunk states for backward (False) or checkpoints them (True); None:
+# as the memory's ``checkpoint_group`` says. Set from above the memory (``checkpointing``).
+_CHECKPOINT: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "memory_checkpoint", default=None
+)
+
+
+@contextlib.contextmanager
+def checkpointing(on: bool | None):
+    """Inside: memories with ``checkpoint_group > 0`` checkpoint their chunk loop only if ``on``
+    (None: always). TitansLM.forward decides it from the sequence's size (runtime.py,
+    ``memory_checkpoint_budget_mb``): one memory call cannot see it (MAC calls it per segment)."""
+    token = _CHECKPOINT.set(on)
+    try:
+        yield
+    finally:
+        _CHECKPOINT.reset(token)
+
+
 def flatten_flags(flags: DocFlags | None) -> list[Tensor]:
     return [] if flags is None else [*flags.init, flags.reset, flags.commit]
 
@@ -96,14 +167,17 @@ def _scan_flat(inputs, n_layers: int, chunk: int, residual_norm: bool, compiled:
     return scan_chunks(weights, momentum, k, v, q, coeffs, chunk, residual_norm, compiled, flags)
 
 
-def _runners(triton: bool):
-    """(scan without autograd, checkpointed group Function) of the eager or the kernel path."""
-    if not triton:
-        return scan_chunks, _CheckpointedChunks
-    from .kernels.memory_triton import scan_chunks_triton
-    from .kernels.memory_triton_autograd import TritonChunks
+def _runners(triton: bool, compiled: bool, checkpoint: bool):
+    """(scan without autograd, group Function, its fourth argument) of the kernel, compiled or
+    eager path. The eager group keeps its chunk states (4th argument True) unless checkpointing."""
+    if triton:
+        from .kernels.memory_triton import scan_chunks_triton
+        from .kernels.memory_triton_autograd import TritonChunks
 
-    return scan_chunks_triton, TritonChunks
+        return scan_chunks_triton, TritonChunks, False
+    if compiled:
+        return scan_chunks, _CheckpointedChunks, True
+    return scan_chunks, _HandChunks, not checkpoint
 
 
 def memory_scan(
@@ -151,9 +225,18 @@ def _memory_scan(
     reads = []
     if end:
         train = q is not None and torch.is_grad_enabled()
-        grouped = (checkpoint_group > 0 or triton) and train  # the kernels train per group
-        span = chunk * (checkpoint_group or end // chunk)
-        scan, group_fn = _runners(triton and (train or not torch.is_grad_enabled()))
+        checkpoint = checkpoint_group > 0 and _CHECKPOINT.get() is not False
+        eager = not (triton or compiled) and q is not None  # the hand-written backward
+        # The kernels and the eager path run per group (the eager path also without autograd:
+        # its reads are batched per group); compile only to checkpoint.
+        grouped = eager or ((checkpoint or triton) and train)
+        # Groups of checkpoint_group chunks also bound the eager backward's batched temporaries.
+        chunks_per_group = checkpoint_group if (checkpoint or eager) else 0
+        if not chunks_per_group:  # one group; without autograd at most 16 chunks' states at once
+            chunks_per_group = end // chunk if train else min(16, end // chunk)
+        span = chunk * chunks_per_group
+        use_kernel = triton and (train or not torch.is_grad_enabled())
+        scan, group_fn, fourth = _runners(use_kernel, compiled, checkpoint)
         coeffs = span_coeffs(theta[:, :end], log_eta[:, :end], log_keep[:, :end], chunk)
         whole = None if flags is None else flags.chunks(0, end // chunk)
         if not grouped:
@@ -174,7 +257,7 @@ def _memory_scan(
             for args in zip(*parts):
                 if whole is not None:
                     args = (*args[:8], *args[8], *args[9:])
-                out = group_fn.apply(n, chunk, residual_norm, compiled, *weights, *momentum, *args)
+                out = group_fn.apply(n, chunk, residual_norm, fourth, *weights, *momentum, *args)
                 reads.append(out[0])
                 weights, momentum = list(out[1 : 1 + n]), list(out[1 + n :])
     if end < N and flags is not None:  # a document starting in the partial chunk restarts here
