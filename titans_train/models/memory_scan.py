@@ -4,7 +4,6 @@ autocast settings, and the trailing partial chunk. The maths is in ``memory_math
 from __future__ import annotations
 
 import contextlib
-import contextvars
 
 import torch
 from torch import Tensor
@@ -87,20 +86,21 @@ class _CheckpointedChunks(torch.autograd.Function):
 
 class _HandChunks(torch.autograd.Function):
     """A group of whole chunks on the eager path with the hand-written backward
-    (``memory_group``): the forward runs without autograd; the backward runs the chunk-step
-    backward in plain batched ops, without a graph. With ``keep`` the forward saves every chunk's
-    start state; otherwise only the group's inputs (activation checkpointing) and the backward
-    rebuilds the states with one more forward of the commits (no reads). Same inputs and outputs
-    as ``_CheckpointedChunks``."""
+    (``memory_group``): the forward runs without autograd; the backward walks the chunks in
+    reverse in plain ops, without a graph. With ``keep`` the forward saves every chunk's start
+    state; otherwise only the group's inputs (activation checkpointing) and the backward rebuilds
+    the states with one more forward of the commits (no reads). Same inputs and outputs as
+    ``_CheckpointedChunks``."""
 
     @staticmethod
     def forward(ctx, n_layers: int, chunk: int, residual_norm: bool, keep: bool, *inputs):
         weights, momentum, k, v, q, coeffs, flags = _parts(inputs, n_layers)
+        keep = keep and any(ctx.needs_input_grad)  # without autograd nothing is kept
         y, w, s, states = scan_group(
-            weights, momentum, k, v, q, coeffs, chunk, residual_norm, flags
+            weights, momentum, k, v, q, coeffs, chunk, residual_norm, flags, keep
         )
         ctx.meta = (n_layers, chunk, residual_norm, len(inputs))
-        ctx.save_for_backward(*inputs, *(states if keep else ()))
+        ctx.save_for_backward(*inputs, *states)
         return (y, *w, *s)
 
     @staticmethod
@@ -114,7 +114,7 @@ class _HandChunks(torch.autograd.Function):
         with autocast_off(k.device.type), loop_threads(k, chunk, weights):
             if not states:
                 states = scan_group(weights, momentum, k, v, None, coeffs, chunk, residual_norm,
-                                    flags)[3]  # fmt: skip
+                                    flags, True)[3]  # fmt: skip
             dw, ds = list(grads[1 : 1 + n_layers]), list(grads[1 + n_layers :])
             out = group_backward(
                 states, k, v, q, coeffs, chunk, residual_norm, flags, grads[0], dw, ds
@@ -132,25 +132,6 @@ def _parts(inputs, n_layers: int):
     coeffs, extra = list(rest[:5]), rest[5:]
     flags = DocFlags(list(extra[:n_layers]), *extra[n_layers:]) if extra else None
     return weights, momentum, k, v, q, coeffs, flags
-
-
-# Whether memory_scan keeps chunk states for backward (False) or checkpoints them (True); None:
-# as the memory's ``checkpoint_group`` says. Set from above the memory (``checkpointing``).
-_CHECKPOINT: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
-    "memory_checkpoint", default=None
-)
-
-
-@contextlib.contextmanager
-def checkpointing(on: bool | None):
-    """Inside: memories with ``checkpoint_group > 0`` checkpoint their chunk loop only if ``on``
-    (None: always). TitansLM.forward decides it from the sequence's size (runtime.py,
-    ``memory_checkpoint_budget_mb``): one memory call cannot see it (MAC calls it per segment)."""
-    token = _CHECKPOINT.set(on)
-    try:
-        yield
-    finally:
-        _CHECKPOINT.reset(token)
 
 
 def flatten_flags(flags: DocFlags | None) -> list[Tensor]:
@@ -225,16 +206,12 @@ def _memory_scan(
     reads = []
     if end:
         train = q is not None and torch.is_grad_enabled()
-        checkpoint = checkpoint_group > 0 and _CHECKPOINT.get() is not False
+        checkpoint = checkpoint_group > 0
         eager = not (triton or compiled) and q is not None  # the hand-written backward
-        # The kernels and the eager path run per group (the eager path also without autograd:
-        # its reads are batched per group); compile only to checkpoint.
+        # The kernels train per group, the eager path always runs as groups (with autograd or
+        # not), compile only to checkpoint. Without checkpointing the span is one group.
         grouped = eager or ((checkpoint or triton) and train)
-        # Groups of checkpoint_group chunks also bound the eager backward's batched temporaries.
-        chunks_per_group = checkpoint_group if (checkpoint or eager) else 0
-        if not chunks_per_group:  # one group; without autograd at most 16 chunks' states at once
-            chunks_per_group = end // chunk if train else min(16, end // chunk)
-        span = chunk * chunks_per_group
+        span = chunk * (checkpoint_group if checkpoint else end // chunk)
         use_kernel = triton and (train or not torch.is_grad_enabled())
         scan, group_fn, fourth = _runners(use_kernel, compiled, checkpoint)
         coeffs = span_coeffs(theta[:, :end], log_eta[:, :end], log_keep[:, :end], chunk)
