@@ -119,11 +119,17 @@ class NeuralMemory(DocumentsMixin, nn.Module):
         self._checkpoint_group = value
 
     def chunk_state_bytes(self, batch: int, tokens: int) -> int:
-        """Bytes of the chunk-start states (M and S of every layer) a training forward over
-        ``tokens`` tokens keeps for backward when it does not checkpoint."""
-        per_group = sum(w[0].numel() for w in self.init_weights) * 2
+        """Bytes a training forward over ``tokens`` tokens keeps for backward when it does not
+        checkpoint: per chunk, M and S of every layer and the chunk's intermediates (the memory
+        on the keys, its errors, the reads: ``memory_group.scan_group``)."""
+        dims = [self.head_dim] + [w.shape[-1] for w in self.init_weights]
+        n, L = self.chunk_size, self.depth
+        hidden, ins, outs = sum(dims[1:-1]), sum(dims[:-1]), sum(dims[1:])
+        per_token = 2 * hidden + 2 * outs + ins + 3 * outs + 2 * n * L
+        per_token += 2 * dims[-1] + 2 if self.residual_norm else 0
+        per_chunk = 2 * sum(w[0].numel() for w in self.init_weights) + n * per_token
         size = max(self.init_weights[0].element_size(), 4)  # the inner loop is fp32 at least
-        return batch * self.heads * per_group * size * -(-tokens // self.chunk_size)
+        return batch * self.heads * per_chunk * size * -(-tokens // n)
 
     # -- helpers -----------------------------------------------------------------------------
     def _heads(self, x: Tensor) -> Tensor:

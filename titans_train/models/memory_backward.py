@@ -76,6 +76,22 @@ class KeysTape:
             deltas.append(delta)
         self.acts, self.pres, self.deltas, self.gs = acts, pres, deltas[::-1], gs[::-1]
 
+    def tensors(self) -> list[Tensor]:
+        """What ``restore`` needs to rebuild the tape (kept for backward instead of recomputed)."""
+        ln = list(self.ln) if self.residual_norm else []
+        return [*self.acts[1:], *self.pres, *self.deltas, *self.gs, *ln]
+
+    @staticmethod
+    def restore(weights: list[Tensor], k: Tensor, tensors: list[Tensor], residual_norm: bool):
+        tape, L = KeysTape.__new__(KeysTape), len(weights)
+        tape.weights, tape.residual_norm = weights, residual_norm
+        tape.acts = [k, *tensors[: L - 1]]
+        tape.pres, tape.deltas = tensors[L - 1 : 2 * L - 1], tensors[2 * L - 1 : 3 * L - 1]
+        tape.gs = tensors[3 * L - 1 : 4 * L - 2]
+        if residual_norm:
+            tape.ln = tuple(tensors[4 * L - 2 : 4 * L + 2])
+        return tape
+
 
 def commit(
     weights: list[Tensor], momentum: list[Tensor], tape: KeysTape, ends: list[tuple]
@@ -194,17 +210,21 @@ def chunk_backward(
     dy: Tensor | None,
     dwn: list[Tensor],
     dsn: list[Tensor],
+    tape: KeysTape | None = None,
+    saved: list | None = None,
 ):
-    """Back-propagates one committed chunk, recomputed from its start state (M, S).
+    """Back-propagates one committed chunk from its start state (M, S); its forward intermediates
+    (``tape``, the reads' ``saved``) are recomputed unless given.
     Returns (dM, dS at the start, dk, dv, dq or None, read coefficient rows (d b0, d c0,
     d c_theta per layer) or None, commit coefficient grads per layer (d b0, d c0, d e0 [G];
     d c_theta, d e_theta last rows [G, n]))."""
-    tape = KeysTape(weights, k, v, residual_norm)
+    tape = tape or KeysTape(weights, k, v, residual_norm)
     L = len(weights)
     ddelta, dact, rows, dq = [None] * L, [None] * L, None, None
     wpairs = spairs = [None] * L
     if dy is not None:
-        _, saved = read_forward(weights, momentum, tape, q, coeffs, residual_norm)
+        if saved is None:
+            saved = read_forward(weights, momentum, tape, q, coeffs, residual_norm)[1]
         dq, dact, ddelta, wpairs, spairs, rows = _read_backward(
             weights, momentum, tape, saved, coeffs, dy, residual_norm
         )

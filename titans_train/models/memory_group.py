@@ -58,7 +58,9 @@ def scan_group(
     keep: bool = False,
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor], list[Tensor]]:
     """``scan_chunks``'s (reads, final M, final S), and with ``keep`` every chunk's start state
-    (after a reset) as one flat list: chunk 0's W per layer, then its S per layer, chunk 1's..."""
+    (after a reset) as one flat list: chunk 0's W per layer, then its S per layer, then (with
+    reads) its forward intermediates for the backward (``KeysTape.tensors``, the reads' saved
+    tensors), then chunk 1's..."""
     C, L = k.shape[1] // chunk, len(weights)
     per_chunk = _chunk_coeffs(coeffs, L)
     ks, vs, qs = (_chunks(t, C) for t in (k, v, q))
@@ -72,7 +74,10 @@ def scan_group(
         tape = KeysTape(weights, ks[c], vs[c], residual_norm)
         if q is not None:
             co = [x[0] for x in per_chunk[c]]
-            reads.append(read_forward(weights, momentum, tape, qs[c], co, residual_norm)[0])
+            y, saved = read_forward(weights, momentum, tape, qs[c], co, residual_norm)
+            reads.append(y)
+            if keep:
+                starts += [*tape.tensors(), *(t for layer in saved for t in layer)]
         new_w, new_s = commit(weights, momentum, tape, [x[1] for x in per_chunk[c]])
         if holds[c]:
             done = flags.commit[:, c, None, None]
@@ -108,8 +113,15 @@ def group_backward(
     gs = [torch.zeros_like(w) if g is None else g for g, w in zip(dsn, starts[L : 2 * L])]
     dm0 = [None] * L
     dk, dv, dq, rows, ends = ([None] * C for _ in range(5))
+    per = len(starts) // C  # tensors kept per chunk: the state, and maybe the intermediates
     for c in range(C - 1, -1, -1):
-        W, S = starts[2 * L * c : 2 * L * c + L], starts[2 * L * c + L : 2 * L * (c + 1)]
+        mine = starts[per * c : per * (c + 1)]
+        W, S, rest = mine[:L], mine[L : 2 * L], mine[2 * L :]
+        tape = saved = None
+        if rest:
+            n_tape = len(rest) - 6 * L
+            tape = KeysTape.restore(W, ks[c], rest[:n_tape], residual_norm)
+            saved = [tuple(rest[n_tape + 6 * l : n_tape + 6 * (l + 1)]) for l in range(L)]
         co, co_end = [x[0] for x in per_chunk[c]], [x[1] for x in per_chunk[c]]
         pw = ps = [None] * L
         if holds[c]:  # an uncommitted chunk hands dM', dS' to its start state untouched
@@ -117,7 +129,7 @@ def group_backward(
             pw, ps = ([torch.where(keep, 0.0, x) for x in g] for g in (gw, gs))
             gw, gs = ([torch.where(keep, x, 0.0) for x in g] for g in (gw, gs))
         gw, gs, dk[c], dv[c], dq[c], rows[c], ends[c] = chunk_backward(
-            W, S, ks[c], vs[c], qs[c], co, co_end, residual_norm, dys[c], gw, gs
+            W, S, ks[c], vs[c], qs[c], co, co_end, residual_norm, dys[c], gw, gs, tape, saved
         )
         if holds[c]:
             gw, gs = [a + b for a, b in zip(gw, pw)], [a + b for a, b in zip(gs, ps)]
