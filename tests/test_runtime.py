@@ -294,6 +294,7 @@ def test_resume_protects_the_maths_not_the_runtime_or_worker_count():
         "runtime.activation_checkpointing: False -> True",
         "runtime.attn_backend: 'auto' -> 'sdpa'",
         "runtime.memory_backend: 'eager' -> 'auto'",
+        "runtime.memory_checkpoint_budget_mb: None -> 256.0",  # a key added since: allowed
     ]
     now.model.dim, now.data.seed = 96, 1
     protected, _ = config_diff(upgrade_legacy(legacy_layout(saved)), public_dict(now))

@@ -103,6 +103,7 @@ class TitansLM(nn.Module):
             )
         if doc_starts is not None and _one_document(doc_starts, state):
             doc_starts = None  # the plain path computes the same, faster
+        self._plan_memory_checkpointing(*tokens.shape)
         x = self.embed(tokens)
         new_states = []
         for i, block in enumerate(self.blocks):
@@ -115,6 +116,17 @@ class TitansLM(nn.Module):
                 logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100
             )
         return LMOutput(logits, loss, LMState(new_states))
+
+    def _plan_memory_checkpointing(self, batch: int, tokens: int) -> None:
+        """Checkpoint the memories' chunk loops this call only if the states they would keep
+        exceed ``runtime.memory_checkpoint_budget_mb``: a memory call cannot decide it (MAC calls
+        it per segment). Set on the modules, so a block recomputed in backward decides alike."""
+        mems = [m for m in self.modules() if isinstance(m, NeuralMemory)]
+        tokens += self.cfg.num_persistent  # written first by MAG/MAL/LMM: an upper bound
+        total = sum(m.chunk_state_bytes(batch, tokens) for m in mems)
+        active = total > self.runtime.memory_checkpoint_budget_mb * 2**20
+        for m in mems:
+            m.checkpoint_active = active
 
     @torch.no_grad()
     def generate(

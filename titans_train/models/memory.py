@@ -67,6 +67,9 @@ class NeuralMemory(DocumentsMixin, nn.Module):
         self.residual_norm = residual_norm
         self.forget_bias = forget_bias  # initial pre-sigmoid bias of alpha (reset_parameters)
         self.checkpoint_group = checkpoint_group  # chunks per activation-checkpoint group; 0 = off
+        # False: keep every chunk's state this call (no checkpointing), whatever checkpoint_group
+        # says; set per call by TitansLM.forward from the sequence's size (``checkpointing``).
+        self.checkpoint_active: bool | None = None
         self.backend = backend  # eager | compile | triton | auto (resolved per device and call)
         self.n_gates = depth if per_layer_gates else 1
         d = self.head_dim
@@ -105,6 +108,28 @@ class NeuralMemory(DocumentsMixin, nn.Module):
         bias[0].fill_(-2.0)
         bias[1].fill_(0.0)
         bias[2].fill_(self.forget_bias)
+
+    @property
+    def checkpoint_group(self) -> int:
+        """Chunks per checkpoint group for this call: 0 when ``checkpoint_active`` is False."""
+        return 0 if self.checkpoint_active is False else self._checkpoint_group
+
+    @checkpoint_group.setter
+    def checkpoint_group(self, value: int) -> None:
+        self._checkpoint_group = value
+
+    def chunk_state_bytes(self, batch: int, tokens: int) -> int:
+        """Bytes a training forward over ``tokens`` tokens keeps for backward when it does not
+        checkpoint: per chunk, M and S of every layer and the chunk's intermediates (the memory
+        on the keys, its errors, the reads: ``memory_group.scan_group``)."""
+        dims = [self.head_dim] + [w.shape[-1] for w in self.init_weights]
+        n, L = self.chunk_size, self.depth
+        hidden, ins, outs = sum(dims[1:-1]), sum(dims[:-1]), sum(dims[1:])
+        per_token = 2 * hidden + 2 * outs + ins + 3 * outs + 2 * n * L
+        per_token += 2 * dims[-1] + 2 if self.residual_norm else 0
+        per_chunk = 2 * sum(w[0].numel() for w in self.init_weights) + n * per_token
+        size = max(self.init_weights[0].element_size(), 4)  # the inner loop is fp32 at least
+        return batch * self.heads * per_chunk * size * -(-tokens // n)
 
     # -- helpers -----------------------------------------------------------------------------
     def _heads(self, x: Tensor) -> Tensor:

@@ -7,7 +7,9 @@ import contextlib
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
+from .memory_group import group_forward, group_grads, split_inputs
 from .memory_math import (
     DocFlags,
     apply_reset,
@@ -49,6 +51,16 @@ def loop_threads(k: Tensor, chunk: int, weights: list[Tensor]):
         torch.set_num_threads(old)
 
 
+def loop_shards(k: Tensor, chunk: int, weights: list[Tensor]) -> int:
+    """Threads to split a small CPU chunk loop's groups over: the caller's intra-op thread count
+    (each shard then runs on one thread, see ``loop_threads``), at most one per group."""
+    threads = torch.get_num_threads()
+    small = k.shape[0] * chunk * max(w.shape[-1] for w in weights) <= SINGLE_THREAD_ELEMENTS
+    if k.device.type != "cpu" or not small:
+        return 1
+    return max(1, min(threads, k.shape[0]))
+
+
 class _CheckpointedChunks(torch.autograd.Function):
     """Activation checkpointing for a group of chunks: the forward runs without autograd and keeps
     only its inputs (M and S at the group start, the group's k/v/q/gates, document flags); the
@@ -82,6 +94,41 @@ class _CheckpointedChunks(torch.autograd.Function):
         return (None, None, None, None, *(t.grad if t.requires_grad else None for t in inputs))
 
 
+class _HandChunks(torch.autograd.Function):
+    """A group of whole chunks on the eager path with the hand-written backward
+    (``memory_group``): the forward runs without autograd; the backward walks the chunks in
+    reverse in plain ops, without a graph. With ``keep`` the forward saves every chunk's start
+    state; otherwise only the group's inputs (activation checkpointing) and the backward rebuilds
+    the states with one more forward of the commits (no reads). ``how`` = (keep, shards): the
+    groups G split over ``shards`` threads (``loop_shards``). Same inputs and outputs as
+    ``_CheckpointedChunks``."""
+
+    @staticmethod
+    def forward(ctx, n_layers: int, chunk: int, residual_norm: bool, how: tuple, *inputs):
+        keep, shards = how
+        keep = keep and any(ctx.needs_input_grad)  # without autograd nothing is kept
+        y, w, s, states = group_forward(inputs, n_layers, chunk, residual_norm, keep,
+                                        shards=shards)  # fmt: skip
+        ctx.meta = (n_layers, chunk, residual_norm, len(inputs), shards)
+        ctx.save_for_backward(*inputs, *states)
+        return (y, *w, *s)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        n_layers, chunk, residual_norm, n_inputs, shards = ctx.meta
+        saved = ctx.saved_tensors
+        inputs, states = saved[:n_inputs], list(saved[n_inputs:])
+        k, weights = inputs[2 * n_layers], inputs[:n_layers]
+        # fp32 as in the forward, whatever autocast the backward runs under (thread-local state)
+        with autocast_off(k.device.type), loop_threads(k, chunk, weights):
+            out = group_grads(inputs, states, n_layers, chunk, residual_norm, grads, shards)
+        if len(inputs) > 2 * n_layers + 8:
+            out += [None, None]  # reset, commit
+        need = ctx.needs_input_grad[4:]
+        return (None, None, None, None, *(g if n else None for g, n in zip(out, need)))
+
+
 def flatten_flags(flags: DocFlags | None) -> list[Tensor]:
     return [] if flags is None else [*flags.init, flags.reset, flags.commit]
 
@@ -89,21 +136,21 @@ def flatten_flags(flags: DocFlags | None) -> list[Tensor]:
 def _scan_flat(inputs, n_layers: int, chunk: int, residual_norm: bool, compiled: bool):
     """Inputs: M (L), S (L), k, v, q, the 5 coefficient fields, then optionally M_0 (L), reset
     and commit (``flatten_flags``)."""
-    weights, momentum = list(inputs[:n_layers]), list(inputs[n_layers : 2 * n_layers])
-    k, v, q, *rest = inputs[2 * n_layers :]
-    coeffs, extra = rest[:5], rest[5:]
-    flags = DocFlags(list(extra[:n_layers]), *extra[n_layers:]) if extra else None
+    weights, momentum, k, v, q, coeffs, flags = split_inputs(inputs, n_layers)
     return scan_chunks(weights, momentum, k, v, q, coeffs, chunk, residual_norm, compiled, flags)
 
 
-def _runners(triton: bool):
-    """(scan without autograd, checkpointed group Function) of the eager or the kernel path."""
-    if not triton:
-        return scan_chunks, _CheckpointedChunks
-    from .kernels.memory_triton import scan_chunks_triton
-    from .kernels.memory_triton_autograd import TritonChunks
+def _runners(triton: bool, compiled: bool, checkpoint: bool, shards: int = 1):
+    """(scan without autograd, group Function, its fourth argument) of the kernel, compiled or
+    eager path. The eager group keeps its chunk states unless checkpointing."""
+    if triton:
+        from .kernels.memory_triton import scan_chunks_triton
+        from .kernels.memory_triton_autograd import TritonChunks
 
-    return scan_chunks_triton, TritonChunks
+        return scan_chunks_triton, TritonChunks, False
+    if compiled:
+        return scan_chunks, _CheckpointedChunks, True
+    return scan_chunks, _HandChunks, (not checkpoint, shards)
 
 
 def memory_scan(
@@ -135,25 +182,31 @@ def memory_scan(
     ``triton`` runs full chunks in the fused kernels (``kernels.memory_triton``, fwd and bwd).
     Returns (reads [G, N, d] or None, weights, momentum).
     """
+    shards = loop_shards(k, chunk, weights)
     with loop_threads(k, chunk, weights):
         return _memory_scan(
             weights, momentum, k, v, q, theta, log_eta, log_keep, chunk, residual_norm,
-            checkpoint_group, compiled, flags, triton,
+            checkpoint_group, compiled, flags, triton, shards,
         )  # fmt: skip
 
 
 def _memory_scan(
     weights, momentum, k, v, q, theta, log_eta, log_keep, chunk, residual_norm,
-    checkpoint_group, compiled, flags, triton=False,
+    checkpoint_group, compiled, flags, triton=False, shards=1,
 ):  # fmt: skip
     N = k.shape[1]
     end = N - N % chunk
     reads = []
     if end:
         train = q is not None and torch.is_grad_enabled()
-        grouped = (checkpoint_group > 0 or triton) and train  # the kernels train per group
-        span = chunk * (checkpoint_group or end // chunk)
-        scan, group_fn = _runners(triton and (train or not torch.is_grad_enabled()))
+        checkpoint = checkpoint_group > 0
+        eager = not (triton or compiled) and q is not None  # the hand-written backward
+        # The kernels train per group, the eager path always runs as groups (with autograd or
+        # not), compile only to checkpoint. Without checkpointing the span is one group.
+        grouped = eager or ((checkpoint or triton) and train)
+        span = chunk * (checkpoint_group if checkpoint else end // chunk)
+        use_kernel = triton and (train or not torch.is_grad_enabled())
+        scan, group_fn, fourth = _runners(use_kernel, compiled, checkpoint, shards)
         coeffs = span_coeffs(theta[:, :end], log_eta[:, :end], log_keep[:, :end], chunk)
         whole = None if flags is None else flags.chunks(0, end // chunk)
         if not grouped:
@@ -174,7 +227,7 @@ def _memory_scan(
             for args in zip(*parts):
                 if whole is not None:
                     args = (*args[:8], *args[8], *args[9:])
-                out = group_fn.apply(n, chunk, residual_norm, compiled, *weights, *momentum, *args)
+                out = group_fn.apply(n, chunk, residual_norm, fourth, *weights, *momentum, *args)
                 reads.append(out[0])
                 weights, momentum = list(out[1 : 1 + n]), list(out[1 + n :])
     if end < N and flags is not None:  # a document starting in the partial chunk restarts here

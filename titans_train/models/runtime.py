@@ -40,6 +40,10 @@ class RuntimeConfig:
     # one more forward of the inner loop). See docs/memory.md.
     memory_checkpoint_group: int = 16
     activation_checkpointing: bool = False  # recompute each block in backward
+    # TitansLM checkpoints the memories' chunk loops only when the chunk states a forward would
+    # otherwise keep (M and S per chunk, every memory layer, estimated from batch and length)
+    # exceed this many MiB; below it it keeps them and saves the recompute. 0: always checkpoint.
+    memory_checkpoint_budget_mb: float = 256.0  # (last: fields are positional)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -56,6 +60,8 @@ class RuntimeConfig:
             bad("memory_backend", "triton is not installed (pip install triton); or use auto")
         if self.memory_checkpoint_group < 0:
             bad("memory_checkpoint_group", "must be >= 0 (0 = off)")
+        if not self.memory_checkpoint_budget_mb >= 0:
+            bad("memory_checkpoint_budget_mb", "must be >= 0 (0 = always checkpoint)")
 
 
 def legacy_runtime_values(

@@ -1,0 +1,259 @@
+"""A group of whole chunks on the eager path with the hand-written backward (``memory_backward``):
+``scan_group`` (the forward, chunk by chunk) and ``group_backward`` (the chunks in reverse, each
+recomputed from its start state and back-propagated by hand, without an autograd graph).
+
+Inputs as ``memory_math.scan_chunks``: weights and momentum per layer [G, d_{l-1}, d_l], k/v/q
+[G, N, d] with N a multiple of ``chunk``, the five coefficient fields [P, G, C, n(, n)] of
+``span_coeffs`` and optionally ``DocFlags``. ``group_forward`` / ``group_grads`` take them as
+one flat list (``memory_scan._scan_flat``'s layout) and may split the groups G over threads.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .memory_backward import KeysTape, _add, chunk_backward, commit, read_forward
+from .memory_math import ChunkCoeffs, DocFlags, apply_reset
+
+
+def _chunk_coeffs(coeffs: list[Tensor], n_layers: int) -> list[list[tuple]]:
+    """Per chunk, per layer: (read coefficients ``ChunkCoeffs`` [G, n(, n)], commit coefficients
+    (b0, c0, e0) [G, 1, 1] and the last rows of c_theta, e_theta [G, n, 1])."""
+    P = coeffs[0].shape[0]
+    sets = []
+    for p in range(P):
+        b0, e0, c0, ct, et = (f[p] for f in coeffs)
+        reads = [ChunkCoeffs(*fs) for fs in zip(*(f.unbind(1) for f in (b0, e0, c0, ct, et)))]
+        scalars = [x[..., -1, None, None].unbind(1) for x in (b0, c0, e0)]
+        rows = [x[..., -1, :, None].unbind(1) for x in (ct, et)]
+        sets.append(list(zip(reads, zip(*scalars, *rows))))
+    return [[sets[min(l, P - 1)][c] for l in range(n_layers)] for c in range(b0.shape[1])]
+
+
+def _flags_lists(flags: DocFlags | None, C: int) -> tuple[list[bool], list[bool]]:
+    """(a reset before chunk c in some group, chunk c uncommitted in some group), read once."""
+    if flags is None:
+        return [False] * C, [False] * C
+    return flags.reset.any(0).tolist(), (~flags.commit).any(0).tolist()
+
+
+def _chunks(t: Tensor | None, C: int) -> list:
+    return [None] * C if t is None else list(t.view(t.shape[0], C, -1, t.shape[-1]).unbind(1))
+
+
+def scan_group(
+    weights: list[Tensor],
+    momentum: list[Tensor],
+    k: Tensor,
+    v: Tensor,
+    q: Tensor | None,
+    coeffs: list[Tensor],
+    chunk: int,
+    residual_norm: bool,
+    flags: DocFlags | None = None,
+    keep: bool = False,
+) -> tuple[Tensor | None, list[Tensor], list[Tensor], list[Tensor]]:
+    """``scan_chunks``'s (reads, final M, final S), and with ``keep`` every chunk's start state
+    (after a reset) as one flat list: chunk 0's W per layer, then its S per layer, then (with
+    reads) its forward intermediates for the backward (``KeysTape.tensors``, the reads' saved
+    tensors), then chunk 1's..."""
+    C, L = k.shape[1] // chunk, len(weights)
+    per_chunk = _chunk_coeffs(coeffs, L)
+    ks, vs, qs = (_chunks(t, C) for t in (k, v, q))
+    resets, holds = _flags_lists(flags, C)
+    starts, reads = [], []
+    for c in range(C):
+        if resets[c]:
+            weights, momentum = apply_reset(weights, momentum, flags, c)
+        if keep:
+            starts += [*weights, *momentum]
+        tape = KeysTape(weights, ks[c], vs[c], residual_norm)
+        if q is not None:
+            co = [x[0] for x in per_chunk[c]]
+            y, saved = read_forward(weights, momentum, tape, qs[c], co, residual_norm)
+            reads.append(y)
+            if keep:
+                starts += [*tape.tensors(), *(t for layer in saved for t in layer)]
+        new_w, new_s = commit(weights, momentum, tape, [x[1] for x in per_chunk[c]])
+        if holds[c]:
+            done = flags.commit[:, c, None, None]
+            new_w = [torch.where(done, a, b) for a, b in zip(new_w, weights)]
+            new_s = [torch.where(done, a, b) for a, b in zip(new_s, momentum)]
+        weights, momentum = new_w, new_s
+    y = None if q is None else torch.cat(reads, 1)
+    return y, weights, momentum, starts
+
+
+def group_backward(
+    starts: list[Tensor],
+    k: Tensor,
+    v: Tensor,
+    q: Tensor,
+    coeffs: list[Tensor],
+    chunk: int,
+    residual_norm: bool,
+    flags: DocFlags | None,
+    dy: Tensor | None,
+    dwn: list[Tensor | None],
+    dsn: list[Tensor | None],
+) -> list[Tensor | None]:
+    """Gradients of (M, S at the group start, k, v, q, the five coefficient fields[, M_0])
+    from those of (reads, final M, final S); ``starts`` from ``scan_group``. The chunks run in
+    reverse, each recomputed from its start state and back-propagated by hand in one pass."""
+    G, N, d = k.shape
+    C, L = N // chunk, len(dwn)
+    per_chunk = _chunk_coeffs(coeffs, L)
+    ks, vs, qs, dys = (_chunks(t, C) for t in (k, v, q, dy))
+    resets, holds = _flags_lists(flags, C)
+    gw = [torch.zeros_like(w) if g is None else g for g, w in zip(dwn, starts[:L])]
+    gs = [torch.zeros_like(w) if g is None else g for g, w in zip(dsn, starts[L : 2 * L])]
+    dm0 = [None] * L
+    dk, dv, dq, rows, ends = ([None] * C for _ in range(5))
+    per = len(starts) // C  # tensors kept per chunk: the state, and maybe the intermediates
+    for c in range(C - 1, -1, -1):
+        mine = starts[per * c : per * (c + 1)]
+        W, S, rest = mine[:L], mine[L : 2 * L], mine[2 * L :]
+        tape = saved = None
+        if rest:
+            n_tape = len(rest) - 6 * L
+            tape = KeysTape.restore(W, ks[c], rest[:n_tape], residual_norm)
+            saved = [tuple(rest[n_tape + 6 * l : n_tape + 6 * (l + 1)]) for l in range(L)]
+        co, co_end = [x[0] for x in per_chunk[c]], [x[1] for x in per_chunk[c]]
+        pw = ps = [None] * L
+        if holds[c]:  # an uncommitted chunk hands dM', dS' to its start state untouched
+            keep = flags.commit[:, c, None, None]
+            pw, ps = ([torch.where(keep, 0.0, x) for x in g] for g in (gw, gs))
+            gw, gs = ([torch.where(keep, x, 0.0) for x in g] for g in (gw, gs))
+        gw, gs, dk[c], dv[c], dq[c], rows[c], ends[c] = chunk_backward(
+            W, S, ks[c], vs[c], qs[c], co, co_end, residual_norm, dys[c], gw, gs, tape, saved
+        )
+        if holds[c]:
+            gw, gs = [a + b for a, b in zip(gw, pw)], [a + b for a, b in zip(gs, ps)]
+        if resets[c]:  # M restarted at M_0 here: its gradient goes to M_0, none further back
+            r = flags.reset[:, c, None, None]
+            dm0 = [_add(m, torch.where(r, x, 0.0)) for m, x in zip(dm0, gw)]
+            gw, gs = ([torch.where(r, 0.0, x) for x in g] for g in (gw, gs))
+
+    grads = [*gw, *gs, torch.cat(dk, 1), torch.cat(dv, 1)]
+    grads += [None if dy is None else torch.cat(dq, 1), *_coeff_grads(coeffs, rows, ends)]
+    if flags is not None:
+        grads += [m if m is not None else torch.zeros_like(w) for m, w in zip(dm0, flags.init)]
+    return grads
+
+
+def _coeff_grads(coeffs: list[Tensor], rows: list, ends: list) -> list[Tensor]:
+    """The five coefficient fields' gradients [P, G, C, n(, n)] from per chunk: the reads' rows
+    (d b0, d c0, d c_theta per layer; None without reads) and the commits' last entries and rows
+    (per layer: d b0, d c0, d e0 [G]; d c_theta, d e_theta [G, n]), summed over the layers that
+    share a gate set."""
+    P, n, L = coeffs[0].shape[0], coeffs[0].shape[-1], len(ends[0])
+    out = [[] for _ in range(5)]
+    for p in range(P):
+        layers = [l for l in range(L) if min(l, P - 1) == p]
+        # [G, C(, n)] per field: the commit's ends, then the reads' rows
+        e = [torch.stack([sum(ch[l][i] for l in layers) for ch in ends], 1) for i in range(5)]
+        r = [None] * 3
+        if rows[0] is not None:
+            r = [torch.stack([sum(ch[i][l] for l in layers) for ch in rows], 1) for i in range(3)]
+        out[0].append(_add(r[0], F.pad(e[0][..., None], (n - 1, 0))))  # b0
+        out[1].append(F.pad(e[2][..., None], (n - 1, 0)))  # e0
+        out[2].append(_add(r[1], F.pad(e[1][..., None], (n - 1, 0))))  # c0
+        out[3].append(_add(r[2], F.pad(e[3][..., None, :], (0, 0, n - 1, 0))))  # c_theta
+        out[4].append(F.pad(e[4][..., None, :], (0, 0, n - 1, 0)))  # e_theta
+    return [torch.stack(f, 0) for f in out]
+
+
+def split_inputs(inputs, n_layers: int):
+    """The flat layout M (L), S (L), k, v, q, the five coefficient fields, then optionally M_0 (L),
+    reset, commit -> (M, S, k, v, q, coefficient fields, DocFlags or None)."""
+    weights, momentum = list(inputs[:n_layers]), list(inputs[n_layers : 2 * n_layers])
+    k, v, q, *rest = inputs[2 * n_layers :]
+    coeffs, extra = list(rest[:5]), rest[5:]
+    flags = DocFlags(list(extra[:n_layers]), *extra[n_layers:]) if extra else None
+    return weights, momentum, k, v, q, coeffs, flags
+
+
+def group_forward(inputs, n_layers: int, chunk: int, residual_norm: bool, keep: bool,
+                  reads: bool = True, shards: int = 1):  # fmt: skip
+    """``scan_group`` on the flat inputs; with ``shards`` > 1 the groups G are split over as
+    many threads (the chunk loops of different groups are independent)."""
+
+    def one(part):
+        W, S, k, v, q, co, fl = split_inputs(part, n_layers)
+        return scan_group(W, S, k, v, q if reads else None, co, chunk, residual_norm, fl, keep)
+
+    if shards == 1:
+        return one(inputs)
+    res = _in_threads(one, [_take(inputs, n_layers, sl) for sl in _slices(inputs, shards)])
+    y = None if res[0][0] is None else torch.cat([r[0] for r in res])
+    w = [torch.cat([r[1][l] for r in res]) for l in range(n_layers)]
+    s = [torch.cat([r[2][l] for r in res]) for l in range(n_layers)]
+    return y, w, s, [t for r in res for t in r[3]]
+
+
+def group_grads(inputs, starts: list, n_layers: int, chunk: int, residual_norm: bool, grads,
+                shards: int = 1) -> list:  # fmt: skip
+    """``group_backward`` on the flat inputs and the gradients of (reads, M', S'); ``starts``
+    from ``group_forward`` (empty: rebuilt here). Split over threads as ``group_forward``."""
+
+    def one(arg):
+        part, st, g = arg
+        W, S, k, v, q, co, fl = split_inputs(part, n_layers)
+        if not st:
+            st = scan_group(W, S, k, v, None, co, chunk, residual_norm, fl, True)[3]
+        dw, ds = list(g[1 : 1 + n_layers]), list(g[1 + n_layers :])
+        return group_backward(st, k, v, q, co, chunk, residual_norm, fl, g[0], dw, ds)
+
+    if shards == 1:
+        return one((inputs, starts, grads))
+    per = len(starts) // shards
+    args = [
+        (_take(inputs, n_layers, sl), starts[i * per : (i + 1) * per],
+         [None if g is None else g[sl] for g in grads])
+        for i, sl in enumerate(_slices(inputs, shards))
+    ]  # fmt: skip
+    res = _in_threads(one, args)
+    coeff = range(2 * n_layers + 3, 2 * n_layers + 8)  # [P, G, ...]: groups on dim 1
+    return [
+        None if r[0] is None else torch.cat(list(r), 1 if j in coeff else 0)
+        for j, r in enumerate(zip(*res))
+    ]
+
+
+def _slices(inputs, shards: int) -> list[slice]:
+    G = inputs[0].shape[0]
+    sizes = [G // shards + (i < G % shards) for i in range(shards)]
+    ends = [sum(sizes[: i + 1]) for i in range(shards)]
+    return [slice(e - n, e) for e, n in zip(ends, sizes)]
+
+
+def _take(inputs, n_layers: int, sl: slice) -> list:
+    """The inputs of groups ``sl`` (the coefficient fields hold G on dim 1)."""
+    coeff = range(2 * n_layers + 3, 2 * n_layers + 8)
+    return [t[:, sl] if i in coeff else t[sl] for i, t in enumerate(inputs)]
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _in_threads(fn, args: list) -> list:
+    """[fn(a) for a in args]: the first here, the others in worker threads, each on one intra-op
+    thread. aten ops release the GIL, so the threads overlap all but the Python between ops."""
+    global _POOL
+    if _POOL is None or _POOL._max_workers < len(args) - 1:
+        _POOL = ThreadPoolExecutor(len(args) - 1, thread_name_prefix="titans-memory")
+    inference = torch.is_inference_mode_enabled()
+    futures = [_POOL.submit(_worker, fn, a, inference) for a in args[1:]]
+    return [fn(args[0]), *(f.result() for f in futures)]
+
+
+def _worker(fn, arg, inference: bool):
+    # grad mode, inference mode and the OpenMP thread count are per thread
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    with torch.inference_mode(inference), torch.no_grad():
+        return fn(arg)
