@@ -40,15 +40,14 @@ def make_inputs(depth: int, P: int, flags: bool, G=3, C=4, n=4, d=5, h=7, seed=0
     return leaves, fl
 
 
-def outputs_and_grads(leaves, fl, depth, n, rn, impl, keep=True, shards=1):
+def outputs_and_grads(leaves, fl, depth, n, rn, impl, keep=True):
     W, S = leaves[:depth], leaves[depth : 2 * depth]
     k, v, q, theta, log_eta, log_keep = leaves[2 * depth : 2 * depth + 6]
     co = span_coeffs(theta, log_eta, log_keep, n)
     if impl == "autograd":
         y, w, s = scan_chunks(W, S, k, v, q, co, n, rn, False, fl)
     else:
-        how = (keep, shards)
-        out = _HandChunks.apply(depth, n, rn, how, *W, *S, k, v, q, *co, *flatten_flags(fl))
+        out = _HandChunks.apply(depth, n, rn, keep, *W, *S, k, v, q, *co, *flatten_flags(fl))
         y, w, s = out[0], out[1 : 1 + depth], out[1 + depth :]
     g = torch.Generator().manual_seed(7)
     outs = [y, *w, *s]
@@ -71,18 +70,6 @@ def test_hand_backward_equals_autograd(depth, gates, rn, flags, keep):
     for i, (a, b) in enumerate(zip(gref, ggot)):
         assert b is not None, f"no gradient for input {i}"
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10, msg=f"input {i}")
-
-
-@pytest.mark.parametrize("shards", [2, 3])
-def test_groups_split_over_threads_give_the_same_results(shards):
-    """loop_shards: the groups G run in threads; outputs and gradients are those of one thread
-    (to rounding: a matmul over fewer groups may take another kernel path)."""
-    leaves, fl = make_inputs(2, 2, True, G=5)
-    for keep in (True, False):
-        ref, gref = outputs_and_grads(leaves, fl, 2, 4, True, "hand", keep)
-        got, ggot = outputs_and_grads(leaves, fl, 2, 4, True, "hand", keep, shards)
-        for a, b in zip([*ref, *gref], [*got, *ggot]):
-            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
 
 
 def test_hand_backward_depth_3():

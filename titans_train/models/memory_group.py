@@ -4,13 +4,10 @@ recomputed from its start state and back-propagated by hand, without an autograd
 
 Inputs as ``memory_math.scan_chunks``: weights and momentum per layer [G, d_{l-1}, d_l], k/v/q
 [G, N, d] with N a multiple of ``chunk``, the five coefficient fields [P, G, C, n(, n)] of
-``span_coeffs`` and optionally ``DocFlags``. ``group_forward`` / ``group_grads`` take them as
-one flat list (``memory_scan._scan_flat``'s layout) and may split the groups G over threads.
+``span_coeffs`` and optionally ``DocFlags``.
 """
 
 from __future__ import annotations
-
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -165,95 +162,3 @@ def _coeff_grads(coeffs: list[Tensor], rows: list, ends: list) -> list[Tensor]:
         out[3].append(_add(r[2], F.pad(e[3][..., None, :], (0, 0, n - 1, 0))))  # c_theta
         out[4].append(F.pad(e[4][..., None, :], (0, 0, n - 1, 0)))  # e_theta
     return [torch.stack(f, 0) for f in out]
-
-
-def split_inputs(inputs, n_layers: int):
-    """The flat layout M (L), S (L), k, v, q, the five coefficient fields, then optionally M_0 (L),
-    reset, commit -> (M, S, k, v, q, coefficient fields, DocFlags or None)."""
-    weights, momentum = list(inputs[:n_layers]), list(inputs[n_layers : 2 * n_layers])
-    k, v, q, *rest = inputs[2 * n_layers :]
-    coeffs, extra = list(rest[:5]), rest[5:]
-    flags = DocFlags(list(extra[:n_layers]), *extra[n_layers:]) if extra else None
-    return weights, momentum, k, v, q, coeffs, flags
-
-
-def group_forward(inputs, n_layers: int, chunk: int, residual_norm: bool, keep: bool,
-                  reads: bool = True, shards: int = 1):  # fmt: skip
-    """``scan_group`` on the flat inputs; with ``shards`` > 1 the groups G are split over as
-    many threads (the chunk loops of different groups are independent)."""
-
-    def one(part):
-        W, S, k, v, q, co, fl = split_inputs(part, n_layers)
-        return scan_group(W, S, k, v, q if reads else None, co, chunk, residual_norm, fl, keep)
-
-    if shards == 1:
-        return one(inputs)
-    res = _in_threads(one, [_take(inputs, n_layers, sl) for sl in _slices(inputs, shards)])
-    y = None if res[0][0] is None else torch.cat([r[0] for r in res])
-    w = [torch.cat([r[1][l] for r in res]) for l in range(n_layers)]
-    s = [torch.cat([r[2][l] for r in res]) for l in range(n_layers)]
-    return y, w, s, [t for r in res for t in r[3]]
-
-
-def group_grads(inputs, starts: list, n_layers: int, chunk: int, residual_norm: bool, grads,
-                shards: int = 1) -> list:  # fmt: skip
-    """``group_backward`` on the flat inputs and the gradients of (reads, M', S'); ``starts``
-    from ``group_forward`` (empty: rebuilt here). Split over threads as ``group_forward``."""
-
-    def one(arg):
-        part, st, g = arg
-        W, S, k, v, q, co, fl = split_inputs(part, n_layers)
-        if not st:
-            st = scan_group(W, S, k, v, None, co, chunk, residual_norm, fl, True)[3]
-        dw, ds = list(g[1 : 1 + n_layers]), list(g[1 + n_layers :])
-        return group_backward(st, k, v, q, co, chunk, residual_norm, fl, g[0], dw, ds)
-
-    if shards == 1:
-        return one((inputs, starts, grads))
-    per = len(starts) // shards
-    args = [
-        (_take(inputs, n_layers, sl), starts[i * per : (i + 1) * per],
-         [None if g is None else g[sl] for g in grads])
-        for i, sl in enumerate(_slices(inputs, shards))
-    ]  # fmt: skip
-    res = _in_threads(one, args)
-    coeff = range(2 * n_layers + 3, 2 * n_layers + 8)  # [P, G, ...]: groups on dim 1
-    return [
-        None if r[0] is None else torch.cat(list(r), 1 if j in coeff else 0)
-        for j, r in enumerate(zip(*res))
-    ]
-
-
-def _slices(inputs, shards: int) -> list[slice]:
-    G = inputs[0].shape[0]
-    sizes = [G // shards + (i < G % shards) for i in range(shards)]
-    ends = [sum(sizes[: i + 1]) for i in range(shards)]
-    return [slice(e - n, e) for e, n in zip(ends, sizes)]
-
-
-def _take(inputs, n_layers: int, sl: slice) -> list:
-    """The inputs of groups ``sl`` (the coefficient fields hold G on dim 1)."""
-    coeff = range(2 * n_layers + 3, 2 * n_layers + 8)
-    return [t[:, sl] if i in coeff else t[sl] for i, t in enumerate(inputs)]
-
-
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _in_threads(fn, args: list) -> list:
-    """[fn(a) for a in args]: the first here, the others in worker threads, each on one intra-op
-    thread. aten ops release the GIL, so the threads overlap all but the Python between ops."""
-    global _POOL
-    if _POOL is None or _POOL._max_workers < len(args) - 1:
-        _POOL = ThreadPoolExecutor(len(args) - 1, thread_name_prefix="titans-memory")
-    inference = torch.is_inference_mode_enabled()
-    futures = [_POOL.submit(_worker, fn, a, inference) for a in args[1:]]
-    return [fn(args[0]), *(f.result() for f in futures)]
-
-
-def _worker(fn, arg, inference: bool):
-    # grad mode, inference mode and the OpenMP thread count are per thread
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
-    with torch.inference_mode(inference), torch.no_grad():
-        return fn(arg)

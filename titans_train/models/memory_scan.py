@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .memory_group import group_forward, group_grads, split_inputs
+from .memory_group import group_backward, scan_group
 from .memory_math import (
     DocFlags,
     apply_reset,
@@ -51,16 +51,6 @@ def loop_threads(k: Tensor, chunk: int, weights: list[Tensor]):
         torch.set_num_threads(old)
 
 
-def loop_shards(k: Tensor, chunk: int, weights: list[Tensor]) -> int:
-    """Threads to split a small CPU chunk loop's groups over: the caller's intra-op thread count
-    (each shard then runs on one thread, see ``loop_threads``), at most one per group."""
-    threads = torch.get_num_threads()
-    small = k.shape[0] * chunk * max(w.shape[-1] for w in weights) <= SINGLE_THREAD_ELEMENTS
-    if k.device.type != "cpu" or not small:
-        return 1
-    return max(1, min(threads, k.shape[0]))
-
-
 class _CheckpointedChunks(torch.autograd.Function):
     """Activation checkpointing for a group of chunks: the forward runs without autograd and keeps
     only its inputs (M and S at the group start, the group's k/v/q/gates, document flags); the
@@ -99,34 +89,49 @@ class _HandChunks(torch.autograd.Function):
     (``memory_group``): the forward runs without autograd; the backward walks the chunks in
     reverse in plain ops, without a graph. With ``keep`` the forward saves every chunk's start
     state; otherwise only the group's inputs (activation checkpointing) and the backward rebuilds
-    the states with one more forward of the commits (no reads). ``how`` = (keep, shards): the
-    groups G split over ``shards`` threads (``loop_shards``). Same inputs and outputs as
+    the states with one more forward of the commits (no reads). Same inputs and outputs as
     ``_CheckpointedChunks``."""
 
     @staticmethod
-    def forward(ctx, n_layers: int, chunk: int, residual_norm: bool, how: tuple, *inputs):
-        keep, shards = how
+    def forward(ctx, n_layers: int, chunk: int, residual_norm: bool, keep: bool, *inputs):
+        weights, momentum, k, v, q, coeffs, flags = _parts(inputs, n_layers)
         keep = keep and any(ctx.needs_input_grad)  # without autograd nothing is kept
-        y, w, s, states = group_forward(inputs, n_layers, chunk, residual_norm, keep,
-                                        shards=shards)  # fmt: skip
-        ctx.meta = (n_layers, chunk, residual_norm, len(inputs), shards)
+        y, w, s, states = scan_group(
+            weights, momentum, k, v, q, coeffs, chunk, residual_norm, flags, keep
+        )
+        ctx.meta = (n_layers, chunk, residual_norm, len(inputs))
         ctx.save_for_backward(*inputs, *states)
         return (y, *w, *s)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
-        n_layers, chunk, residual_norm, n_inputs, shards = ctx.meta
+        n_layers, chunk, residual_norm, n_inputs = ctx.meta
         saved = ctx.saved_tensors
-        inputs, states = saved[:n_inputs], list(saved[n_inputs:])
-        k, weights = inputs[2 * n_layers], inputs[:n_layers]
+        weights, momentum, k, v, q, coeffs, flags = _parts(saved[:n_inputs], n_layers)
+        states = list(saved[n_inputs:])
         # fp32 as in the forward, whatever autocast the backward runs under (thread-local state)
         with autocast_off(k.device.type), loop_threads(k, chunk, weights):
-            out = group_grads(inputs, states, n_layers, chunk, residual_norm, grads, shards)
-        if len(inputs) > 2 * n_layers + 8:
+            if not states:
+                states = scan_group(weights, momentum, k, v, None, coeffs, chunk, residual_norm,
+                                    flags, True)[3]  # fmt: skip
+            dw, ds = list(grads[1 : 1 + n_layers]), list(grads[1 + n_layers :])
+            out = group_backward(
+                states, k, v, q, coeffs, chunk, residual_norm, flags, grads[0], dw, ds
+            )
+        if flags is not None:
             out += [None, None]  # reset, commit
         need = ctx.needs_input_grad[4:]
         return (None, None, None, None, *(g if n else None for g, n in zip(out, need)))
+
+
+def _parts(inputs, n_layers: int):
+    """``_scan_flat``'s input layout -> (M, S, k, v, q, coefficient fields, flags or None)."""
+    weights, momentum = list(inputs[:n_layers]), list(inputs[n_layers : 2 * n_layers])
+    k, v, q, *rest = inputs[2 * n_layers :]
+    coeffs, extra = list(rest[:5]), rest[5:]
+    flags = DocFlags(list(extra[:n_layers]), *extra[n_layers:]) if extra else None
+    return weights, momentum, k, v, q, coeffs, flags
 
 
 def flatten_flags(flags: DocFlags | None) -> list[Tensor]:
@@ -136,13 +141,16 @@ def flatten_flags(flags: DocFlags | None) -> list[Tensor]:
 def _scan_flat(inputs, n_layers: int, chunk: int, residual_norm: bool, compiled: bool):
     """Inputs: M (L), S (L), k, v, q, the 5 coefficient fields, then optionally M_0 (L), reset
     and commit (``flatten_flags``)."""
-    weights, momentum, k, v, q, coeffs, flags = split_inputs(inputs, n_layers)
+    weights, momentum = list(inputs[:n_layers]), list(inputs[n_layers : 2 * n_layers])
+    k, v, q, *rest = inputs[2 * n_layers :]
+    coeffs, extra = rest[:5], rest[5:]
+    flags = DocFlags(list(extra[:n_layers]), *extra[n_layers:]) if extra else None
     return scan_chunks(weights, momentum, k, v, q, coeffs, chunk, residual_norm, compiled, flags)
 
 
-def _runners(triton: bool, compiled: bool, checkpoint: bool, shards: int = 1):
+def _runners(triton: bool, compiled: bool, checkpoint: bool):
     """(scan without autograd, group Function, its fourth argument) of the kernel, compiled or
-    eager path. The eager group keeps its chunk states unless checkpointing."""
+    eager path. The eager group keeps its chunk states (4th argument True) unless checkpointing."""
     if triton:
         from .kernels.memory_triton import scan_chunks_triton
         from .kernels.memory_triton_autograd import TritonChunks
@@ -150,7 +158,7 @@ def _runners(triton: bool, compiled: bool, checkpoint: bool, shards: int = 1):
         return scan_chunks_triton, TritonChunks, False
     if compiled:
         return scan_chunks, _CheckpointedChunks, True
-    return scan_chunks, _HandChunks, (not checkpoint, shards)
+    return scan_chunks, _HandChunks, not checkpoint
 
 
 def memory_scan(
@@ -182,17 +190,16 @@ def memory_scan(
     ``triton`` runs full chunks in the fused kernels (``kernels.memory_triton``, fwd and bwd).
     Returns (reads [G, N, d] or None, weights, momentum).
     """
-    shards = loop_shards(k, chunk, weights)
     with loop_threads(k, chunk, weights):
         return _memory_scan(
             weights, momentum, k, v, q, theta, log_eta, log_keep, chunk, residual_norm,
-            checkpoint_group, compiled, flags, triton, shards,
+            checkpoint_group, compiled, flags, triton,
         )  # fmt: skip
 
 
 def _memory_scan(
     weights, momentum, k, v, q, theta, log_eta, log_keep, chunk, residual_norm,
-    checkpoint_group, compiled, flags, triton=False, shards=1,
+    checkpoint_group, compiled, flags, triton=False,
 ):  # fmt: skip
     N = k.shape[1]
     end = N - N % chunk
@@ -206,7 +213,7 @@ def _memory_scan(
         grouped = eager or ((checkpoint or triton) and train)
         span = chunk * (checkpoint_group if checkpoint else end // chunk)
         use_kernel = triton and (train or not torch.is_grad_enabled())
-        scan, group_fn, fourth = _runners(use_kernel, compiled, checkpoint, shards)
+        scan, group_fn, fourth = _runners(use_kernel, compiled, checkpoint)
         coeffs = span_coeffs(theta[:, :end], log_eta[:, :end], log_keep[:, :end], chunk)
         whole = None if flags is None else flags.chunks(0, end // chunk)
         if not grouped:
