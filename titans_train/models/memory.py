@@ -70,6 +70,7 @@ class NeuralMemory(DocumentsMixin, nn.Module):
         # False: keep every chunk's state this call (no checkpointing), whatever checkpoint_group
         # says; set per call by TitansLM.forward from the sequence's size (``checkpointing``).
         self.checkpoint_active: bool | None = None
+        self._state_itemsize = 4
         self.backend = backend  # eager | compile | triton | auto (resolved per device and call)
         self.n_gates = depth if per_layer_gates else 1
         d = self.head_dim
@@ -78,6 +79,7 @@ class NeuralMemory(DocumentsMixin, nn.Module):
         self.conv = nn.Parameter(torch.empty(3 * dim, 1, conv_kernel))
         self.to_gates = nn.Linear(dim, 3 * heads * self.n_gates)  # theta, eta, alpha per head
         dims = [d] + [expansion * d] * (depth - 1) + [d]
+        self.layer_dims = dims  # as ints: under ZeRO-3 a parameter's shape is 0 outside forward
         self.init_weights = nn.ParameterList(
             [nn.Parameter(torch.empty(heads, a, b)) for a, b in zip(dims[:-1], dims[1:])]
         )
@@ -122,13 +124,15 @@ class NeuralMemory(DocumentsMixin, nn.Module):
         """Bytes a training forward over ``tokens`` tokens keeps for backward when it does not
         checkpoint: per chunk, M and S of every layer and the chunk's intermediates (the memory
         on the keys, its errors, the reads: ``memory_group.scan_group``)."""
-        dims = [self.head_dim] + [w.shape[-1] for w in self.init_weights]
-        n, L = self.chunk_size, self.depth
+        dims = self.layer_dims  # not the parameters: TitansLM.forward calls this before ZeRO-3
+        n, L = self.chunk_size, self.depth  # has gathered them (their shapes are 0 there)
         hidden, ins, outs = sum(dims[1:-1]), sum(dims[:-1]), sum(dims[1:])
         per_token = 2 * hidden + 2 * outs + ins + 3 * outs + 2 * n * L
         per_token += 2 * dims[-1] + 2 if self.residual_norm else 0
-        per_chunk = 2 * sum(w[0].numel() for w in self.init_weights) + n * per_token
-        size = max(self.init_weights[0].element_size(), 4)  # the inner loop is fp32 at least
+        per_chunk = 2 * sum(a * b for a, b in zip(dims[:-1], dims[1:])) + n * per_token
+        # The inner loop's element size, fp32 at least, as the last forward saw it (4 before
+        # one): reading a parameter here, before its module's forward, broke ZeRO-3's backward.
+        size = self._state_itemsize
         return batch * self.heads * per_chunk * size * -(-tokens // n)
 
     # -- helpers -----------------------------------------------------------------------------
@@ -151,6 +155,7 @@ class NeuralMemory(DocumentsMixin, nn.Module):
     def _backend(self, x: Tensor) -> dict:
         """memory_scan's execution switches for this call's device and the memory's shape."""
         dims = [self.head_dim] + [w.shape[-1] for w in self.init_weights]
+        self._state_itemsize = max(4, self.init_weights[0].element_size())  # chunk_state_bytes
         backend = resolve_memory_backend(self.backend, x.device, dims, self.chunk_size)
         return {"compiled": backend == "compile", "triton": backend == "triton"}
 
