@@ -32,82 +32,18 @@ from . import (
     stream_tile,
     triton_device_problem,
 )
-
-# Globals a jit function reads must be constexpr (the interpreter does not check this; the
-# compiler does).
-_SQRT1_2 = tl.constexpr(0.7071067811865476)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
-
-
-@triton.jit
-def _gelu(z):
-    return 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
-
-
-@triton.jit
-def _gelu_grad(z):
-    """d GELU(z) / dz for the exact (erf) GELU: Phi(z) + z phi(z)."""
-    return 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2)) + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
-
-
-@triton.jit
-def _layer_norm(z, D: tl.constexpr, EPS: tl.constexpr, md, PAD: tl.constexpr):
-    """Parameter-free LayerNorm over rows: (normalised z, 1 / std per row). ``z`` is [rows, BD]
-    with zeros past the true width D (mask ``md``): statistics over D, output zero there."""
-    zc = z - (tl.sum(z, 1) / D)[:, None]
-    if PAD:
-        zc = tl.where(md[None, :], zc, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, 1) / D + EPS)
-    return zc * rstd[:, None], rstd
-
-
-@triton.jit
-def _layer_norm_grad(xhat, rstd, g, D: tl.constexpr, md, PAD: tl.constexpr):
-    """dL/dz given dL/dLN(z) = g (rows): rstd (g - mean g - xhat mean(g xhat)); g is zero past
-    the true width D, and so is the result."""
-    mg = tl.sum(g, 1) / D
-    mgx = tl.sum(g * xhat, 1) / D
-    out = rstd[:, None] * (g - mg[:, None] - xhat * mgx[:, None])
-    if PAD:
-        out = tl.where(md[None, :], out, 0.0)
-    return out
-
-
-@triton.jit
-def _dot(a, b):
-    return tl.dot(a, b, input_precision="ieee")
-
-
-@triton.jit
-def _coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, base, N: tl.constexpr):
-    """One layer's coefficients of one chunk: B_t0, c_t, C_ti theta_i (rows t), and the last
-    rows/entries the commit needs. ``base`` = ((p G + g) chunks + c)."""
-    offs = tl.arange(0, N)
-    b0 = tl.load(b0_ptr + base * N + offs)
-    c0 = tl.load(c0_ptr + base * N + offs)
-    ct = tl.load(ct_ptr + base * N * N + offs[:, None] * N + offs[None, :])
-    b0_end = tl.load(b0_ptr + base * N + N - 1)
-    c0_end = tl.load(c0_ptr + base * N + N - 1)
-    e0_end = tl.load(e0_ptr + base * N + N - 1)
-    ct_end = tl.load(ct_ptr + base * N * N + (N - 1) * N + offs)
-    et_end = tl.load(et_ptr + base * N * N + (N - 1) * N + offs)
-    return b0, c0, ct, b0_end, c0_end, e0_end, ct_end, et_end
-
-
-@triton.jit
-def _dual_read(h, w, s, a, delta, b0, c0, ct):
-    """z_t = h_t [B_t0 W + c_t S] - sum_{i<=t} C_ti theta_i (h_t . a_i) delta_i (ct is lower
-    triangular already: exp(-inf) above the diagonal)."""
-    z = b0[:, None] * _dot(h, w) + c0[:, None] * _dot(h, s)
-    return z - _dot(ct * _dot(h, tl.trans(a)), delta)
-
-
-@triton.jit
-def _commit(w, s, a, delta, b0_end, c0_end, e0_end, ct_end, et_end):
-    at = tl.trans(a)
-    w_new = b0_end * w + c0_end * s - _dot(at, ct_end[:, None] * delta)
-    s_new = e0_end * s - _dot(at, et_end[:, None] * delta)
-    return w_new, s_new
+from .memory_triton_ops import (  # noqa: F401
+    _INV_SQRT_2PI,
+    _SQRT1_2,
+    _coeffs,
+    _commit,
+    _dot,
+    _dual_read,
+    _gelu,
+    _gelu_grad,
+    _layer_norm,
+    _layer_norm_grad,
+)
 
 
 @triton.jit

@@ -16,7 +16,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .memory_triton import _coeffs, _commit, _dot, _gelu, _gelu_grad, _layer_norm, _layer_norm_grad
+from .memory_triton_ops import (
+    _coeffs,
+    _commit,
+    _dot,
+    _gelu,
+    _gelu_grad,
+    _layer_norm,
+    _layer_norm_grad,
+)
 
 
 @triton.jit

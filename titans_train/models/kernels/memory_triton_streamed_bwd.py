@@ -17,8 +17,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .memory_triton import _dot, _gelu, _gelu_grad, _layer_norm, _layer_norm_grad
-from .memory_triton_bwd import _commit_bwd, _gelu_grad2, _read_bwd, _row_coeffs, _store_coeff_grads
+from .memory_triton_ops import (
+    _commit_bwd,
+    _dot,
+    _gelu,
+    _gelu_grad,
+    _gelu_grad2,
+    _layer_norm,
+    _layer_norm_grad,
+    _read_bwd,
+    _row_coeffs,
+    _store_coeff_grads,
+)
 from .memory_triton_streamed import _tile_ptrs
 
 
