@@ -474,9 +474,14 @@ def main(argv: list[str] | None = None) -> dict:
             }
     report["summary"] = summarise(report["results"])
     print(table(report["summary"]), file=sys.stderr)
+    return emit(report, args.out)
+
+
+def emit(report: dict, out: str | None) -> dict:
+    """The report as JSON: to ``out`` when given, else to stdout."""
     text = json.dumps(report, indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             f.write(text)
     else:
         print(text)
@@ -489,13 +494,7 @@ def main_checkpoint(args: argparse.Namespace) -> dict:
 
     report = probe_checkpoint(args.checkpoint, args)
     print(trained_table(report), file=sys.stderr)
-    text = json.dumps(report, indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    else:
-        print(text)
-    return report
+    return emit(report, args.out)
 
 
 if __name__ == "__main__":
