@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from test_memory_ops import OpCounter
 
 from titans_train.models import ModelConfig, NeuralMemory, RuntimeConfig, TitansLM
 from titans_train.models import runtime as runtime_mod
@@ -234,16 +234,6 @@ def test_streaming_with_triton_equals_one_eager_call():
         outs.append(y)
     torch.testing.assert_close(want, ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(torch.cat(outs, 1), ref, rtol=0, atol=1e-12)
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("group", [0, pytest.param(2, marks=pytest.mark.slow)])
