@@ -161,12 +161,15 @@ def test_wandb_offline_history_and_resumed_run_id(finished_run, demo_shards, tmp
 
 def test_bf16_offload_and_token_budget(demo_shards, tmp_path):
     """bf16 on CPU (the CUDA default path), ZeRO-Offload (DeepSpeedCPUAdam, JIT-built once), and a
-    token budget that stops the (offloaded) run before max_steps."""
-    train(demo_shards, tmp_path / "bf16", 4, "zero.precision=bf16", "zero.stage=2")
+    token budget that stops the (offloaded) run before max_steps. In this process (bf16 at every
+    stage, and on 2 ranks: test_bf16_stages.py)."""
+    done = train_here(demo_shards, tmp_path / "bf16", 4, "zero.precision=bf16", "zero.stage=2")
+    assert done.returncode == 0, done.stderr[-3000:]
     bf16 = losses(tmp_path / "bf16")
     assert sorted(bf16) == [1, 2, 3, 4] and bf16[4] < bf16[1]
     offload = ("zero.offload_optimizer=true", "zero.stage=2", f"train.max_tokens={3 * 8 * 128}")
-    train(demo_shards, tmp_path / "offload", 100, *offload)
+    done = train_here(demo_shards, tmp_path / "offload", 100, *offload)
+    assert done.returncode == 0, done.stderr[-3000:]
     off = losses(tmp_path / "offload")
     assert sorted(off) == [1, 2, 3] and off[3] < off[1]
 
