@@ -33,8 +33,8 @@ from . import (
     triton_device_problem,
 )
 from .memory_triton_ops import (
+    _chunk_coeffs,
     _chunk_state_at,
-    _coeffs,
     _commit,
     _dual_read,
     _gelu,
@@ -59,9 +59,11 @@ def _memory_scan_kernel(
     D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, DEPTH: tl.constexpr,
     RESNORM: tl.constexpr, HAS_Q: tl.constexpr, HAS_FLAGS: tl.constexpr, EPS: tl.constexpr,
     BD: tl.constexpr, BH: tl.constexpr, SAVE_STATES: tl.constexpr = False,
+    GATES: tl.constexpr = False,  # the coefficient pointers hold theta, log eta, log(1 - alpha)
 ):  # fmt: skip
     """One program per group. DEPTH 1: layer A alone is [D, D] (H == D, layer B unused).
-    SAVE_STATES keeps every chunk's start state (after a reset) for the fused backward.
+    SAVE_STATES keeps every chunk's start state (after a reset) for the fused backward. GATES
+    computes each chunk's coefficients from its gates in the kernel (``_gate_coeffs``).
     Widths D, H are held in blocks BD, BH (powers of two): the padding loads as zeros and stays
     zero (GELU(0) = 0, zero rows/columns get zero updates); LayerNorm reduces over D."""
     g = tl.program_id(0).to(tl.int64)
@@ -90,9 +92,11 @@ def _memory_scan_kernel(
 
         # The memory on the chunk's keys at the chunk-start weights, and its errors delta_l.
         _, a1, _, d1, d_out, _, _, _ = _keys_errors(kc, vc, wa, wb, D, EPS, md, PAD, RESNORM, DEPTH)
-        ca = _coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, g * CHUNKS + c, N)
+        ca = _chunk_coeffs(b0_ptr, e0_ptr, c0_ptr, ct_ptr, et_ptr, g * CHUNKS + c, N, GATES)
         if TWO:
-            cb = _coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, (PB * G + g) * CHUNKS + c, N)
+            cb = _chunk_coeffs(
+                b0_ptr, e0_ptr, c0_ptr, ct_ptr, et_ptr, (PB * G + g) * CHUNKS + c, N, GATES
+            )
 
         if HAS_Q:
             qc = tl.load(q_ptr + tok, mt, other=0.0)
@@ -146,7 +150,9 @@ def scan_chunks_triton(
     tile: int | None = None,
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
     """``memory_math.scan_chunks`` (same arguments; ``compiled`` is ignored) as one kernel launch.
-    No autograd: ``TritonChunks`` gives the gradients. ``states`` (M then S per layer, each
+    No autograd: ``TritonChunks`` gives the gradients. ``coeffs``: ``span_coeffs``' five
+    tensors, or the three gates folded by ``kernels.span_gates`` ([P, G, chunks, N]), from
+    which the kernel computes each chunk's coefficients itself. ``states`` (M then S per layer, each
     [G, chunks, d_in, d_out], contiguous): filled with every chunk's start state. ``tile``: 0 runs
     the register kernel, t > 0 the streamed one with hidden tiles of t (depth 2), None chooses
     (``kernels.stream_tile``)."""
@@ -160,6 +166,8 @@ def scan_chunks_triton(
     w = [prep(x).clone() for x in weights]
     s = [prep(x).clone() for x in momentum]
     k, v, co = prep(k), prep(v), [prep(x) for x in coeffs]
+    gates = len(co) == 3  # theta, log eta, log(1 - alpha): coefficients computed in the kernel
+    co += co[:1] * 2 if gates else []  # unused
     q = None if q is None else prep(q)
     y = torch.empty_like(k) if q is not None else k
     if flags is not None:
@@ -177,7 +185,7 @@ def scan_chunks_triton(
             *hist, G, T // chunk, T, min(1, co[0].shape[0] - 1))  # fmt: skip
     const = dict(D=D, H=H, N=chunk, RESNORM=residual_norm, HAS_Q=q is not None,
                  HAS_FLAGS=flags is not None, EPS=LN_EPS, BD=block_width(D),
-                 SAVE_STATES=states is not None)  # fmt: skip
+                 SAVE_STATES=states is not None, GATES=gates)  # fmt: skip
     if tile:
         from .memory_triton_streamed import _memory_scan_streamed_kernel as fn
 
@@ -208,6 +216,7 @@ def _flat_parts(inputs, n_layers: int):
     """``memory_scan._scan_flat``'s input layout -> (M, S, k, v, q, coeffs, flags)."""
     weights, momentum = list(inputs[:n_layers]), list(inputs[n_layers : 2 * n_layers])
     k, v, q, *rest = inputs[2 * n_layers :]
-    coeffs, extra = rest[:5], rest[5:]
+    n_co = 5 if len(rest) > 3 and rest[3].dim() == 5 else 3  # coefficients (C theta: 5-D) or gates
+    coeffs, extra = rest[:n_co], rest[n_co:]
     flags = DocFlags(list(extra[:n_layers]), *extra[n_layers:]) if extra else None
     return weights, momentum, k, v, q, coeffs, flags

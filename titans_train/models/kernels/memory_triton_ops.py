@@ -77,6 +77,47 @@ def _coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, base, N: tl.constexpr):
 
 
 @triton.jit
+def _gate_coeffs(th_ptr, le_ptr, lk_ptr, base, N: tl.constexpr):
+    """``_coeffs`` computed from one chunk's gates (theta, log eta, log(1 - alpha), each
+    [P, G, chunks, N]) as ``memory_math.chunk_coeffs`` computes them: segment sums as masked
+    cumulative sums down the rows (exact at eta = 0 or alpha = 1: a -inf log gives 0, never
+    inf - inf), B_tj = exp(segsum log(1 - alpha)), E_ti = exp(segsum log eta),
+    c = B E_0, C theta = (B E) theta, E theta."""
+    offs = tl.arange(0, N)
+    theta = tl.load(th_ptr + base * N + offs)
+    le = tl.load(le_ptr + base * N + offs)
+    lk = tl.load(lk_ptr + base * N + offs)
+    strict = offs[:, None] > offs[None, :]  # [m, j]: m > j, the terms of segment (j, t]
+    incl = offs[:, None] >= offs[None, :]  # [t, j]: j <= t, the lower triangle
+    b_mat = tl.where(incl, tl.exp(tl.cumsum(tl.where(strict, lk[:, None], 0.0), 0)), 0.0)
+    e_mat = tl.where(incl, tl.exp(tl.cumsum(tl.where(strict, le[:, None], 0.0), 0)), 0.0)
+    b0, e0 = tl.exp(tl.cumsum(lk, 0)), tl.exp(tl.cumsum(le, 0))
+    c0 = tl.sum(b_mat * e0[None, :], 1)
+    ct = _dot(b_mat, e_mat) * theta[None, :]
+    et = e_mat * theta[None, :]
+    last = offs == N - 1
+    b0_end = tl.sum(tl.where(last, b0, 0.0), 0)
+    c0_end = tl.sum(tl.where(last, c0, 0.0), 0)
+    e0_end = tl.sum(tl.where(last, e0, 0.0), 0)
+    ct_end = tl.sum(tl.where(last[:, None], ct, 0.0), 0)
+    et_end = tl.sum(tl.where(last[:, None], et, 0.0), 0)
+    return b0, c0, ct, b0_end, c0_end, e0_end, ct_end, et_end
+
+
+@triton.jit
+def _chunk_coeffs(b0_ptr, e0_ptr, c0_ptr, ct_ptr, et_ptr, base, N: tl.constexpr,
+                  GATES: tl.constexpr):  # fmt: skip
+    """One layer's coefficients of one chunk (``_coeffs``): loaded, or with GATES computed in
+    the kernel from the gates theta, log eta, log(1 - alpha) that the first three pointers then
+    point to (``_gate_coeffs``)."""
+    if GATES:
+        co = _gate_coeffs(b0_ptr, e0_ptr, c0_ptr, base, N)
+    else:
+        co = _coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, base, N)
+    return co
+
+
+@triton.jit
 def _dual_read(h, w, s, a, delta, b0, c0, ct):
     """z_t = h_t [B_t0 W + c_t S] - sum_{i<=t} C_ti theta_i (h_t . a_i) delta_i (ct is lower
     triangular already: exp(-inf) above the diagonal)."""

@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from .memory_triton_ops import (
+    _chunk_coeffs,
     _chunk_state_at,
-    _coeffs,
     _commit,
     _dot,
     _gelu,
@@ -44,7 +44,7 @@ def _memory_scan_streamed_kernel(
     G, CHUNKS, T, PB,
     D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, RESNORM: tl.constexpr,
     HAS_Q: tl.constexpr, HAS_FLAGS: tl.constexpr, EPS: tl.constexpr, BD: tl.constexpr,
-    BT: tl.constexpr, SAVE_STATES: tl.constexpr = False,
+    BT: tl.constexpr, SAVE_STATES: tl.constexpr = False, GATES: tl.constexpr = False,
 ):  # fmt: skip
     """One program per group; the same arguments as ``_memory_scan_kernel`` at depth 2, with the
     hidden tile BT (a power of two) instead of its block. Barriers order the in-place stores
@@ -70,8 +70,10 @@ def _memory_scan_streamed_kernel(
         # Pass 1: the memory on the chunk's keys, tile by tile; then its output error.
         z_out = _keys_out_streamed(kc, wa_ptr, wb_ptr, g, D, H, N, BD, BT)
         d_out = _out_error(z_out, kc, vc, D, EPS, md, PAD, RESNORM)[0]
-        ca = _coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, g * CHUNKS + c, N)
-        cb = _coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, (PB * G + g) * CHUNKS + c, N)
+        ca = _chunk_coeffs(b0_ptr, e0_ptr, c0_ptr, ct_ptr, et_ptr, g * CHUNKS + c, N, GATES)
+        cb = _chunk_coeffs(
+            b0_ptr, e0_ptr, c0_ptr, ct_ptr, et_ptr, (PB * G + g) * CHUNKS + c, N, GATES
+        )
         if HAS_FLAGS:
             keep = tl.load(commit_ptr + g * CHUNKS + c) != 0
         if HAS_Q:
