@@ -329,13 +329,17 @@ def compile_for_cuda(cases: list) -> list[str]:
 def test_kernel_compiles_for_cuda_without_spills():
     """The interpreter does not check what the compiler does (it ran a kernel that read a plain
     float global): compile for sm80 / sm90 with Triton's bundled ptxas, no GPU needed, and check
-    that the shapes ``auto`` takes keep their state in registers (no stack) in the forward, and
-    the depth-1 and the streamed depth-2 backward too."""
+    that the shapes ``auto`` takes keep their state in registers (no stack) in the forward. The
+    depth-1 and the streamed depth-2 backward, which also take the gates' gradients in the
+    kernel (coefficients from the gates, as in training), spill a little: 32 and 40 bytes a
+    thread (none with loaded coefficients); checked at most 64."""
     cases = [([16, 16], 80, False), ([16, 64, 16], 90, False), ([16, 16], 80, True)]
     cases.append(([13, 13], 90, False))  # a padded width (masks, LayerNorm over 13 of 16)
     cases.append(([16, 64, 16], 90, True, 16))  # the streamed backward (depth 2's)
     lines = compile_for_cuda(cases)
-    assert all("STACK:0 " in line for line in lines), lines
+    stacks = [int(line.split("STACK:")[1].split()[0]) for line in lines]
+    assert stacks[:2] + stacks[3:4] == [0, 0, 0], lines
+    assert stacks[2] <= 64 and stacks[4] <= 64, lines
 
 
 @pytest.mark.slow

@@ -20,9 +20,11 @@ from titans_train.models import RuntimeConfig, TitansLM
 from titans_train.models.memory_math import span_coeffs
 
 # bf16 keeps 8 significant bits: fp32 noise between the two paths (the kernel's and eager's sum
-# orders) can flip a rounding to bf16 where the memory's reads return to the model's dtype, which
-# moves a value by at most one unit in the last place, 2^-8 of it.
-BF16_ULP = 2.0**-8
+# orders) can flip a rounding to bf16 where the memory's reads, and later the gradients, return
+# to bf16, which moves a value by one unit in the last place: 2^(e-7) for a value in
+# [2^e, 2^(e+1)), at most 2^-7 of it. (Seen: a gate bias's gradient 2 of 6 entries one ulp
+# apart, 5.4e-3 of its norm.)
+BF16_ULP = 2.0**-7
 
 
 def run(backend: str, mode: str, dtypes: list | None = None, monkeypatch=None):
@@ -58,7 +60,7 @@ def run(backend: str, mode: str, dtypes: list | None = None, monkeypatch=None):
 def test_bf16_model_trains_on_the_kernel_in_fp32(mode, monkeypatch):
     """A bf16 model (bf16 parameters, or fp32 ones under autocast) trains on the kernel: every
     launch is handed fp32 (state, k, v, q, coefficients), and loss and every gradient equal eager's
-    to one bf16 rounding (``BF16_ULP``, relative; the gradients norm-wise)."""
+    to one bf16 ulp (``BF16_ULP``, relative; the gradients norm-wise)."""
     dtypes = []
     loss, grads = run("triton", mode, dtypes, monkeypatch)
     assert len(dtypes) == 4  # 2 layers x (forward + the backward's rebuild), 1 group each

@@ -50,11 +50,44 @@ def test_gate_coefficients_fp32():
     assert_all_close([y, *w, *s], [y0, *w0, *s0], 1e-5)
 
 
+@pytest.mark.parametrize(
+    "depth,P,rn,flags,tile",
+    # linear; shared gates summed over two layers (register backward); per-layer gates on the
+    # streamed backward in 4 tiles, with documents
+    [(1, 1, True, True, None), (2, 1, False, False, 0), (2, 2, True, True, 16)],
+)
+def test_gate_gradients_equal_autograd(depth, P, rn, flags, tile):
+    """The fused backward on the gates returns the gates' gradients (theta, log eta,
+    log(1 - alpha)) and those of M, S, k, v, q, M_0, equal to autograd through span_coeffs and
+    the eager scan, fp64, exact eta = 0 / alpha = 1 (-inf logs), 3 chunks."""
+    from titans_train.models.kernels.memory_triton_bwd import scan_chunks_triton_backward
+    from titans_train.models.memory_scan import _scan_flat, flatten_flags
+
+    W, S, k, v, q, theta, log_eta, log_keep = make_inputs(depth=depth, P=P, exact_gates=True)
+    fl = flatten_flags(make_flags(W, 3) if flags else None)
+    state = [t.requires_grad_() for t in (*W, *S, k, v, q)]
+    gates = [t.requires_grad_() for t in (theta, log_eta, log_keep)]
+    flag_leaves = [t.requires_grad_(t.dtype.is_floating_point) for t in fl]
+    outs = _scan_flat([*state, *span_coeffs(*gates, 8), *flag_leaves], depth, 8, rn, False)
+    outs = [outs[0], *outs[1], *outs[2]]
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs]
+    leaves = state + gates + [t for t in flag_leaves if t.requires_grad]
+    want = torch.autograd.grad(outs, leaves, grads)
+    inputs = [t.detach() for t in (*state, *span_gates(*gates, 8), *fl)]
+    got = scan_chunks_triton_backward(inputs, depth, 8, rn, grads, tile)
+    got = [a for a, t in zip(got, inputs) if t.dtype.is_floating_point]
+    n = len(state)
+    want = [*want[:n], *span_gates(*want[n : n + 3], 8), *want[n + 3 :]]  # gates folded
+    assert len(got) == len(want)
+    assert_all_close(got, want, 1e-10)
+
+
 def test_memory_scan_on_the_kernel_is_one_launch_without_coefficient_tensors(monkeypatch):
     """Without grad, memory_scan(triton=True) over 4 chunks is one kernel launch and builds no
-    coefficient tensors (span_coeffs is not called); with grad the forward is one launch per
-    group and only the backward computes coefficients (in PyTorch, for their gradients);
-    outputs and gradients equal eager (fp64)."""
+    coefficient tensors (span_coeffs is not called); with grad it is not called either: the
+    forward and the backward's two launches compute the coefficients from the gates and the
+    backward returns the gates' gradients; outputs and gradients equal eager (fp64)."""
     mod = kernel()
     launches, coeff_calls = [], []
     real = memory_scan_mod.span_coeffs

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..memory_math import COEFF_FIELDS, LN_EPS, chunk_coeffs
+from ..memory_math import LN_EPS
 from . import block_width, state_elements
 from . import memory_triton as fwd
 
@@ -25,15 +25,16 @@ def compile_for_cuda(
     """The forward (or backward) kernel compiled to a cubin for an NVIDIA GPU of this compute
     capability, without a GPU (Triton bundles ptxas): catches what the interpreter lets through
     (it does not check constexpr globals, types or register use). ``tile`` > 0: the streamed
-    kernel with that hidden tile; ``gates``: the forward computes the coefficients (as in
-    training, ``kernels.span_gates``), else loads them. Needs this module imported without
-    TRITON_INTERPRET. Returns triton's CompiledKernel (``.asm["cubin"]``)."""
+    kernel with that hidden tile; ``gates``: the kernel computes the coefficients (as in
+    training, ``kernels.span_gates``; the backward their gates' gradients), else loads them.
+    Needs this module imported without TRITON_INTERPRET. Returns triton's CompiledKernel
+    (``.asm["cubin"]``)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource
 
     const = dict(D=dims[0], H=dims[1], N=chunk, DEPTH=len(dims) - 1, RESNORM=True,
                  HAS_FLAGS=True, EPS=LN_EPS)  # fmt: skip
-    const.update(BD=block_width(dims[0]), BH=block_width(dims[1]))
+    const.update(BD=block_width(dims[0]), BH=block_width(dims[1]), GATES=gates)
     if backward and tile:
         from .memory_triton_streamed_bwd import _memory_scan_streamed_bwd_kernel as kernel
 
@@ -49,11 +50,11 @@ def compile_for_cuda(
         from .memory_triton_streamed import _memory_scan_streamed_kernel as kernel
 
         del const["DEPTH"], const["BH"]
-        const.update(HAS_Q=True, SAVE_STATES=False, BT=tile, GATES=gates)
+        const.update(HAS_Q=True, SAVE_STATES=False, BT=tile)
         ints = ("G", "CHUNKS", "T", "PB")
     else:
         kernel = fwd._memory_scan_kernel
-        const.update(HAS_Q=True, SAVE_STATES=False, GATES=gates)
+        const.update(HAS_Q=True, SAVE_STATES=False)
         ints = ("G", "CHUNKS", "T", "PB")
     sig = {p: "*fp32" for p in kernel.arg_names if p.endswith("_ptr")}
     sig.update(reset_ptr="*i8", commit_ptr="*i8", **{i: "i32" for i in ints})
@@ -93,30 +94,7 @@ class TritonChunks(torch.autograd.Function):
         from .memory_triton_bwd import scan_chunks_triton_backward
 
         n_layers, chunk, residual_norm = ctx.meta
-        inputs = list(ctx.saved_tensors)
-        at = 2 * n_layers + 3  # the coefficients (or gates) start here
-        if len(inputs) == at + 3 or inputs[at + 3].dim() != 5:  # gates, not C theta (5-D)
-            return _gates_backward(ctx, inputs, at, grads)
+        inputs = ctx.saved_tensors
         out = scan_chunks_triton_backward(inputs, n_layers, chunk, residual_norm, grads)
         need = ctx.needs_input_grad[4:]
         return (None, None, None, None, *(g if n else None for g, n in zip(out, need)))
-
-
-def _gates_backward(ctx, inputs: list, at: int, grads) -> tuple:
-    """``TritonChunks.backward`` when the forward computed the coefficients in the kernel from
-    the gates (``kernels.span_gates``): the coefficients again, in PyTorch under autograd, the
-    fused backward on them, then their gradients taken to the gates."""
-    from .memory_triton_bwd import scan_chunks_triton_backward
-
-    n_layers, chunk, residual_norm = ctx.meta
-    # fp32 as in the forward, whatever autocast the backward runs under (bf16 otherwise: B E)
-    with torch.enable_grad(), torch.autocast(inputs[0].device.type, enabled=False):
-        gates = [g.detach().requires_grad_() for g in inputs[at : at + 3]]
-        co = chunk_coeffs(*gates)
-        co = [getattr(co, f) for f in COEFF_FIELDS]
-    flat = inputs[:at] + [c.detach() for c in co] + inputs[at + 3 :]
-    out = scan_chunks_triton_backward(flat, n_layers, chunk, residual_norm, grads)
-    dgates = torch.autograd.grad(co, gates, out[at : at + 5])
-    out = out[:at] + list(dgates) + out[at + 5 :]
-    need = ctx.needs_input_grad[4:]
-    return (None, None, None, None, *(g if n else None for g, n in zip(out, need)))

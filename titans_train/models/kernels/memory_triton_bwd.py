@@ -19,6 +19,7 @@ from ..memory_math import LN_EPS
 from . import backward_tile, block_width, launch_device, state_elements, stream_tile
 from .memory_triton import dims_of, num_warps
 from .memory_triton_ops import (
+    _chunk_row_coeffs,
     _chunk_state_at,
     _commit_bwd,
     _dot,
@@ -30,7 +31,6 @@ from .memory_triton_ops import (
     _out_error_bwd,
     _read_bwd,
     _read_norm_bwd,
-    _row_coeffs,
     _store_chunk_coeff_grads,
     _store_state,
     _tile_ptrs,
@@ -52,6 +52,7 @@ def _memory_scan_bwd_kernel(
     PB: tl.constexpr, D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, DEPTH: tl.constexpr,
     RESNORM: tl.constexpr, HAS_FLAGS: tl.constexpr, EPS: tl.constexpr,
     BD: tl.constexpr, BH: tl.constexpr,
+    GATES: tl.constexpr = False,  # b0, e0, c0 hold theta, log eta, log(1 - alpha); grads too
 ):  # fmt: skip
     """One program per group; PB: gate set of layer B (0 = shared with layer A). Widths D, H in
     blocks BD, BH as in the forward kernel: the padding loads as zeros and every gradient stays
@@ -75,9 +76,11 @@ def _memory_scan_bwd_kernel(
         tok, mt = _token_ptrs(g, c, T, D, N, BD)
         kc, vc = tl.load(k_ptr + tok, mt, other=0.0), tl.load(v_ptr + tok, mt, other=0.0)
         qc, dyc = tl.load(q_ptr + tok, mt, other=0.0), tl.load(dy_ptr + tok, mt, other=0.0)
-        ca = _row_coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, g * CHUNKS + c, N)
+        ca = _chunk_row_coeffs(b0_ptr, e0_ptr, c0_ptr, ct_ptr, et_ptr, g * CHUNKS + c, N, GATES)
         if TWO:
-            cb = _row_coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, (PB * G + g) * CHUNKS + c, N)
+            cb = _chunk_row_coeffs(
+                b0_ptr, e0_ptr, c0_ptr, ct_ptr, et_ptr, (PB * G + g) * CHUNKS + c, N, GATES
+            )
 
         # Recompute: memory on the keys and its errors, then the dual-form reads.
         z1, a1, g1, d1, dl, xhat, r, e = _keys_errors(kc, vc, wa, wb, D, EPS, md, PAD, RESNORM,
@@ -151,7 +154,8 @@ def _memory_scan_bwd_kernel(
         if TWO:
             gb = (rb[2], rb[3], rb[4], mb[4], mb[5], mb[6], mb[7], mb[8])
         _store_chunk_coeff_grads(db0_ptr, dc0_ptr, dct_ptr, de0_ptr, det_ptr, g, c, G, CHUNKS,
-                                 ga, gb, PB, TWO, N)  # fmt: skip
+                                 ga, gb, (b0_ptr, e0_ptr, c0_ptr), PB, TWO, N,
+                                 GATES)  # fmt: skip
 
         # Gradients at the chunk's start state; a reset sends them to M_0 (S restarts at 0).
         dwa = ma[0] + ra[0] + dwa_k + pass_wa
@@ -179,6 +183,8 @@ def scan_chunks_triton_backward(
 ):
     """Gradients of ``memory_scan._scan_flat``'s inputs (its layout: M, S, k, v, q, the five
     coefficient fields, then optionally M_0, reset, commit) from the gradients of (reads, M', S').
+    With the three gates (``kernels.span_gates``) in place of the coefficients, both launches
+    compute the coefficients from them and the backward returns the gates' gradients.
     Rebuilds the chunk-start states with the forward kernel first (only the group's inputs were
     kept, as in ``_CheckpointedChunks``). ``tile``: None chooses (the forward by
     ``stream_tile``, the backward by ``backward_tile``); t > 0 runs both streamed with hidden
@@ -204,14 +210,17 @@ def scan_chunks_triton_backward(
     ds = [prep(x).clone() for x in grads[1 + n_layers :]]
     k, v, q, co = prep(k), prep(v), prep(q), [prep(x) for x in coeffs]
     dk, dv, dq = torch.empty_like(k), torch.empty_like(v), torch.empty_like(q)
+    gates = len(co) == 3  # theta, log eta, log(1 - alpha): their gradients, not coefficients'
     dco = [torch.zeros_like(x) for x in co]
+    co, dco = (co + co[:1] * 2, dco + dco[:1] * 2) if gates else (co, dco)  # unused slots
     dw0 = [torch.zeros_like(x) for x in dw]
     if flags is not None:
         reset, commit = (f.to(torch.int8).contiguous() for f in (flags.reset, flags.commit))
     else:
         reset = commit = k  # unused
     const = dict(PB=min(1, co[0].shape[0] - 1), D=D, H=H, N=chunk, RESNORM=residual_norm,
-                 HAS_FLAGS=flags is not None, EPS=LN_EPS, BD=block_width(D))  # fmt: skip
+                 HAS_FLAGS=flags is not None, EPS=LN_EPS, BD=block_width(D),
+                 GATES=gates)  # fmt: skip
     L = n_layers  # the kernels' order: M_A, S_A, M_B, S_B (layer A's again at depth 1)
     hist = [hist[0], hist[L], hist[L - 1], hist[-1]]
     outs = (dw[0], ds[0], dw[-1], ds[-1], dw0[0], dw0[-1], dk, dv, dq, *dco)
@@ -227,7 +236,7 @@ def scan_chunks_triton_backward(
         )
     with launch_device(k):
         fn[(G,)](*hist, k, v, q, dy, *co, reset, commit, *outs, G, chunks, T, **const)
-    return _grads_out(dw, ds, dk, dv, dq, dco, dw0, flags)
+    return _grads_out(dw, ds, dk, dv, dq, dco[:3] if gates else dco, dw0, flags)
 
 
 def _grads_out(dw, ds, dk, dv, dq, dco, dw0, flags) -> list:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .memory_triton_gates import _gate_coeffs, _gate_coeffs_bwd
+
 # Globals a jit function reads must be constexpr (the interpreter does not check this; the
 # compiler does).
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
@@ -77,31 +79,15 @@ def _coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, base, N: tl.constexpr):
 
 
 @triton.jit
-def _gate_coeffs(th_ptr, le_ptr, lk_ptr, base, N: tl.constexpr):
-    """``_coeffs`` computed from one chunk's gates (theta, log eta, log(1 - alpha), each
-    [P, G, chunks, N]) as ``memory_math.chunk_coeffs`` computes them: segment sums as masked
-    cumulative sums down the rows (exact at eta = 0 or alpha = 1: a -inf log gives 0, never
-    inf - inf), B_tj = exp(segsum log(1 - alpha)), E_ti = exp(segsum log eta),
-    c = B E_0, C theta = (B E) theta, E theta."""
-    offs = tl.arange(0, N)
-    theta = tl.load(th_ptr + base * N + offs)
-    le = tl.load(le_ptr + base * N + offs)
-    lk = tl.load(lk_ptr + base * N + offs)
-    strict = offs[:, None] > offs[None, :]  # [m, j]: m > j, the terms of segment (j, t]
-    incl = offs[:, None] >= offs[None, :]  # [t, j]: j <= t, the lower triangle
-    b_mat = tl.where(incl, tl.exp(tl.cumsum(tl.where(strict, lk[:, None], 0.0), 0)), 0.0)
-    e_mat = tl.where(incl, tl.exp(tl.cumsum(tl.where(strict, le[:, None], 0.0), 0)), 0.0)
-    b0, e0 = tl.exp(tl.cumsum(lk, 0)), tl.exp(tl.cumsum(le, 0))
-    c0 = tl.sum(b_mat * e0[None, :], 1)
-    ct = _dot(b_mat, e_mat) * theta[None, :]
-    et = e_mat * theta[None, :]
-    last = offs == N - 1
-    b0_end = tl.sum(tl.where(last, b0, 0.0), 0)
-    c0_end = tl.sum(tl.where(last, c0, 0.0), 0)
-    e0_end = tl.sum(tl.where(last, e0, 0.0), 0)
-    ct_end = tl.sum(tl.where(last[:, None], ct, 0.0), 0)
-    et_end = tl.sum(tl.where(last[:, None], et, 0.0), 0)
-    return b0, c0, ct, b0_end, c0_end, e0_end, ct_end, et_end
+def _chunk_row_coeffs(b0_ptr, e0_ptr, c0_ptr, ct_ptr, et_ptr, base, N: tl.constexpr,
+                      GATES: tl.constexpr):  # fmt: skip
+    """``_row_coeffs`` loaded, or (GATES) computed from the gates as ``_chunk_coeffs``."""
+    if GATES:
+        co = _gate_coeffs(b0_ptr, e0_ptr, c0_ptr, base, N)
+        rows = co[0], co[1], co[2], co[5], co[7]
+    else:
+        rows = _row_coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, base, N)
+    return rows
 
 
 @triton.jit
@@ -180,29 +166,42 @@ def _read_bwd(h, w, s, a, d, b0, c0, ct, p, gu):
 @triton.jit
 def _store_coeff_grads(
     db0_ptr, dc0_ptr, dct_ptr, de0_ptr, det_ptr, base, db0, dc0, dct, de0_end, det_end, ct_end_g,
-    db0_end, dc0_end, N: tl.constexpr,
+    db0_end, dc0_end, gp, N: tl.constexpr, GATES: tl.constexpr,
 ):  # fmt: skip
-    """Adds the commit's last-row/last-entry gradients and stores one layer's (or the summed
-    layers') coefficient gradients of one chunk."""
+    """Adds the commit's last-row/last-entry gradients to one layer's (or the summed layers')
+    coefficient gradients of one chunk and stores them; with GATES takes them on to the gates
+    (``gp``: theta, log eta, log(1 - alpha) pointers) and stores those in the db0, de0, dc0
+    slots."""
     on = tl.arange(0, N)
     last = on == N - 1
-    tl.store(db0_ptr + base * N + on, db0 + tl.where(last, db0_end, 0.0))
-    tl.store(dc0_ptr + base * N + on, dc0 + tl.where(last, dc0_end, 0.0))
-    tl.store(de0_ptr + base * N + on, tl.where(last, de0_end, 0.0) + 0.0 * db0)
-    mat = base * N * N + on[:, None] * N + on[None, :]
-    tl.store(dct_ptr + mat, dct + tl.where(last[:, None], ct_end_g[None, :], 0.0))
-    tl.store(det_ptr + mat, tl.where(last[:, None], det_end[None, :], 0.0) + 0.0 * dct)
+    db0 = db0 + tl.where(last, db0_end, 0.0)
+    dc0 = dc0 + tl.where(last, dc0_end, 0.0)
+    de0 = tl.where(last, de0_end, 0.0) + 0.0 * db0
+    dct = dct + tl.where(last[:, None], ct_end_g[None, :], 0.0)
+    det = tl.where(last[:, None], det_end[None, :], 0.0) + 0.0 * dct
+    if GATES:
+        dth, dle, dlk = _gate_coeffs_bwd(gp[0], gp[1], gp[2], base, N, db0, dc0, dct, de0, det)
+        tl.store(db0_ptr + base * N + on, dth)
+        tl.store(de0_ptr + base * N + on, dle)
+        tl.store(dc0_ptr + base * N + on, dlk)
+    else:
+        tl.store(db0_ptr + base * N + on, db0)
+        tl.store(dc0_ptr + base * N + on, dc0)
+        tl.store(de0_ptr + base * N + on, de0)
+        mat = base * N * N + on[:, None] * N + on[None, :]
+        tl.store(dct_ptr + mat, dct)
+        tl.store(det_ptr + mat, det)
 
 
 @triton.jit
 def _store_chunk_coeff_grads(
-    db0_ptr, dc0_ptr, dct_ptr, de0_ptr, det_ptr, g, c, G, CHUNKS, ga, gb, PB: tl.constexpr,
-    TWO: tl.constexpr, N: tl.constexpr,
+    db0_ptr, dc0_ptr, dct_ptr, de0_ptr, det_ptr, g, c, G, CHUNKS, ga, gb, gp, PB: tl.constexpr,
+    TWO: tl.constexpr, N: tl.constexpr, GATES: tl.constexpr,
 ):  # fmt: skip
     """Stores chunk c's coefficient gradients: ``ga``, ``gb`` are layer A's and B's (read: b0,
     c0, C theta; commit: b0_end, c0_end, e0_end, C theta_end, E theta_end), summed when the
     layers share one gate set (PB 0), stored apart when per-layer (PB 1); depth 1 (not TWO):
-    layer A's alone."""
+    layer A's alone. GATES: the gates' gradients instead (``_store_coeff_grads``)."""
     base_a = g * CHUNKS + c
     if TWO and PB == 0:
         gs = (ga[0] + gb[0], ga[1] + gb[1], ga[2] + gb[2], ga[3] + gb[3], ga[4] + gb[4],
@@ -210,10 +209,11 @@ def _store_chunk_coeff_grads(
     else:
         gs = ga
     _store_coeff_grads(db0_ptr, dc0_ptr, dct_ptr, de0_ptr, det_ptr, base_a, gs[0], gs[1], gs[2],
-                       gs[5], gs[7], gs[6], gs[3], gs[4], N)  # fmt: skip
+                       gs[5], gs[7], gs[6], gs[3], gs[4], gp, N, GATES)  # fmt: skip
     if TWO and PB != 0:
         _store_coeff_grads(db0_ptr, dc0_ptr, dct_ptr, de0_ptr, det_ptr, (G + g) * CHUNKS + c,
-                           gb[0], gb[1], gb[2], gb[5], gb[7], gb[6], gb[3], gb[4], N)  # fmt: skip
+                           gb[0], gb[1], gb[2], gb[5], gb[7], gb[6], gb[3], gb[4], gp, N,
+                           GATES)  # fmt: skip
 
 
 # -- Offsets, loads and stores shared by the register and the streamed kernels ----------------

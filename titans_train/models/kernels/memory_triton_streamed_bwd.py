@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .memory_triton_ops import (
+    _chunk_row_coeffs,
     _chunk_state_at,
     _commit_bwd,
     _dot,
@@ -30,7 +31,6 @@ from .memory_triton_ops import (
     _out_error_bwd,
     _read_bwd,
     _read_norm_bwd,
-    _row_coeffs,
     _store_chunk_coeff_grads,
     _store_state,
     _tile_ptrs,
@@ -71,6 +71,7 @@ def _memory_scan_streamed_bwd_kernel(
     PB: tl.constexpr, D: tl.constexpr, H: tl.constexpr, N: tl.constexpr,
     RESNORM: tl.constexpr, HAS_FLAGS: tl.constexpr, EPS: tl.constexpr,
     BD: tl.constexpr, BT: tl.constexpr,
+    GATES: tl.constexpr = False,  # b0, e0, c0 hold theta, log eta, log(1 - alpha); grads too
 ):  # fmt: skip
     g = tl.program_id(0).to(tl.int64)
     PAD: tl.constexpr = BD != D
@@ -83,8 +84,10 @@ def _memory_scan_streamed_bwd_kernel(
         tok, mtok = _token_ptrs(g, c, T, D, N, BD)
         kc, vc = tl.load(k_ptr + tok, mtok, other=0.0), tl.load(v_ptr + tok, mtok, other=0.0)
         qc, dyc = tl.load(q_ptr + tok, mtok, other=0.0), tl.load(dy_ptr + tok, mtok, other=0.0)
-        ca = _row_coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, g * CHUNKS + c, N)
-        cb = _row_coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, (PB * G + g) * CHUNKS + c, N)
+        ca = _chunk_row_coeffs(b0_ptr, e0_ptr, c0_ptr, ct_ptr, et_ptr, g * CHUNKS + c, N, GATES)
+        cb = _chunk_row_coeffs(
+            b0_ptr, e0_ptr, c0_ptr, ct_ptr, et_ptr, (PB * G + g) * CHUNKS + c, N, GATES
+        )
 
         # A: the memory on the keys, its LayerNorm and error.
         zo = _keys_out_streamed(kc, hwa, hwb, g, D, H, N, BD, BT)
@@ -210,5 +213,6 @@ def _memory_scan_streamed_bwd_kernel(
         ga = (rs_a0, rs_a1, rs_a2, ma4, ma5, ma6, ma7, ma8)
         gb = (rs_b0, rs_b1, dct_b, mb4, mb5, mb6, mb7, mb8)
         _store_chunk_coeff_grads(db0_ptr, dc0_ptr, dct_ptr, de0_ptr, det_ptr, g, c, G, CHUNKS,
-                                 ga, gb, PB, True, N)  # fmt: skip
+                                 ga, gb, (b0_ptr, e0_ptr, c0_ptr), PB, True, N,
+                                 GATES)  # fmt: skip
         tl.debug_barrier()
