@@ -108,8 +108,9 @@ def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
 
 def span_gates(theta: Tensor, log_eta: Tensor, log_keep: Tensor, chunk: int) -> list[Tensor]:
     """The gates of every whole chunk of a span, [G, N, P] -> [P, G, chunks, chunk] each
-    (``memory_math.span_coeffs``' layout of B_t0): handed to the forward kernel in place of the
-    five coefficient tensors, it computes each chunk's coefficients itself."""
+    (``memory_math.span_coeffs``' layout of B_t0): handed to the kernels in place of the five
+    coefficient tensors, they compute each chunk's coefficients (and the backward the gates'
+    gradients) themselves."""
     G, N, _ = theta.shape
     return [
         x.reshape(G, N // chunk, chunk, -1).permute(3, 0, 1, 2).contiguous()

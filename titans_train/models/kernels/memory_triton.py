@@ -8,9 +8,9 @@ hand (LayerNorm and GELU derivatives), reads every query in the dual form (after
 write), and commits W' = B W + c S - A^T diag(C theta) Delta, S' = E S - A^T diag(E theta) Delta.
 Document flags reset the state to M_0 before a chunk, or discard a chunk's update.
 
-The decay coefficients come from ``span_coeffs`` (PyTorch, outside the kernel). The training path,
-this kernel forward and the fused backward of ``memory_triton_bwd``, is
-``memory_triton_autograd.TritonChunks``.
+The decay coefficients are computed in the kernel from the gates (``kernels.span_gates``,
+``memory_triton_gates``), or loaded as ``span_coeffs`` gives them. The training path, this kernel
+forward and the fused backward of ``memory_triton_bwd``, is ``memory_triton_autograd.TritonChunks``.
 
 Triton decides at decoration time whether to interpret (``TRITON_INTERPRET=1`` must be set before
 this module is first imported to run on CPU tensors).

@@ -4,9 +4,10 @@ chunks of a checkpoint group in reverse, from the chunk-start states the forward
 Per chunk it recomputes the chunk's intermediates (memory on the keys, errors, dual-form reads)
 and back-propagates through ``chunk_step`` by hand, second-order terms included (the inner
 gradient depends on the weights: LayerNorm's backward is differentiated again, and GELU'' enters
-through the errors). Outputs: gradients of k, v, q, the five coefficient tensors, the state at
-the group start and M_0 (document resets). The derivation is checked term by term against
-autograd through ``memory_math.chunk_step`` (tests/test_memory_triton.py).
+through the errors). Outputs: gradients of k, v, q, the five coefficient tensors (or, given
+the gates, the gates'), the state at the group start and M_0 (document resets). The derivation
+is checked term by term against autograd through ``memory_math.chunk_step``
+(tests/test_memory_triton.py, tests/test_memory_triton_gates.py).
 """
 
 from __future__ import annotations
