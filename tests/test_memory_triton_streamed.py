@@ -132,9 +132,10 @@ def test_large_state_trains_on_the_streamed_kernel(monkeypatch):
 
 @pytest.mark.slow
 def test_streamed_kernels_compile_for_the_paper_head_with_little_stack():
-    """Head dim 64 / hidden 256 (256 KB of state per group), streamed in tiles of 16: 16 bytes of
-    stack a thread on sm90 in the forward (the register kernel at the 170M preset's 48 / 192,
-    padded to the same blocks, spills 20,512), 512 in the backward. Checked: at most 64 and
+    """Head dim 64 / hidden 256 (256 KB of state per group), streamed in tiles of 16, the
+    coefficients computed from the gates: 56 bytes of stack a thread on sm90 in the forward (16
+    with loaded coefficients; the register kernel at the 170M preset's 48 / 192, padded to the
+    same blocks, spills 20,512), 504 in the backward (512 loaded). Checked: at most 64 and
     1,024 bytes."""
     assert kernels_mod.stream_tile([64, 256, 64]) == 16
     lines = compile_for_cuda([([64, 256, 64], 90, False, 16), ([64, 256, 64], 90, True, 16)])

@@ -214,7 +214,10 @@ def _memory_scan(
         span = chunk * (checkpoint_group if checkpoint else end // chunk)
         use_kernel = triton and (train or not torch.is_grad_enabled())
         scan, group_fn, fourth = _runners(use_kernel, compiled, checkpoint)
-        coeffs = span_coeffs(theta[:, :end], log_eta[:, :end], log_keep[:, :end], chunk)
+        fold = span_coeffs
+        if use_kernel:  # the kernel computes each chunk's coefficients from its gates
+            from .kernels import span_gates as fold
+        coeffs = fold(theta[:, :end], log_eta[:, :end], log_keep[:, :end], chunk)
         whole = None if flags is None else flags.chunks(0, end // chunk)
         if not grouped:
             kvq = [None if t is None else t[:, :end] for t in (k, v, q)]
@@ -233,7 +236,8 @@ def _memory_scan(
             n = len(weights)
             for args in zip(*parts):
                 if whole is not None:
-                    args = (*args[:8], *args[8], *args[9:])
+                    at = 3 + len(coeffs)  # M_0 follows k, v, q and the coefficients
+                    args = (*args[:at], *args[at], *args[at + 1 :])
                 out = group_fn.apply(n, chunk, residual_norm, fourth, *weights, *momentum, *args)
                 reads.append(out[0])
                 weights, momentum = list(out[1 : 1 + n]), list(out[1 + n :])

@@ -9,6 +9,7 @@ import importlib.util
 import os
 
 import torch
+from torch import Tensor
 
 # Largest M + S (all memory layers, in elements) for which ``auto`` picks the kernel on CUDA: one
 # program holds its group's whole state in registers. Compiled by ptxas for sm80/sm90 at 8 warps,
@@ -103,3 +104,15 @@ def backward_tile(dims: list[int]) -> int:
 def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Triton launches on the current CUDA device: make it ``t``'s (a no-op on CPU)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def span_gates(theta: Tensor, log_eta: Tensor, log_keep: Tensor, chunk: int) -> list[Tensor]:
+    """The gates of every whole chunk of a span, [G, N, P] -> [P, G, chunks, chunk] each
+    (``memory_math.span_coeffs``' layout of B_t0): handed to the kernels in place of the five
+    coefficient tensors, they compute each chunk's coefficients (and the backward the gates'
+    gradients) themselves."""
+    G, N, _ = theta.shape
+    return [
+        x.reshape(G, N // chunk, chunk, -1).permute(3, 0, 1, 2).contiguous()
+        for x in (theta, log_eta, log_keep)
+    ]

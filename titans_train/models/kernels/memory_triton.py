@@ -8,9 +8,9 @@ hand (LayerNorm and GELU derivatives), reads every query in the dual form (after
 write), and commits W' = B W + c S - A^T diag(C theta) Delta, S' = E S - A^T diag(E theta) Delta.
 Document flags reset the state to M_0 before a chunk, or discard a chunk's update.
 
-The decay coefficients come from ``span_coeffs`` (PyTorch, outside the kernel). The training path,
-this kernel forward and the fused backward of ``memory_triton_bwd``, is
-``memory_triton_autograd.TritonChunks``.
+The decay coefficients are computed in the kernel from the gates (``kernels.span_gates``,
+``memory_triton_gates``), or loaded as ``span_coeffs`` gives them. The training path, this kernel
+forward and the fused backward of ``memory_triton_bwd``, is ``memory_triton_autograd.TritonChunks``.
 
 Triton decides at decoration time whether to interpret (``TRITON_INTERPRET=1`` must be set before
 this module is first imported to run on CPU tensors).
@@ -32,17 +32,18 @@ from . import (
     stream_tile,
     triton_device_problem,
 )
-from .memory_triton_ops import (  # noqa: F401
-    _INV_SQRT_2PI,
-    _SQRT1_2,
-    _coeffs,
+from .memory_triton_ops import (
+    _chunk_coeffs,
+    _chunk_state_at,
     _commit,
-    _dot,
     _dual_read,
     _gelu,
-    _gelu_grad,
+    _keys_errors,
     _layer_norm,
-    _layer_norm_grad,
+    _load_state,
+    _store_state,
+    _tile_ptrs,
+    _token_ptrs,
 )
 
 
@@ -58,69 +59,48 @@ def _memory_scan_kernel(
     D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, DEPTH: tl.constexpr,
     RESNORM: tl.constexpr, HAS_Q: tl.constexpr, HAS_FLAGS: tl.constexpr, EPS: tl.constexpr,
     BD: tl.constexpr, BH: tl.constexpr, SAVE_STATES: tl.constexpr = False,
+    GATES: tl.constexpr = False,  # the coefficient pointers hold theta, log eta, log(1 - alpha)
 ):  # fmt: skip
     """One program per group. DEPTH 1: layer A alone is [D, D] (H == D, layer B unused).
-    SAVE_STATES keeps every chunk's start state (after a reset) for the fused backward.
+    SAVE_STATES keeps every chunk's start state (after a reset) for the fused backward. GATES
+    computes each chunk's coefficients from its gates in the kernel (``_gate_coeffs``).
     Widths D, H are held in blocks BD, BH (powers of two): the padding loads as zeros and stays
     zero (GELU(0) = 0, zero rows/columns get zero updates); LayerNorm reduces over D."""
     g = tl.program_id(0).to(tl.int64)
-    od, oh, on = tl.arange(0, BD), tl.arange(0, BH), tl.arange(0, N)
     PAD: tl.constexpr = BD != D
-    md, mh = od < D, oh < H
-    mask_a, mask_b = md[:, None] & mh[None, :], mh[:, None] & md[None, :]
-    mt = (on < N)[:, None] & md[None, :]  # a chunk's tokens [N, BD]
-    la, lb = od[:, None] * H + oh[None, :], oh[:, None] * D + od[None, :]  # within a matrix
-    a_idx, b_idx = g * D * H + la, g * H * D + lb  # layer A is [D, H] (H == D at depth 1)
-    if DEPTH == 2:
-        wb, sb = (
-            tl.load(wb_ptr + b_idx, mask_b, other=0.0),
-            tl.load(sb_ptr + b_idx, mask_b, other=0.0),
-        )
-    wa, sa = tl.load(wa_ptr + a_idx, mask_a, other=0.0), tl.load(sa_ptr + a_idx, mask_a, other=0.0)
+    TWO: tl.constexpr = DEPTH == 2
+    md = tl.arange(0, BD) < D
+    a_idx, mask_a, b_idx, mask_b = _tile_ptrs(g, 0, D, H, BD, BH)
+    wa, sa, wb, sb = _load_state(wa_ptr, sa_ptr, wb_ptr, sb_ptr, a_idx, mask_a, b_idx, mask_b, TWO)
     if HAS_FLAGS:
         w0a = tl.load(w0a_ptr + a_idx, mask_a, other=0.0)
-        if DEPTH == 2:
+        if TWO:
             w0b = tl.load(w0b_ptr + b_idx, mask_b, other=0.0)
 
     for c in range(CHUNKS):
-        tok = g * T * D + (c * N + on)[:, None] * D + od[None, :]
+        tok, mt = _token_ptrs(g, c, T, D, N, BD)
         kc, vc = tl.load(k_ptr + tok, mt, other=0.0), tl.load(v_ptr + tok, mt, other=0.0)
         if HAS_FLAGS:
             reset = tl.load(reset_ptr + g * CHUNKS + c) != 0
             wa, sa = tl.where(reset, w0a, wa), tl.where(reset, 0.0, sa)
-            if DEPTH == 2:
+            if TWO:
                 wb, sb = tl.where(reset, w0b, wb), tl.where(reset, 0.0, sb)
         if SAVE_STATES:
-            h_at = (g * CHUNKS + c) * D * H
-            tl.store(hwa_ptr + h_at + la, wa, mask_a)
-            tl.store(hsa_ptr + h_at + la, sa, mask_a)
-            if DEPTH == 2:
-                tl.store(hwb_ptr + h_at + lb, wb, mask_b)
-                tl.store(hsb_ptr + h_at + lb, sb, mask_b)
+            h_at = _chunk_state_at(g, c, CHUNKS, D, H)
+            _store_state(hwa_ptr + h_at, hsa_ptr + h_at, hwb_ptr + h_at, hsb_ptr + h_at, a_idx,
+                         mask_a, b_idx, mask_b, wa, sa, wb, sb, TWO)  # fmt: skip
 
         # The memory on the chunk's keys at the chunk-start weights, and its errors delta_l.
-        if DEPTH == 2:
-            z1 = _dot(kc, wa)
-            a1 = _gelu(z1)
-            z_out = _dot(a1, wb)
-        else:
-            z_out = _dot(kc, wa)
-        if RESNORM:
-            xhat, rstd = _layer_norm(z_out, D, EPS, md, PAD)
-            d_out = _layer_norm_grad(xhat, rstd, kc + xhat - vc, D, md, PAD)
-        else:
-            d_out = z_out - vc
-        if DEPTH == 2:
-            d1 = _dot(d_out, tl.trans(wb)) * _gelu_grad(z1)
-
-        base_a = g * CHUNKS + c
-        ca = _coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, base_a, N)
-        if DEPTH == 2:
-            cb = _coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, (PB * G + g) * CHUNKS + c, N)
+        _, a1, _, d1, d_out, _, _, _ = _keys_errors(kc, vc, wa, wb, D, EPS, md, PAD, RESNORM, DEPTH)
+        ca = _chunk_coeffs(b0_ptr, e0_ptr, c0_ptr, ct_ptr, et_ptr, g * CHUNKS + c, N, GATES)
+        if TWO:
+            cb = _chunk_coeffs(
+                b0_ptr, e0_ptr, c0_ptr, ct_ptr, et_ptr, (PB * G + g) * CHUNKS + c, N, GATES
+            )
 
         if HAS_Q:
             qc = tl.load(q_ptr + tok, mt, other=0.0)
-            if DEPTH == 2:
+            if TWO:
                 hq = _gelu(_dual_read(qc, wa, sa, kc, d1, ca[0], ca[1], ca[2]))
                 zq = _dual_read(hq, wb, sb, a1, d_out, cb[0], cb[1], cb[2])
             else:
@@ -129,26 +109,20 @@ def _memory_scan_kernel(
                 zq = qc + _layer_norm(zq, D, EPS, md, PAD)[0]
             tl.store(y_ptr + tok, zq, mt)
 
-        if DEPTH == 2:
-            wa_n, sa_n = _commit(wa, sa, kc, d1, ca[3], ca[4], ca[5], ca[6], ca[7])
+        wa_n, sa_n = _commit(wa, sa, kc, d1, ca[3], ca[4], ca[5], ca[6], ca[7])
+        if TWO:
             wb_n, sb_n = _commit(wb, sb, a1, d_out, cb[3], cb[4], cb[5], cb[6], cb[7])
-        else:
-            wa_n, sa_n = _commit(wa, sa, kc, d_out, ca[3], ca[4], ca[5], ca[6], ca[7])
         if HAS_FLAGS:
             keep = tl.load(commit_ptr + g * CHUNKS + c) != 0
             wa, sa = tl.where(keep, wa_n, wa), tl.where(keep, sa_n, sa)
-            if DEPTH == 2:
+            if TWO:
                 wb, sb = tl.where(keep, wb_n, wb), tl.where(keep, sb_n, sb)
         else:
             wa, sa = wa_n, sa_n
-            if DEPTH == 2:
+            if TWO:
                 wb, sb = wb_n, sb_n
 
-    tl.store(wa_ptr + a_idx, wa, mask_a)
-    tl.store(sa_ptr + a_idx, sa, mask_a)
-    if DEPTH == 2:
-        tl.store(wb_ptr + b_idx, wb, mask_b)
-        tl.store(sb_ptr + b_idx, sb, mask_b)
+    _store_state(wa_ptr, sa_ptr, wb_ptr, sb_ptr, a_idx, mask_a, b_idx, mask_b, wa, sa, wb, sb, TWO)
 
 
 def check_kernel_inputs(weights: list[Tensor], k: Tensor, chunk: int) -> None:
@@ -176,7 +150,9 @@ def scan_chunks_triton(
     tile: int | None = None,
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
     """``memory_math.scan_chunks`` (same arguments; ``compiled`` is ignored) as one kernel launch.
-    No autograd: ``TritonChunks`` gives the gradients. ``states`` (M then S per layer, each
+    No autograd: ``TritonChunks`` gives the gradients. ``coeffs``: ``span_coeffs``' five
+    tensors, or the three gates folded by ``kernels.span_gates`` ([P, G, chunks, N]), from
+    which the kernel computes each chunk's coefficients itself. ``states`` (M then S per layer, each
     [G, chunks, d_in, d_out], contiguous): filled with every chunk's start state. ``tile``: 0 runs
     the register kernel, t > 0 the streamed one with hidden tiles of t (depth 2), None chooses
     (``kernels.stream_tile``)."""
@@ -190,6 +166,8 @@ def scan_chunks_triton(
     w = [prep(x).clone() for x in weights]
     s = [prep(x).clone() for x in momentum]
     k, v, co = prep(k), prep(v), [prep(x) for x in coeffs]
+    gates = len(co) == 3  # theta, log eta, log(1 - alpha): coefficients computed in the kernel
+    co += co[:1] * 2 if gates else []  # unused
     q = None if q is None else prep(q)
     y = torch.empty_like(k) if q is not None else k
     if flags is not None:
@@ -203,29 +181,22 @@ def scan_chunks_triton(
     tile = stream_tile(dims_of(w)) if tile is None else tile
     if tile and len(w) != 2:
         raise ValueError(f"the streamed kernel has memory depth 2, not {len(w)}")
+    args = (w[0], s[0], wb, sb, w0[0], w0b, k, v, k if q is None else q, y, *co, reset, commit,
+            *hist, G, T // chunk, T, min(1, co[0].shape[0] - 1))  # fmt: skip
+    const = dict(D=D, H=H, N=chunk, RESNORM=residual_norm, HAS_Q=q is not None,
+                 HAS_FLAGS=flags is not None, EPS=LN_EPS, BD=block_width(D),
+                 SAVE_STATES=states is not None, GATES=gates)  # fmt: skip
     if tile:
-        from .memory_triton_streamed import _memory_scan_streamed_kernel
+        from .memory_triton_streamed import _memory_scan_streamed_kernel as fn
 
-        with launch_device(k):
-            _memory_scan_streamed_kernel[(G,)](
-                w[0], s[0], wb, sb, w0[0], w0b,
-                k, v, k if q is None else q, y, *co, reset, commit, *hist,
-                G, T // chunk, T, min(1, co[0].shape[0] - 1),
-                D=D, H=H, N=chunk, RESNORM=residual_norm, HAS_Q=q is not None,
-                HAS_FLAGS=flags is not None, EPS=LN_EPS, BD=block_width(D), BT=tile,
-                SAVE_STATES=states is not None, num_warps=8,
-            )  # fmt: skip
-        return (y if q is not None else None), w, s
+        const.update(BT=tile, num_warps=8)
+    else:
+        fn = _memory_scan_kernel  # looked up per call: tests count its launches
+        const.update(
+            DEPTH=L, BH=block_width(H), num_warps=num_warps(state_elements(dims_of(w)) // 2)
+        )
     with launch_device(k):
-        _memory_scan_kernel[(G,)](
-            w[0], s[0], wb, sb, w0[0], w0b,
-            k, v, k if q is None else q, y, *co, reset, commit, *hist,
-            G, T // chunk, T, min(1, co[0].shape[0] - 1),
-            D=D, H=H, N=chunk, DEPTH=len(w), RESNORM=residual_norm,
-            HAS_Q=q is not None, HAS_FLAGS=flags is not None, EPS=LN_EPS,
-            BD=block_width(D), BH=block_width(H), SAVE_STATES=states is not None,
-            num_warps=num_warps(state_elements(dims_of(w)) // 2),
-        )  # fmt: skip
+        fn[(G,)](*args, **const)
     return (y if q is not None else None), w, s
 
 
@@ -245,6 +216,7 @@ def _flat_parts(inputs, n_layers: int):
     """``memory_scan._scan_flat``'s input layout -> (M, S, k, v, q, coeffs, flags)."""
     weights, momentum = list(inputs[:n_layers]), list(inputs[n_layers : 2 * n_layers])
     k, v, q, *rest = inputs[2 * n_layers :]
-    coeffs, extra = rest[:5], rest[5:]
+    n_co = 5 if len(rest) > 3 and rest[3].dim() == 5 else 3  # coefficients (C theta: 5-D) or gates
+    coeffs, extra = rest[:n_co], rest[n_co:]
     flags = DocFlags(list(extra[:n_layers]), *extra[n_layers:]) if extra else None
     return weights, momentum, k, v, q, coeffs, flags

@@ -15,19 +15,26 @@ from . import memory_triton as fwd
 
 
 def compile_for_cuda(
-    dims: list[int], chunk: int, capability: int = 90, backward: bool = False, tile: int = 0
+    dims: list[int],
+    chunk: int,
+    capability: int = 90,
+    backward: bool = False,
+    tile: int = 0,
+    gates: bool = True,
 ):
     """The forward (or backward) kernel compiled to a cubin for an NVIDIA GPU of this compute
     capability, without a GPU (Triton bundles ptxas): catches what the interpreter lets through
     (it does not check constexpr globals, types or register use). ``tile`` > 0: the streamed
-    kernel with that hidden tile. Needs this module imported without TRITON_INTERPRET. Returns
-    triton's CompiledKernel (``.asm["cubin"]``)."""
+    kernel with that hidden tile; ``gates``: the kernel computes the coefficients (as in
+    training, ``kernels.span_gates``; the backward their gates' gradients), else loads them.
+    Needs this module imported without TRITON_INTERPRET. Returns triton's CompiledKernel
+    (``.asm["cubin"]``)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource
 
     const = dict(D=dims[0], H=dims[1], N=chunk, DEPTH=len(dims) - 1, RESNORM=True,
                  HAS_FLAGS=True, EPS=LN_EPS)  # fmt: skip
-    const.update(BD=block_width(dims[0]), BH=block_width(dims[1]))
+    const.update(BD=block_width(dims[0]), BH=block_width(dims[1]), GATES=gates)
     if backward and tile:
         from .memory_triton_streamed_bwd import _memory_scan_streamed_bwd_kernel as kernel
 

@@ -4,9 +4,10 @@ chunks of a checkpoint group in reverse, from the chunk-start states the forward
 Per chunk it recomputes the chunk's intermediates (memory on the keys, errors, dual-form reads)
 and back-propagates through ``chunk_step`` by hand, second-order terms included (the inner
 gradient depends on the weights: LayerNorm's backward is differentiated again, and GELU'' enters
-through the errors). Outputs: gradients of k, v, q, the five coefficient tensors, the state at
-the group start and M_0 (document resets). The derivation is checked term by term against
-autograd through ``memory_math.chunk_step`` (tests/test_memory_triton.py).
+through the errors). Outputs: gradients of k, v, q, the five coefficient tensors (or, given
+the gates, the gates'), the state at the group start and M_0 (document resets). The derivation
+is checked term by term against autograd through ``memory_math.chunk_step``
+(tests/test_memory_triton.py, tests/test_memory_triton_gates.py).
 """
 
 from __future__ import annotations
@@ -18,18 +19,23 @@ import triton.language as tl
 from ..memory_math import LN_EPS
 from . import backward_tile, block_width, launch_device, state_elements, stream_tile
 from .memory_triton import dims_of, num_warps
-from .memory_triton_ops import (  # noqa: F401  (device functions the kernel below calls)
-    _INV_SQRT_2PI,
+from .memory_triton_ops import (
+    _chunk_row_coeffs,
+    _chunk_state_at,
     _commit_bwd,
     _dot,
     _gelu,
     _gelu_grad,
     _gelu_grad2,
-    _layer_norm,
-    _layer_norm_grad,
+    _keys_errors,
+    _load_state,
+    _out_error_bwd,
     _read_bwd,
-    _row_coeffs,
-    _store_coeff_grads,
+    _read_norm_bwd,
+    _store_chunk_coeff_grads,
+    _store_state,
+    _tile_ptrs,
+    _token_ptrs,
 )
 
 
@@ -47,61 +53,41 @@ def _memory_scan_bwd_kernel(
     PB: tl.constexpr, D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, DEPTH: tl.constexpr,
     RESNORM: tl.constexpr, HAS_FLAGS: tl.constexpr, EPS: tl.constexpr,
     BD: tl.constexpr, BH: tl.constexpr,
+    GATES: tl.constexpr = False,  # b0, e0, c0 hold theta, log eta, log(1 - alpha); grads too
 ):  # fmt: skip
     """One program per group; PB: gate set of layer B (0 = shared with layer A). Widths D, H in
     blocks BD, BH as in the forward kernel: the padding loads as zeros and every gradient stays
     zero there (LayerNorm's, masked, reduce over D)."""
     g = tl.program_id(0).to(tl.int64)
-    od, oh, on = tl.arange(0, BD), tl.arange(0, BH), tl.arange(0, N)
     PAD: tl.constexpr = BD != D
-    md, mh = od < D, oh < H
-    mask_a, mask_b = md[:, None] & mh[None, :], mh[:, None] & md[None, :]
-    mt = (on < N)[:, None] & md[None, :]  # a chunk's tokens [N, BD]
-    la, lb = od[:, None] * H + oh[None, :], oh[:, None] * D + od[None, :]
-    a_idx, b_idx = g * D * H + la, g * H * D + lb
-    dwa, dsa = (
-        tl.load(dwa_ptr + a_idx, mask_a, other=0.0),
-        tl.load(dsa_ptr + a_idx, mask_a, other=0.0),
-    )
+    TWO: tl.constexpr = DEPTH == 2
+    md = tl.arange(0, BD) < D
+    a_idx, mask_a, b_idx, mask_b = _tile_ptrs(g, 0, D, H, BD, BH)
+    dwa, dsa, dwb, dsb = _load_state(dwa_ptr, dsa_ptr, dwb_ptr, dsb_ptr, a_idx, mask_a, b_idx,
+                                     mask_b, TWO)  # fmt: skip
     dw0a = tl.zeros([BD, BH], dtype=dwa.dtype)
-    if DEPTH == 2:
-        dwb = tl.load(dwb_ptr + b_idx, mask_b, other=0.0)
-        dsb = tl.load(dsb_ptr + b_idx, mask_b, other=0.0)
+    if TWO:
         dw0b = tl.zeros([BH, BD], dtype=dwa.dtype)
 
     for i in range(CHUNKS):
         c = CHUNKS - 1 - i
-        h_at = (g * CHUNKS + c) * D * H
-        wa = tl.load(hwa_ptr + h_at + la, mask_a, other=0.0)
-        sa = tl.load(hsa_ptr + h_at + la, mask_a, other=0.0)
-        tok = g * T * D + (c * N + on)[:, None] * D + od[None, :]
+        h_at = _chunk_state_at(g, c, CHUNKS, D, H)
+        wa, sa, wb, sb = _load_state(hwa_ptr + h_at, hsa_ptr + h_at, hwb_ptr + h_at,
+                                     hsb_ptr + h_at, a_idx, mask_a, b_idx, mask_b, TWO)  # fmt: skip
+        tok, mt = _token_ptrs(g, c, T, D, N, BD)
         kc, vc = tl.load(k_ptr + tok, mt, other=0.0), tl.load(v_ptr + tok, mt, other=0.0)
         qc, dyc = tl.load(q_ptr + tok, mt, other=0.0), tl.load(dy_ptr + tok, mt, other=0.0)
-        ca = _row_coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, g * CHUNKS + c, N)
-        if DEPTH == 2:
-            wb = tl.load(hwb_ptr + h_at + lb, mask_b, other=0.0)
-            sb = tl.load(hsb_ptr + h_at + lb, mask_b, other=0.0)
-            cb = _row_coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, (PB * G + g) * CHUNKS + c, N)
+        ca = _chunk_row_coeffs(b0_ptr, e0_ptr, c0_ptr, ct_ptr, et_ptr, g * CHUNKS + c, N, GATES)
+        if TWO:
+            cb = _chunk_row_coeffs(
+                b0_ptr, e0_ptr, c0_ptr, ct_ptr, et_ptr, (PB * G + g) * CHUNKS + c, N, GATES
+            )
 
-        # Recompute: memory on the keys and its errors.
-        if DEPTH == 2:
-            z1 = _dot(kc, wa)
-            a1 = _gelu(z1)
-            zo = _dot(a1, wb)
-        else:
-            zo = _dot(kc, wa)
-        if RESNORM:
-            xhat, r = _layer_norm(zo, D, EPS, md, PAD)
-            e = kc + xhat - vc
-            dl = _layer_norm_grad(xhat, r, e, D, md, PAD)
-        else:
-            dl = zo - vc
-        if DEPTH == 2:
-            g1 = _dot(dl, tl.trans(wb))
-            d1 = g1 * _gelu_grad(z1)
-        # Recompute: the dual-form reads.
+        # Recompute: memory on the keys and its errors, then the dual-form reads.
+        z1, a1, g1, d1, dl, xhat, r, e = _keys_errors(kc, vc, wa, wb, D, EPS, md, PAD, RESNORM,
+                                                      DEPTH)  # fmt: skip
         p1 = _dot(qc, tl.trans(kc))
-        if DEPTH == 2:
+        if TWO:
             u1 = ca[0][:, None] * _dot(qc, wa) + ca[1][:, None] * _dot(qc, sa)
             u1 = u1 - _dot(ca[2] * p1, d1)
             h1 = _gelu(u1)
@@ -114,30 +100,22 @@ def _memory_scan_bwd_kernel(
 
         # Commit (an uncommitted chunk passes dW', dS' straight to its start state).
         dwa_n, dsa_n, pass_wa, pass_sa = dwa, dsa, 0.0 * dwa, 0.0 * dsa
-        if DEPTH == 2:
+        if TWO:
             dwb_n, dsb_n, pass_wb, pass_sb = dwb, dsb, 0.0 * dwb, 0.0 * dsb
         if HAS_FLAGS:
             keep = tl.load(commit_ptr + g * CHUNKS + c) != 0
             dwa_n, dsa_n = tl.where(keep, dwa, 0.0), tl.where(keep, dsa, 0.0)
             pass_wa, pass_sa = dwa - dwa_n, dsa - dsa_n
-            if DEPTH == 2:
+            if TWO:
                 dwb_n, dsb_n = tl.where(keep, dwb, 0.0), tl.where(keep, dsb, 0.0)
                 pass_wb, pass_sb = dwb - dwb_n, dsb - dsb_n
-        if DEPTH == 2:
-            ma = _commit_bwd(wa, sa, kc, d1, dwa_n, dsa_n, ca[0], ca[1], ca[2], ca[3], ca[4], N)
+        ma = _commit_bwd(wa, sa, kc, d1, dwa_n, dsa_n, ca[0], ca[1], ca[2], ca[3], ca[4], N)
+        if TWO:
             mb = _commit_bwd(wb, sb, a1, dl, dwb_n, dsb_n, cb[0], cb[1], cb[2], cb[3], cb[4], N)
-        else:
-            ma = _commit_bwd(wa, sa, kc, dl, dwa_n, dsa_n, ca[0], ca[1], ca[2], ca[3], ca[4], N)
 
         # Reads.
-        if RESNORM:
-            yhat, yr = _layer_norm(u2, D, EPS, md, PAD)
-            du = _layer_norm_grad(yhat, yr, dyc, D, md, PAD)
-            dq = dyc
-        else:
-            du = dyc
-            dq = tl.zeros([N, BD], dtype=dyc.dtype)
-        if DEPTH == 2:
+        du, dq = _read_norm_bwd(u2, dyc, D, EPS, md, PAD, RESNORM)
+        if TWO:
             rb = _read_bwd(h1, wb, sb, a1, dl, cb[0], cb[1], cb[2], p2, du)
             ra = _read_bwd(qc, wa, sa, kc, d1, ca[0], ca[1], ca[2], p1, rb[5] * _gelu_grad(u1))
         else:
@@ -146,7 +124,7 @@ def _memory_scan_bwd_kernel(
 
         # Errors: d1 = (dl W_B^T) * GELU'(z1); dl = LN'(zo)^T e (or zo - v).
         dk = ma[2] + ra[6]
-        if DEPTH == 2:
+        if TWO:
             dd1 = ma[3] + ra[7]
             ddl = mb[3] + rb[7]
             dg1 = dd1 * _gelu_grad(z1)
@@ -155,20 +133,10 @@ def _memory_scan_bwd_kernel(
             dwb_k = _dot(tl.trans(dg1), dl)
         else:
             ddl = ma[3] + ra[7]
-        if RESNORM:
-            de = _layer_norm_grad(xhat, r, ddl, D, md, PAD)
-            m_ex = tl.sum(e * xhat, 1) / D
-            m_dx = tl.sum(ddl * xhat, 1) / D
-            dxhat = de - r[:, None] * (ddl * m_ex[:, None] + e * m_dx[:, None])
-            dr = tl.sum(ddl * dl, 1) / r
-            dzo = _layer_norm_grad(xhat, r, dxhat, D, md, PAD) - (dr * r * r / D)[:, None] * xhat
-            dk += de
-            dv = -de
-        else:
-            dzo = ddl
-            dv = -ddl
+        dk_e, dv, dzo = _out_error_bwd(xhat, r, e, dl, ddl, D, md, PAD, RESNORM)
+        dk += dk_e
         # The memory on the keys.
-        if DEPTH == 2:
+        if TWO:
             dwb_k += _dot(tl.trans(a1), dzo)
             da1 = mb[2] + rb[6] + _dot(dzo, tl.trans(wb))
             dz1 += da1 * _gelu_grad(z1)
@@ -182,49 +150,32 @@ def _memory_scan_bwd_kernel(
         tl.store(dq_ptr + tok, dq, mt)
 
         # Coefficient gradients (summed over layers when they share one gate set).
-        base_a = g * CHUNKS + c
-        if DEPTH == 2:
-            if PB == 0:
-                _store_coeff_grads(
-                    db0_ptr, dc0_ptr, dct_ptr, de0_ptr, det_ptr, base_a, ra[2] + rb[2],
-                    ra[3] + rb[3], ra[4] + rb[4], ma[6] + mb[6], ma[8] + mb[8], ma[7] + mb[7],
-                    ma[4] + mb[4], ma[5] + mb[5], N,
-                )  # fmt: skip
-            else:
-                _store_coeff_grads(
-                    db0_ptr, dc0_ptr, dct_ptr, de0_ptr, det_ptr, base_a, ra[2], ra[3], ra[4],
-                    ma[6], ma[8], ma[7], ma[4], ma[5], N,
-                )  # fmt: skip
-                _store_coeff_grads(
-                    db0_ptr, dc0_ptr, dct_ptr, de0_ptr, det_ptr, (G + g) * CHUNKS + c, rb[2],
-                    rb[3], rb[4], mb[6], mb[8], mb[7], mb[4], mb[5], N,
-                )  # fmt: skip
-        else:
-            _store_coeff_grads(
-                db0_ptr, dc0_ptr, dct_ptr, de0_ptr, det_ptr, base_a, ra[2], ra[3], ra[4],
-                ma[6], ma[8], ma[7], ma[4], ma[5], N,
-            )  # fmt: skip
+        ga = (ra[2], ra[3], ra[4], ma[4], ma[5], ma[6], ma[7], ma[8])
+        gb = ga
+        if TWO:
+            gb = (rb[2], rb[3], rb[4], mb[4], mb[5], mb[6], mb[7], mb[8])
+        _store_chunk_coeff_grads(db0_ptr, dc0_ptr, dct_ptr, de0_ptr, det_ptr, g, c, G, CHUNKS,
+                                 ga, gb, (b0_ptr, e0_ptr, c0_ptr), PB, TWO, N,
+                                 GATES)  # fmt: skip
 
         # Gradients at the chunk's start state; a reset sends them to M_0 (S restarts at 0).
         dwa = ma[0] + ra[0] + dwa_k + pass_wa
         dsa = ma[1] + ra[1] + pass_sa
-        if DEPTH == 2:
+        if TWO:
             dwb = mb[0] + rb[0] + dwb_k + pass_wb
             dsb = mb[1] + rb[1] + pass_sb
         if HAS_FLAGS:
             reset = tl.load(reset_ptr + g * CHUNKS + c) != 0
             dw0a += tl.where(reset, dwa, 0.0)
             dwa, dsa = tl.where(reset, 0.0, dwa), tl.where(reset, 0.0, dsa)
-            if DEPTH == 2:
+            if TWO:
                 dw0b += tl.where(reset, dwb, 0.0)
                 dwb, dsb = tl.where(reset, 0.0, dwb), tl.where(reset, 0.0, dsb)
 
-    tl.store(dwa_ptr + a_idx, dwa, mask_a)
-    tl.store(dsa_ptr + a_idx, dsa, mask_a)
+    _store_state(dwa_ptr, dsa_ptr, dwb_ptr, dsb_ptr, a_idx, mask_a, b_idx, mask_b, dwa, dsa, dwb,
+                 dsb, TWO)  # fmt: skip
     tl.store(dw0a_ptr + a_idx, dw0a, mask_a)
-    if DEPTH == 2:
-        tl.store(dwb_ptr + b_idx, dwb, mask_b)
-        tl.store(dsb_ptr + b_idx, dsb, mask_b)
+    if TWO:
         tl.store(dw0b_ptr + b_idx, dw0b, mask_b)
 
 
@@ -233,6 +184,8 @@ def scan_chunks_triton_backward(
 ):
     """Gradients of ``memory_scan._scan_flat``'s inputs (its layout: M, S, k, v, q, the five
     coefficient fields, then optionally M_0, reset, commit) from the gradients of (reads, M', S').
+    With the three gates (``kernels.span_gates``) in place of the coefficients, both launches
+    compute the coefficients from them and the backward returns the gates' gradients.
     Rebuilds the chunk-start states with the forward kernel first (only the group's inputs were
     kept, as in ``_CheckpointedChunks``). ``tile``: None chooses (the forward by
     ``stream_tile``, the backward by ``backward_tile``); t > 0 runs both streamed with hidden
@@ -258,39 +211,33 @@ def scan_chunks_triton_backward(
     ds = [prep(x).clone() for x in grads[1 + n_layers :]]
     k, v, q, co = prep(k), prep(v), prep(q), [prep(x) for x in coeffs]
     dk, dv, dq = torch.empty_like(k), torch.empty_like(v), torch.empty_like(q)
+    gates = len(co) == 3  # theta, log eta, log(1 - alpha): their gradients, not coefficients'
     dco = [torch.zeros_like(x) for x in co]
+    co, dco = (co + co[:1] * 2, dco + dco[:1] * 2) if gates else (co, dco)  # unused slots
     dw0 = [torch.zeros_like(x) for x in dw]
     if flags is not None:
         reset, commit = (f.to(torch.int8).contiguous() for f in (flags.reset, flags.commit))
     else:
         reset = commit = k  # unused
-    two = n_layers == 2
-    hb = (hist[1], hist[3]) if two else (hist[0], hist[1])
+    const = dict(PB=min(1, co[0].shape[0] - 1), D=D, H=H, N=chunk, RESNORM=residual_norm,
+                 HAS_FLAGS=flags is not None, EPS=LN_EPS, BD=block_width(D),
+                 GATES=gates)  # fmt: skip
+    L = n_layers  # the kernels' order: M_A, S_A, M_B, S_B (layer A's again at depth 1)
+    hist = [hist[0], hist[L], hist[L - 1], hist[-1]]
+    outs = (dw[0], ds[0], dw[-1], ds[-1], dw0[0], dw0[-1], dk, dv, dq, *dco)
     if tile:
-        from .memory_triton_streamed_bwd import _memory_scan_streamed_bwd_kernel
+        from .memory_triton_streamed_bwd import _memory_scan_streamed_bwd_kernel as fn
 
-        scratch = [torch.empty(G, chunk, H, dtype=dt, device=k.device) for _ in range(2)]
-        with launch_device(k):
-            _memory_scan_streamed_bwd_kernel[(G,)](
-                hist[0], hist[2], hist[1], hist[3], k, v, q, dy, *co, reset, commit,
-                dw[0], ds[0], dw[1], ds[1], dw0[0], dw0[1], dk, dv, dq, *dco, *scratch,
-                G, chunks, T,
-                PB=min(1, co[0].shape[0] - 1), D=D, H=H, N=chunk, RESNORM=residual_norm,
-                HAS_FLAGS=flags is not None, EPS=LN_EPS, BD=block_width(D), BT=tile,
-                num_warps=8,
-            )  # fmt: skip
-        return _grads_out(dw, ds, dk, dv, dq, dco, dw0, flags)
+        outs += tuple(torch.empty(G, chunk, H, dtype=dt, device=k.device) for _ in range(2))
+        const.update(BT=tile, num_warps=8)
+    else:
+        fn = _memory_scan_bwd_kernel
+        const.update(
+            DEPTH=n_layers, BH=block_width(H), num_warps=num_warps(state_elements(dims) // 2)
+        )
     with launch_device(k):
-        _memory_scan_bwd_kernel[(G,)](
-            hist[0], hist[n_layers], *hb, k, v, q, dy, *co, reset, commit,
-            dw[0], ds[0], dw[-1], ds[-1], dw0[0], dw0[-1], dk, dv, dq, *dco,
-            G, chunks, T,
-            PB=min(1, co[0].shape[0] - 1), D=D, H=H, N=chunk, DEPTH=n_layers,
-            RESNORM=residual_norm, HAS_FLAGS=flags is not None, EPS=LN_EPS,
-            BD=block_width(D), BH=block_width(H),
-            num_warps=num_warps(state_elements(dims_of(weights)) // 2),
-        )  # fmt: skip
-    return _grads_out(dw, ds, dk, dv, dq, dco, dw0, flags)
+        fn[(G,)](*hist, k, v, q, dy, *co, reset, commit, *outs, G, chunks, T, **const)
+    return _grads_out(dw, ds, dk, dv, dq, dco[:3] if gates else dco, dw0, flags)
 
 
 def _grads_out(dw, ds, dk, dv, dq, dco, dw0, flags) -> list:

@@ -17,24 +17,20 @@ import triton
 import triton.language as tl
 
 from .memory_triton_ops import (
-    _coeffs,
+    _chunk_coeffs,
+    _chunk_state_at,
     _commit,
     _dot,
     _gelu,
     _gelu_grad,
+    _keys_out_streamed,
     _layer_norm,
-    _layer_norm_grad,
+    _load_state,
+    _out_error,
+    _store_state,
+    _tile_ptrs,
+    _token_ptrs,
 )
-
-
-@triton.jit
-def _tile_ptrs(g, j, D: tl.constexpr, H: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
-    """Offsets and masks of hidden tile j: layer A's columns [BD, BT], layer B's rows [BT, BD]."""
-    od, ot = tl.arange(0, BD), j * BT + tl.arange(0, BT)
-    md, mt = od < D, ot < H
-    a_off = g * D * H + od[:, None] * H + ot[None, :]
-    b_off = g * H * D + ot[:, None] * D + od[None, :]
-    return a_off, md[:, None] & mt[None, :], b_off, mt[:, None] & md[None, :]
 
 
 @triton.jit
@@ -48,44 +44,36 @@ def _memory_scan_streamed_kernel(
     G, CHUNKS, T, PB,
     D: tl.constexpr, H: tl.constexpr, N: tl.constexpr, RESNORM: tl.constexpr,
     HAS_Q: tl.constexpr, HAS_FLAGS: tl.constexpr, EPS: tl.constexpr, BD: tl.constexpr,
-    BT: tl.constexpr, SAVE_STATES: tl.constexpr = False,
+    BT: tl.constexpr, SAVE_STATES: tl.constexpr = False, GATES: tl.constexpr = False,
 ):  # fmt: skip
     """One program per group; the same arguments as ``_memory_scan_kernel`` at depth 2, with the
     hidden tile BT (a power of two) instead of its block. Barriers order the in-place stores
     against other threads' loads of the same state (no-ops in the interpreter)."""
     g = tl.program_id(0).to(tl.int64)
-    od, on = tl.arange(0, BD), tl.arange(0, N)
     PAD: tl.constexpr = BD != D
-    md = od < D
-    mtok = (on < N)[:, None] & md[None, :]
+    md = tl.arange(0, BD) < D
     TILES: tl.constexpr = (H + BT - 1) // BT
 
     for c in range(CHUNKS):
-        tok = g * T * D + (c * N + on)[:, None] * D + od[None, :]
+        tok, mtok = _token_ptrs(g, c, T, D, N, BD)
         kc, vc = tl.load(k_ptr + tok, mtok, other=0.0), tl.load(v_ptr + tok, mtok, other=0.0)
         if HAS_FLAGS:
             if tl.load(reset_ptr + g * CHUNKS + c) != 0:  # M_0 into the buffer, S to zero
                 for j in range(TILES):
                     a_off, a_m, b_off, b_m = _tile_ptrs(g, j, D, H, BD, BT)
-                    tl.store(wa_ptr + a_off, tl.load(w0a_ptr + a_off, a_m), a_m)
-                    tl.store(sa_ptr + a_off, tl.zeros([BD, BT], dtype=kc.dtype), a_m)
-                    tl.store(wb_ptr + b_off, tl.load(w0b_ptr + b_off, b_m), b_m)
-                    tl.store(sb_ptr + b_off, tl.zeros([BT, BD], dtype=kc.dtype), b_m)
+                    w0a = tl.load(w0a_ptr + a_off, a_m, other=0.0)
+                    w0b = tl.load(w0b_ptr + b_off, b_m, other=0.0)
+                    _store_state(wa_ptr, sa_ptr, wb_ptr, sb_ptr, a_off, a_m, b_off, b_m, w0a,
+                                 tl.zeros_like(w0a), w0b, tl.zeros_like(w0b), True)  # fmt: skip
             tl.debug_barrier()
 
         # Pass 1: the memory on the chunk's keys, tile by tile; then its output error.
-        z_out = tl.zeros([N, BD], dtype=kc.dtype)
-        for j in range(TILES):
-            a_off, a_m, b_off, b_m = _tile_ptrs(g, j, D, H, BD, BT)
-            a1 = _gelu(_dot(kc, tl.load(wa_ptr + a_off, a_m, other=0.0)))
-            z_out += _dot(a1, tl.load(wb_ptr + b_off, b_m, other=0.0))
-        if RESNORM:
-            xhat, rstd = _layer_norm(z_out, D, EPS, md, PAD)
-            d_out = _layer_norm_grad(xhat, rstd, kc + xhat - vc, D, md, PAD)
-        else:
-            d_out = z_out - vc
-        ca = _coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, g * CHUNKS + c, N)
-        cb = _coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, (PB * G + g) * CHUNKS + c, N)
+        z_out = _keys_out_streamed(kc, wa_ptr, wb_ptr, g, D, H, N, BD, BT)
+        d_out = _out_error(z_out, kc, vc, D, EPS, md, PAD, RESNORM)[0]
+        ca = _chunk_coeffs(b0_ptr, e0_ptr, c0_ptr, ct_ptr, et_ptr, g * CHUNKS + c, N, GATES)
+        cb = _chunk_coeffs(
+            b0_ptr, e0_ptr, c0_ptr, ct_ptr, et_ptr, (PB * G + g) * CHUNKS + c, N, GATES
+        )
         if HAS_FLAGS:
             keep = tl.load(commit_ptr + g * CHUNKS + c) != 0
         if HAS_Q:
@@ -98,20 +86,12 @@ def _memory_scan_streamed_kernel(
         # Pass 2: errors, reads and the commit of each tile.
         for j in range(TILES):
             a_off, a_m, b_off, b_m = _tile_ptrs(g, j, D, H, BD, BT)
-            wa, sa = (
-                tl.load(wa_ptr + a_off, a_m, other=0.0),
-                tl.load(sa_ptr + a_off, a_m, other=0.0),
-            )
-            wb, sb = (
-                tl.load(wb_ptr + b_off, b_m, other=0.0),
-                tl.load(sb_ptr + b_off, b_m, other=0.0),
-            )
+            wa, sa, wb, sb = _load_state(wa_ptr, sa_ptr, wb_ptr, sb_ptr, a_off, a_m, b_off, b_m,
+                                         True)  # fmt: skip
             if SAVE_STATES:
-                h_at = (g * (CHUNKS - 1) + c) * D * H  # [G, chunks, ..]: a_off holds g D H
-                tl.store(hwa_ptr + h_at + a_off, wa, a_m)
-                tl.store(hsa_ptr + h_at + a_off, sa, a_m)
-                tl.store(hwb_ptr + h_at + b_off, wb, b_m)
-                tl.store(hsb_ptr + h_at + b_off, sb, b_m)
+                h_at = _chunk_state_at(g, c, CHUNKS, D, H)
+                _store_state(hwa_ptr + h_at, hsa_ptr + h_at, hwb_ptr + h_at, hsb_ptr + h_at,
+                             a_off, a_m, b_off, b_m, wa, sa, wb, sb, True)  # fmt: skip
             z1 = _dot(kc, wa)
             a1 = _gelu(z1)
             d1 = _dot(d_out, tl.trans(wb)) * _gelu_grad(z1)
@@ -125,10 +105,8 @@ def _memory_scan_streamed_kernel(
             if HAS_FLAGS:  # an uncommitted chunk writes the state back unchanged
                 wa_n, sa_n = tl.where(keep, wa_n, wa), tl.where(keep, sa_n, sa)
                 wb_n, sb_n = tl.where(keep, wb_n, wb), tl.where(keep, sb_n, sb)
-            tl.store(wa_ptr + a_off, wa_n, a_m)
-            tl.store(sa_ptr + a_off, sa_n, a_m)
-            tl.store(wb_ptr + b_off, wb_n, b_m)
-            tl.store(sb_ptr + b_off, sb_n, b_m)
+            _store_state(wa_ptr, sa_ptr, wb_ptr, sb_ptr, a_off, a_m, b_off, b_m, wa_n, sa_n,
+                         wb_n, sb_n, True)  # fmt: skip
         if HAS_Q:
             zq -= _dot(cb[2] * p2, d_out)
             if RESNORM:

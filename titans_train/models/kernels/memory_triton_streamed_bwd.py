@@ -18,18 +18,24 @@ import triton
 import triton.language as tl
 
 from .memory_triton_ops import (
+    _chunk_row_coeffs,
+    _chunk_state_at,
     _commit_bwd,
     _dot,
     _gelu,
     _gelu_grad,
     _gelu_grad2,
-    _layer_norm,
-    _layer_norm_grad,
+    _keys_out_streamed,
+    _load_state,
+    _out_error,
+    _out_error_bwd,
     _read_bwd,
-    _row_coeffs,
-    _store_coeff_grads,
+    _read_norm_bwd,
+    _store_chunk_coeff_grads,
+    _store_state,
+    _tile_ptrs,
+    _token_ptrs,
 )
-from .memory_triton_streamed import _tile_ptrs
 
 
 @triton.jit
@@ -41,6 +47,13 @@ def _recompute_tile(kc, qc, dl, p1, wa, sa, wb, ca):
     d1 = g1 * _gelu_grad(z1)
     u1 = ca[0][:, None] * _dot(qc, wa) + ca[1][:, None] * _dot(qc, sa) - _dot(ca[2] * p1, d1)
     return z1, a1, g1, d1, u1, _gelu(u1)
+
+
+@triton.jit
+def _scratch_ptrs(g, j, N: tl.constexpr, H: tl.constexpr, BT: tl.constexpr):
+    """Offsets and mask of hidden tile j in group g's scratch [G, N, H]."""
+    on, ot = tl.arange(0, N), j * BT + tl.arange(0, BT)
+    return g * N * H + on[:, None] * H + ot[None, :], (on < N)[:, None] & (ot < H)[None, :]
 
 
 @triton.jit
@@ -58,34 +71,27 @@ def _memory_scan_streamed_bwd_kernel(
     PB: tl.constexpr, D: tl.constexpr, H: tl.constexpr, N: tl.constexpr,
     RESNORM: tl.constexpr, HAS_FLAGS: tl.constexpr, EPS: tl.constexpr,
     BD: tl.constexpr, BT: tl.constexpr,
+    GATES: tl.constexpr = False,  # b0, e0, c0 hold theta, log eta, log(1 - alpha); grads too
 ):  # fmt: skip
     g = tl.program_id(0).to(tl.int64)
-    od, on = tl.arange(0, BD), tl.arange(0, N)
     PAD: tl.constexpr = BD != D
-    md = od < D
-    mtok = (on < N)[:, None] & md[None, :]
+    md = tl.arange(0, BD) < D
     TILES: tl.constexpr = (H + BT - 1) // BT
     for i in range(CHUNKS):
         c = CHUNKS - 1 - i
-        h_at = (g * (CHUNKS - 1) + c) * D * H  # history: tile offsets hold g D H already
-        tok = g * T * D + (c * N + on)[:, None] * D + od[None, :]
+        h_at = _chunk_state_at(g, c, CHUNKS, D, H)
+        hwa, hsa, hwb, hsb = hwa_ptr + h_at, hsa_ptr + h_at, hwb_ptr + h_at, hsb_ptr + h_at
+        tok, mtok = _token_ptrs(g, c, T, D, N, BD)
         kc, vc = tl.load(k_ptr + tok, mtok, other=0.0), tl.load(v_ptr + tok, mtok, other=0.0)
         qc, dyc = tl.load(q_ptr + tok, mtok, other=0.0), tl.load(dy_ptr + tok, mtok, other=0.0)
-        ca = _row_coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, g * CHUNKS + c, N)
-        cb = _row_coeffs(b0_ptr, c0_ptr, ct_ptr, e0_ptr, et_ptr, (PB * G + g) * CHUNKS + c, N)
+        ca = _chunk_row_coeffs(b0_ptr, e0_ptr, c0_ptr, ct_ptr, et_ptr, g * CHUNKS + c, N, GATES)
+        cb = _chunk_row_coeffs(
+            b0_ptr, e0_ptr, c0_ptr, ct_ptr, et_ptr, (PB * G + g) * CHUNKS + c, N, GATES
+        )
 
         # A: the memory on the keys, its LayerNorm and error.
-        zo = tl.zeros([N, BD], dtype=kc.dtype)
-        for j in range(TILES):
-            a_off, a_m, b_off, b_m = _tile_ptrs(g, j, D, H, BD, BT)
-            a1 = _gelu(_dot(kc, tl.load(hwa_ptr + h_at + a_off, a_m, other=0.0)))
-            zo += _dot(a1, tl.load(hwb_ptr + h_at + b_off, b_m, other=0.0))
-        if RESNORM:
-            xhat, r = _layer_norm(zo, D, EPS, md, PAD)
-            e = kc + xhat - vc
-            dl = _layer_norm_grad(xhat, r, e, D, md, PAD)
-        else:
-            dl = zo - vc
+        zo = _keys_out_streamed(kc, hwa, hwb, g, D, H, N, BD, BT)
+        dl, xhat, r, e = _out_error(zo, kc, vc, D, EPS, md, PAD, RESNORM)
         p1 = _dot(qc, tl.trans(kc))
 
         # B: the reads (layer 2 summed over tiles), their LayerNorm backward.
@@ -93,21 +99,12 @@ def _memory_scan_streamed_bwd_kernel(
         p2 = tl.zeros([N, N], dtype=kc.dtype)
         for j in range(TILES):
             a_off, a_m, b_off, b_m = _tile_ptrs(g, j, D, H, BD, BT)
-            wa = tl.load(hwa_ptr + h_at + a_off, a_m, other=0.0)
-            sa = tl.load(hsa_ptr + h_at + a_off, a_m, other=0.0)
-            wb = tl.load(hwb_ptr + h_at + b_off, b_m, other=0.0)
-            sb = tl.load(hsb_ptr + h_at + b_off, b_m, other=0.0)
+            wa, sa, wb, sb = _load_state(hwa, hsa, hwb, hsb, a_off, a_m, b_off, b_m, True)
             z1, a1, g1, d1, u1, h1 = _recompute_tile(kc, qc, dl, p1, wa, sa, wb, ca)
             u2 += cb[0][:, None] * _dot(h1, wb) + cb[1][:, None] * _dot(h1, sb)
             p2 += _dot(h1, tl.trans(a1))
         u2 -= _dot(cb[2] * p2, dl)
-        if RESNORM:
-            yhat, yr = _layer_norm(u2, D, EPS, md, PAD)
-            du = _layer_norm_grad(yhat, yr, dyc, D, md, PAD)
-            dq = dyc
-        else:
-            du = dyc
-            dq = tl.zeros([N, BD], dtype=dyc.dtype)
+        du, dq = _read_norm_bwd(u2, dyc, D, EPS, md, PAD, RESNORM)
         # The layer-2 read's terms that are whole-chunk quantities (not per tile).
         da_mat_b = -_dot(du, tl.trans(dl))
         dct_b = da_mat_b * p2
@@ -130,15 +127,10 @@ def _memory_scan_streamed_bwd_kernel(
         # C: commit and reads, tile by tile; partial state gradients written in place.
         for j in range(TILES):
             a_off, a_m, b_off, b_m = _tile_ptrs(g, j, D, H, BD, BT)
-            wa = tl.load(hwa_ptr + h_at + a_off, a_m, other=0.0)
-            sa = tl.load(hsa_ptr + h_at + a_off, a_m, other=0.0)
-            wb = tl.load(hwb_ptr + h_at + b_off, b_m, other=0.0)
-            sb = tl.load(hsb_ptr + h_at + b_off, b_m, other=0.0)
+            wa, sa, wb, sb = _load_state(hwa, hsa, hwb, hsb, a_off, a_m, b_off, b_m, True)
             z1, a1, g1, d1, u1, h1 = _recompute_tile(kc, qc, dl, p1, wa, sa, wb, ca)
-            dwa_n = tl.load(dwa_ptr + a_off, a_m, other=0.0)
-            dsa_n = tl.load(dsa_ptr + a_off, a_m, other=0.0)
-            dwb_n = tl.load(dwb_ptr + b_off, b_m, other=0.0)
-            dsb_n = tl.load(dsb_ptr + b_off, b_m, other=0.0)
+            dwa_n, dsa_n, dwb_n, dsb_n = _load_state(dwa_ptr, dsa_ptr, dwb_ptr, dsb_ptr, a_off,
+                                                     a_m, b_off, b_m, True)  # fmt: skip
             # An uncommitted chunk passes dW', dS' straight to its start state.
             cwa, csa = tl.where(keep, dwa_n, 0.0), tl.where(keep, dsa_n, 0.0)
             cwb, csb = tl.where(keep, dwb_n, 0.0), tl.where(keep, dsb_n, 0.0)
@@ -168,29 +160,20 @@ def _memory_scan_streamed_bwd_kernel(
                 mb7 + mb[7],
                 mb8 + mb[8],
             )
-            s_off = g * N * H + on[:, None] * H + (j * BT + tl.arange(0, BT))[None, :]
-            s_m = (on < N)[:, None] & ((j * BT + tl.arange(0, BT)) < H)[None, :]
+            s_off, s_m = _scratch_ptrs(g, j, N, H, BT)
             tl.debug_barrier()
             tl.store(sa1_ptr + s_off, mb[2] + rb[6], s_m)
             tl.store(sz1_ptr + s_off, dd1 * g1 * _gelu_grad2(z1), s_m)
-            tl.store(dwa_ptr + a_off, ma[0] + ra[0] + dwa_n - cwa, a_m)
-            tl.store(dsa_ptr + a_off, ma[1] + ra[1] + dsa_n - csa, a_m)
-            tl.store(dwb_ptr + b_off, mb[0] + rb[0] + _dot(tl.trans(dg1), dl) + dwb_n - cwb, b_m)
-            tl.store(dsb_ptr + b_off, mb[1] + rb[1] + dsb_n - csb, b_m)
+            _store_state(
+                dwa_ptr, dsa_ptr, dwb_ptr, dsb_ptr, a_off, a_m, b_off, b_m,
+                ma[0] + ra[0] + dwa_n - cwa, ma[1] + ra[1] + dsa_n - csa,
+                mb[0] + rb[0] + _dot(tl.trans(dg1), dl) + dwb_n - cwb, mb[1] + rb[1] + dsb_n - csb,
+                True,
+            )  # fmt: skip
 
         # The output LayerNorm's backward, second-order terms included (as memory_triton_bwd).
-        if RESNORM:
-            de = _layer_norm_grad(xhat, r, ddl, D, md, PAD)
-            m_ex = tl.sum(e * xhat, 1) / D
-            m_dx = tl.sum(ddl * xhat, 1) / D
-            dxhat = de - r[:, None] * (ddl * m_ex[:, None] + e * m_dx[:, None])
-            dr = tl.sum(ddl * dl, 1) / r
-            dzo = _layer_norm_grad(xhat, r, dxhat, D, md, PAD) - (dr * r * r / D)[:, None] * xhat
-            dk += de
-            dv = -de
-        else:
-            dzo = ddl
-            dv = -ddl
+        dk_e, dv, dzo = _out_error_bwd(xhat, r, e, dl, ddl, D, md, PAD, RESNORM)
+        dk += dk_e
         reset = False
         if HAS_FLAGS:
             reset = tl.load(reset_ptr + g * CHUNKS + c) != 0
@@ -200,18 +183,17 @@ def _memory_scan_streamed_bwd_kernel(
         # gradient to M_0 (S restarts at 0).
         for j in range(TILES):
             a_off, a_m, b_off, b_m = _tile_ptrs(g, j, D, H, BD, BT)
-            wa = tl.load(hwa_ptr + h_at + a_off, a_m, other=0.0)
-            wb = tl.load(hwb_ptr + h_at + b_off, b_m, other=0.0)
+            wa = tl.load(hwa + a_off, a_m, other=0.0)
+            wb = tl.load(hwb + b_off, b_m, other=0.0)
             z1 = _dot(kc, wa)
-            s_off = g * N * H + on[:, None] * H + (j * BT + tl.arange(0, BT))[None, :]
-            s_m = (on < N)[:, None] & ((j * BT + tl.arange(0, BT)) < H)[None, :]
+            s_off, s_m = _scratch_ptrs(g, j, N, H, BT)
             da1 = tl.load(sa1_ptr + s_off, s_m, other=0.0) + _dot(dzo, tl.trans(wb))
             dz1 = tl.load(sz1_ptr + s_off, s_m, other=0.0) + da1 * _gelu_grad(z1)
             dk += _dot(dz1, tl.trans(wa))
-            dwa = tl.load(dwa_ptr + a_off, a_m, other=0.0) + _dot(tl.trans(kc), dz1)
-            dwb = tl.load(dwb_ptr + b_off, b_m, other=0.0) + _dot(tl.trans(_gelu(z1)), dzo)
-            dsa = tl.load(dsa_ptr + a_off, a_m, other=0.0)
-            dsb = tl.load(dsb_ptr + b_off, b_m, other=0.0)
+            dwa, dsa, dwb, dsb = _load_state(dwa_ptr, dsa_ptr, dwb_ptr, dsb_ptr, a_off, a_m, b_off,
+                                             b_m, True)  # fmt: skip
+            dwa += _dot(tl.trans(kc), dz1)
+            dwb += _dot(tl.trans(_gelu(z1)), dzo)
             if HAS_FLAGS:
                 w0a = tl.load(dw0a_ptr + a_off, a_m, other=0.0)
                 w0b = tl.load(dw0b_ptr + b_off, b_m, other=0.0)
@@ -221,29 +203,16 @@ def _memory_scan_streamed_bwd_kernel(
                 dwa, dsa = tl.where(reset, 0.0, dwa), tl.where(reset, 0.0, dsa)
                 dwb, dsb = tl.where(reset, 0.0, dwb), tl.where(reset, 0.0, dsb)
             tl.debug_barrier()
-            tl.store(dwa_ptr + a_off, dwa, a_m)
-            tl.store(dsa_ptr + a_off, dsa, a_m)
-            tl.store(dwb_ptr + b_off, dwb, b_m)
-            tl.store(dsb_ptr + b_off, dsb, b_m)
+            _store_state(dwa_ptr, dsa_ptr, dwb_ptr, dsb_ptr, a_off, a_m, b_off, b_m, dwa, dsa, dwb,
+                         dsb, True)  # fmt: skip
         tl.store(dk_ptr + tok, dk, mtok)
         tl.store(dv_ptr + tok, dv, mtok)
         tl.store(dq_ptr + tok, dq, mtok)
 
         # Coefficient gradients (summed over layers when they share one gate set).
-        base_a = g * CHUNKS + c
-        if PB == 0:
-            _store_coeff_grads(
-                db0_ptr, dc0_ptr, dct_ptr, de0_ptr, det_ptr, base_a, rs_a0 + rs_b0,
-                rs_a1 + rs_b1, rs_a2 + dct_b, ma6 + mb6, ma8 + mb8, ma7 + mb7, ma4 + mb4,
-                ma5 + mb5, N,
-            )  # fmt: skip
-        else:
-            _store_coeff_grads(
-                db0_ptr, dc0_ptr, dct_ptr, de0_ptr, det_ptr, base_a, rs_a0, rs_a1, rs_a2,
-                ma6, ma8, ma7, ma4, ma5, N,
-            )  # fmt: skip
-            _store_coeff_grads(
-                db0_ptr, dc0_ptr, dct_ptr, de0_ptr, det_ptr, (G + g) * CHUNKS + c, rs_b0,
-                rs_b1, dct_b, mb6, mb8, mb7, mb4, mb5, N,
-            )  # fmt: skip
+        ga = (rs_a0, rs_a1, rs_a2, ma4, ma5, ma6, ma7, ma8)
+        gb = (rs_b0, rs_b1, dct_b, mb4, mb5, mb6, mb7, mb8)
+        _store_chunk_coeff_grads(db0_ptr, dc0_ptr, dct_ptr, de0_ptr, det_ptr, g, c, G, CHUNKS,
+                                 ga, gb, (b0_ptr, e0_ptr, c0_ptr), PB, True, N,
+                                 GATES)  # fmt: skip
         tl.debug_barrier()
