@@ -313,7 +313,7 @@ class MACBlock(Block):
         start = pos - (0 if st.kv is None else st.kv[0].shape[2])  # first key of this segment
         if self.mem_queries is None:
             h, retr = self.memory(xs, st.retr, read_only=True)
-            _, _, hk, hv = self.attn.project(self.h_norm(h), pos)  # h_i sits at position i
+            hk, hv = self.attn.project_kv(self.h_norm(h), pos)  # h_i sits at position i
             kv_mem = append_kv(st.kv_mem, hk, hv, None)
             groups.append(KeyGroup(*kv_mem, Causal(q_start=pos, k_start=start, segment=C)))
         else:
@@ -366,7 +366,7 @@ class MACBlock(Block):
             docs = dict(read_only=True, doc_starts=begins[:, sl], valid=valid[:, sl])
             if self.mem_queries is None:
                 h, retr = self.memory(xg[:, sl], retr_in, **docs)
-                _, _, hk, hv = self.attn.project(self.h_norm(h), pos[:, sl])
+                hk, hv = self.attn.project_kv(self.h_norm(h), pos[:, sl])
                 if g == 0 and st.kv_mem is not None:
                     hk, hv = (
                         torch.where(held[:, :, :C], fit(c, C), t)
