@@ -149,13 +149,20 @@ def _coeff_grads(coeffs: list[Tensor], rows: list, ends: list) -> list[Tensor]:
     share a gate set."""
     P, n, L = coeffs[0].shape[0], coeffs[0].shape[-1], len(ends[0])
     out = [[] for _ in range(5)]
+
+    def stacked(per_chunk: list, layers: list[int]) -> Tensor:
+        """[G, C(, n)]: per chunk, the sum over ``layers``; one stack and one sum, not an add
+        per chunk and layer."""
+        t = torch.stack([x for ch in per_chunk for x in (ch[l] for l in layers)], 1)
+        return t if len(layers) == 1 else t.unflatten(1, (-1, len(layers))).sum(2)
+
     for p in range(P):
         layers = [l for l in range(L) if min(l, P - 1) == p]
         # [G, C(, n)] per field: the commit's ends, then the reads' rows
-        e = [torch.stack([sum(ch[l][i] for l in layers) for ch in ends], 1) for i in range(5)]
+        e = [stacked([[x[i] for x in ch] for ch in ends], layers) for i in range(5)]
         r = [None] * 3
         if rows[0] is not None:
-            r = [torch.stack([sum(ch[i][l] for l in layers) for ch in rows], 1) for i in range(3)]
+            r = [stacked([ch[i] for ch in rows], layers) for i in range(3)]
         out[0].append(_add(r[0], F.pad(e[0][..., None], (n - 1, 0))))  # b0
         out[1].append(F.pad(e[2][..., None], (n - 1, 0)))  # e0
         out[2].append(_add(r[1], F.pad(e[1][..., None], (n - 1, 0))))  # c0
