@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .layers import RMSNorm
 from .memory_documents import DocumentsMixin
 from .memory_math import chunk_coeffs, chunk_step, layer_coeffs, mlp_forward
 from .memory_scan import autocast_off, memory_scan
@@ -113,7 +114,7 @@ class NeuralMemory(DocumentsMixin, nn.Module):
             [nn.Parameter(torch.empty(heads, a, b)) for a, b in zip(dims[:-1], dims[1:])]
         )
         no_weight_decay(self.init_weights, *(str(i) for i in range(depth)))  # M_0: a state
-        self.out_norm = nn.RMSNorm(d, eps=1e-6)
+        self.out_norm = RMSNorm(d, eps=1e-6)
         self.to_gate = nn.Linear(dim, dim, bias=False)  # W_g
         self.to_out = residual_proj(nn.Linear(dim, dim, bias=False))  # W_o
         self.reset_parameters()
