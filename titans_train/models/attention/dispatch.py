@@ -276,11 +276,14 @@ def _additive_mask(groups: list[KeyGroup], n_q: int, device, dtype) -> Tensor | 
     layout = tuple((_shifted(r), off, n) for r, off, n in key_layout(groups))
     key = (layout, n_q, str(device), dtype)
     if key not in _ADD_MASKS:
-        mask = dense_mask(layout, n_q, device)
-        add = None
-        if bool(mask.any(-1).all()):
-            add = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, -inf)
-        if len(_ADD_MASKS) >= _ADD_MASK_MAX[0] or mask.numel() > _ADD_MASK_MAX[1]:
+        with torch.inference_mode(False), torch.no_grad():  # usable by later training calls
+            mask = dense_mask(layout, n_q, device)
+            add = None
+            if bool(mask.any(-1).all()):
+                add = torch.zeros(mask.shape, dtype=dtype, device=device)
+                add.masked_fill_(~mask, -inf)
+        small = len(_ADD_MASKS) < _ADD_MASK_MAX[0] and mask.numel() <= _ADD_MASK_MAX[1]
+        if not small or type(mask) is not torch.Tensor:  # never cache a mode's tensor subclass
             return add
         _ADD_MASKS[key] = add
     return _ADD_MASKS[key]
