@@ -160,7 +160,9 @@ class RMSNorm(nn.RMSNorm):
         w = self.weight
         full = w is not None and x.dtype == w.dtype and x.dtype in (torch.float32, torch.float64)
         plain = self.eps is not None and len(self.normalized_shape) == 1
-        if full and plain and not torch.is_autocast_enabled(x.device.type):
+        dev = x.device.type  # is_autocast_enabled raises for devices without autocast (meta)
+        autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+        if full and plain and not autocast:
             return _RMSNormFn.apply(x, w, self.eps)
         return super().forward(x)
 
