@@ -26,7 +26,7 @@ from .doc_layout import (
     row_window,
     stream_layout,
 )
-from .layers import KV, Docs, SelfAttention, SwiGLU, append_kv
+from .layers import KV, Docs, RMSNorm, SelfAttention, SwiGLU, append_kv
 from .memory import MemoryState, NeuralMemory
 from .policy import no_weight_decay, residual_proj
 from .runtime import RuntimeConfig, runtime_from_legacy
@@ -85,8 +85,8 @@ class Block(nn.Module):
     ):
         super().__init__()
         self.cfg, self.runtime = cfg, runtime or runtime_from_legacy(cfg)
-        self.norm1 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.norm2 = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm1 = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm2 = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.hidden)
         if attention:
             self.attn = SelfAttention(cfg.dim, cfg.heads, cfg.rope_theta, self.runtime.attn_backend)
@@ -178,8 +178,8 @@ class GatedCombine(nn.Module):
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
-        self.y_norm = nn.RMSNorm(dim, eps=eps)
-        self.m_norm = nn.RMSNorm(dim, eps=eps)
+        self.y_norm = RMSNorm(dim, eps=eps)
+        self.m_norm = RMSNorm(dim, eps=eps)
         self.out = residual_proj(nn.Linear(dim, dim, bias=False))
 
     def forward(self, y: Tensor, m: Tensor) -> Tensor:
@@ -233,7 +233,7 @@ class MALBlock(Block):
     def __init__(self, cfg: ModelConfig, runtime: RuntimeConfig | None = None):
         super().__init__(cfg, runtime)
         self.memory = make_memory(cfg, self.runtime)
-        self.norm_attn = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm_attn = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn_out = residual_proj(nn.Linear(cfg.dim, cfg.dim, bias=False))
 
     def mix(self, x, st):
@@ -283,8 +283,8 @@ class MACBlock(Block):
     def __init__(self, cfg: ModelConfig, runtime: RuntimeConfig | None = None):
         super().__init__(cfg, runtime)
         self.memory = make_memory(cfg, self.runtime)
-        self.h_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.y_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.h_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.y_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.combine = GatedCombine(cfg.dim, cfg.norm_eps)
         self.mem_queries = None
         if cfg.mac_retrieval == "memory_tokens":
@@ -313,7 +313,7 @@ class MACBlock(Block):
         start = pos - (0 if st.kv is None else st.kv[0].shape[2])  # first key of this segment
         if self.mem_queries is None:
             h, retr = self.memory(xs, st.retr, read_only=True)
-            _, _, hk, hv = self.attn.project(self.h_norm(h), pos)  # h_i sits at position i
+            hk, hv = self.attn.project_kv(self.h_norm(h), pos)  # h_i sits at position i
             kv_mem = append_kv(st.kv_mem, hk, hv, None)
             groups.append(KeyGroup(*kv_mem, Causal(q_start=pos, k_start=start, segment=C)))
         else:
@@ -366,7 +366,7 @@ class MACBlock(Block):
             docs = dict(read_only=True, doc_starts=begins[:, sl], valid=valid[:, sl])
             if self.mem_queries is None:
                 h, retr = self.memory(xg[:, sl], retr_in, **docs)
-                _, _, hk, hv = self.attn.project(self.h_norm(h), pos[:, sl])
+                hk, hv = self.attn.project_kv(self.h_norm(h), pos[:, sl])
                 if g == 0 and st.kv_mem is not None:
                     hk, hv = (
                         torch.where(held[:, :, :C], fit(c, C), t)

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .blocks import BLOCKS, BlockState
 from .config import ModelConfig
+from .layers import RMSNorm
 from .memory import NeuralMemory
 from .runtime import RuntimeConfig, runtime_from_legacy
 
@@ -50,7 +51,7 @@ class TitansLM(nn.Module):
         self.blocks = nn.ModuleList(
             [BLOCKS[cfg.variant](cfg, self.runtime) for _ in range(cfg.depth)]
         )
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .layers import RMSNorm
 from .memory_documents import DocumentsMixin
 from .memory_math import chunk_coeffs, chunk_step, layer_coeffs, mlp_forward
 from .memory_scan import autocast_off, memory_scan
@@ -31,15 +32,44 @@ def causal_conv(x: Tensor, weight: Tensor, tail: Tensor | None) -> tuple[Tensor,
     Written as K shifted multiply-adds: on CPU this is ~40x faster in backward than the
     depthwise conv1d kernel, and it is exact.
     """
-    K, T = weight.shape[-1], x.shape[1]
+    K = weight.shape[-1]
     if tail is None:
         tail = x.new_zeros(x.shape[0], K - 1, x.shape[-1])
     xx = torch.cat([tail.to(x.dtype), x], dim=1)
     w = weight[:, 0].t().to(x.dtype)  # [K, C]
-    y = xx[:, :T] * w[0]
-    for j in range(1, K):
-        y = y + xx[:, j : j + T] * w[j]
-    return y, xx[:, xx.shape[1] - (K - 1) :]
+    return _ShiftedTaps.apply(xx, w), xx[:, xx.shape[1] - (K - 1) :]
+
+
+class _ShiftedTaps(torch.autograd.Function):
+    """y[:, t] = sum_j xx[:, t + j] * w[j] for xx [B, T + K - 1, C], w [K, C]: one node whose
+    backward adds the K shifted gradients into one buffer, instead of K slice backwards that
+    each zero-fill a full-size gradient (issue 16)."""
+
+    @staticmethod
+    def forward(ctx, xx: Tensor, w: Tensor) -> Tensor:
+        K = w.shape[0]
+        T = xx.shape[1] - K + 1
+        y = xx[:, :T] * w[0]
+        for j in range(1, K):
+            y.addcmul_(xx[:, j : j + T], w[j])
+        ctx.save_for_backward(xx, w)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        xx, w = ctx.saved_tensors
+        (B, S, C), K = xx.shape, w.shape[0]
+        T = S - K + 1
+        dxx = dw = None
+        if ctx.needs_input_grad[0]:
+            dxx = xx.new_zeros(xx.shape)
+            for j in range(K):
+                dxx[:, j : j + T].addcmul_(g, w[j])
+        if ctx.needs_input_grad[1]:  # windows [B, K, T, C] of xx as a view, one product
+            b, s, c = xx.stride()
+            windows = xx.as_strided((B, K, T, C), (b, s, s, c), xx.storage_offset())
+            dw = (windows * g[:, None]).sum((0, 2))
+        return dxx, dw
 
 
 class NeuralMemory(DocumentsMixin, nn.Module):
@@ -84,7 +114,7 @@ class NeuralMemory(DocumentsMixin, nn.Module):
             [nn.Parameter(torch.empty(heads, a, b)) for a, b in zip(dims[:-1], dims[1:])]
         )
         no_weight_decay(self.init_weights, *(str(i) for i in range(depth)))  # M_0: a state
-        self.out_norm = nn.RMSNorm(d, eps=1e-6)
+        self.out_norm = RMSNorm(d, eps=1e-6)
         self.to_gate = nn.Linear(dim, dim, bias=False)  # W_g
         self.to_out = residual_proj(nn.Linear(dim, dim, bias=False))  # W_o
         self.reset_parameters()
@@ -140,6 +170,15 @@ class NeuralMemory(DocumentsMixin, nn.Module):
         """[B, T, H*d] -> [B*H, T, d]"""
         B, T, _ = x.shape
         return x.view(B, T, self.heads, -1).transpose(1, 2).reshape(B * self.heads, T, -1)
+
+    def _qkv_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The conv's output [B, T, 3*H*d] -> (q, k l2-normalised, v), each [B*H, T, d], fp32 at
+        least: one copy into head layout and one normalize for q and k together."""
+        B, T, _ = qkv.shape
+        heads = F.silu(qkv).view(B, T, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        qk, v = upcast(heads.reshape(3, B * self.heads, T, -1)).split([2, 1])
+        q, k = F.normalize(qk, dim=-1).unbind(0)
+        return q, k, v[0]
 
     def _merge(self, y: Tensor, B: int) -> Tensor:
         """[B*H, T, d] -> [B, T, H*d]"""
@@ -202,8 +241,7 @@ class NeuralMemory(DocumentsMixin, nn.Module):
         qkv, tail = causal_conv(
             F.linear(x, self.w_qkv), self.conv, state.conv_tail if state else None
         )
-        q, k, v = (upcast(self._heads(t)) for t in F.silu(qkv).split(D, dim=-1))
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        q, k, v = self._qkv_heads(qkv)
         gates = self._gates(x)
 
         if state is None or state.weights is None:

@@ -11,8 +11,9 @@ gradients equal autograd through ``scan_chunks`` in fp64 to 1e-10
 (tests/test_memory_backward.py).
 
 Shapes: G groups; weights W_l, momentum S_l [G, d_{l-1}, d_l]; per-token tensors [G, n, .];
-per-layer read coefficients ``ChunkCoeffs`` [G, n(, n)]; commit coefficients ``ends[l]`` =
-(b0, c0, e0 [G, 1, 1], last rows of c_theta, e_theta [G, n, 1]).
+per-layer read coefficients ``ChunkCoeffs`` (b0, e0, c0 as [G, n, 1], c_theta, e_theta
+[G, n, n]); commit coefficients ``ends[l]`` = (b0, c0, e0 [G, 1, 1], last rows of c_theta,
+e_theta [G, n, 1]).
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def read_forward(
     for l, (w, s, a, d, co) in enumerate(zip(weights, momentum, tape.acts, tape.deltas, coeffs)):
         hw, hs, p = torch.bmm(h, w), torch.bmm(h, s), torch.bmm(h, _t(a))
         ctp = co.c_theta * p
-        u = (co.b0.unsqueeze(-1) * hw).addcmul_(co.c0.unsqueeze(-1), hs)
+        u = (co.b0 * hw).addcmul_(co.c0, hs)
         u = u.baddbmm_(ctp, d, alpha=-1)
         saved.append((h, hw, hs, p, ctp, u))
         h = F.gelu(u) if l < len(weights) - 1 else u
@@ -129,8 +130,10 @@ def read_forward(
 
 
 def _read_backward(weights, momentum, tape: KeysTape, saved, coeffs, dy: Tensor, residual_norm):
-    """The reads' gradients: dq; per layer d acts and d deltas; the (left, right) factors of dW
-    (h, B du) and dS (h, c du); the coefficient rows (d b0, d c0, d c_theta)."""
+    """The reads' gradients: dq; per layer the factor pairs (A, B) with d acts = -A B and
+    d deltas = -A B (``chunk_backward`` folds them into the commit's, sign included, in one
+    ``baddbmm``); the (left, right) factors of dW (h, B du) and dS (h, c du); the coefficient
+    rows (d b0, d c0, -d c_theta)."""
     L = len(weights)
     dact, ddelta, wpair, spair, db0, dc0, dct = ([None] * L for _ in range(7))
     dq, du = None, dy
@@ -141,14 +144,13 @@ def _read_backward(weights, momentum, tape: KeysTape, saved, coeffs, dy: Tensor,
     for l in range(L - 1, -1, -1):
         h, hw, hs, p, ctp, _ = saved[l]
         co = coeffs[l]
-        bg, cg = co.b0.unsqueeze(-1) * du, co.c0.unsqueeze(-1) * du
+        bg, cg = co.b0 * du, co.c0 * du
         wpair[l], spair[l] = (h, bg), (h, cg)
         db0[l], dc0[l] = (du * hw).sum(-1), (du * hs).sum(-1)
         m = torch.bmm(du, _t(tape.deltas[l]))  # = -dL/d(ctp)
-        dct[l] = (m * p).neg_()
+        dct[l] = m * p  # = -dL/d(c_theta)
         mp = m * co.c_theta  # = -dL/dp
-        ddelta[l] = torch.bmm(_t(ctp), du).neg_()
-        dact[l] = torch.bmm(_t(mp), h).neg_()
+        ddelta[l], dact[l] = (_t(ctp), du), (_t(mp), h)
         dh = torch.bmm(bg, _t(weights[l])).baddbmm_(cg, _t(momentum[l]))
         dh = dh.baddbmm_(mp, tape.acts[l], alpha=-1)
         if l:
@@ -216,7 +218,7 @@ def chunk_backward(
     """Back-propagates one committed chunk from its start state (M, S); its forward intermediates
     (``tape``, the reads' ``saved``) are recomputed unless given.
     Returns (dM, dS at the start, dk, dv, dq or None, read coefficient rows (d b0, d c0,
-    d c_theta per layer) or None, commit coefficient grads per layer (d b0, d c0, d e0 [G];
+    -d c_theta per layer) or None, commit coefficient grads per layer (d b0, d c0, d e0 [G];
     d c_theta, d e_theta last rows [G, n]))."""
     tape = tape or KeysTape(weights, k, v, residual_norm)
     L = len(weights)
@@ -233,9 +235,12 @@ def chunk_backward(
         a, d, gw, gs = tape.acts[l], tape.deltas[l], dwn[l], dsn[l]
         pw, ps = torch.bmm(a, gw), torch.bmm(a, gs)
         dd = (ct * pw).addcmul_(et, ps)
-        ddelta[l] = dd.neg_() if ddelta[l] is None else ddelta[l].sub_(dd)
         da = torch.bmm(ct * d, _t(gw)).baddbmm_(et * d, _t(gs))
-        dact[l] = da.neg_() if dact[l] is None else dact[l].sub_(da)
+        # d deltas = -(dd + reads' A B), d acts likewise: one baddbmm each, sign included
+        r = ddelta[l]
+        ddelta[l] = dd.neg_() if r is None else torch.baddbmm(dd, *r, beta=-1, alpha=-1)
+        r = dact[l]
+        dact[l] = da.neg_() if r is None else torch.baddbmm(da, *r, beta=-1, alpha=-1)
         w, s = weights[l], momentum[l]
         dpw, dps = (d * pw).sum(-1).neg_(), (d * ps).sum(-1).neg_()
         dends.append((_dot(w, gw), _dot(s, gw), _dot(s, gs), dpw, dps))

@@ -89,8 +89,7 @@ class DocumentsMixin:
         conv, u_s, doc_s = conv_on_stream(
             base, lay.doc, tail, doc_pos % n, lay.continues, self.conv
         )
-        q, k, v = (upcast(self._heads(t)) for t in F.silu(conv).split(D, dim=-1))
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        q, k, v = self._qkv_heads(conv)
 
         gates = []
         pidx = heads(lay.prefix_index)

@@ -18,13 +18,15 @@ from .memory_math import ChunkCoeffs, DocFlags, apply_reset
 
 
 def _chunk_coeffs(coeffs: list[Tensor], n_layers: int) -> list[list[tuple]]:
-    """Per chunk, per layer: (read coefficients ``ChunkCoeffs`` [G, n(, n)], commit coefficients
+    """Per chunk, per layer: (read coefficients ``ChunkCoeffs``: b0, e0, c0 [G, n, 1], c_theta,
+    e_theta [G, n, n]; commit coefficients
     (b0, c0, e0) [G, 1, 1] and the last rows of c_theta, e_theta [G, n, 1])."""
     P = coeffs[0].shape[0]
     sets = []
     for p in range(P):
         b0, e0, c0, ct, et = (f[p] for f in coeffs)
-        reads = [ChunkCoeffs(*fs) for fs in zip(*(f.unbind(1) for f in (b0, e0, c0, ct, et)))]
+        cols = (b0[..., None], e0[..., None], c0[..., None], ct, et)  # b0, e0, c0 as [G, n, 1]
+        reads = [ChunkCoeffs(*fs) for fs in zip(*(f.unbind(1) for f in cols))]
         scalars = [x[..., -1, None, None].unbind(1) for x in (b0, c0, e0)]
         rows = [x[..., -1, :, None].unbind(1) for x in (ct, et)]
         sets.append(list(zip(reads, zip(*scalars, *rows))))
@@ -144,21 +146,29 @@ def group_backward(
 
 def _coeff_grads(coeffs: list[Tensor], rows: list, ends: list) -> list[Tensor]:
     """The five coefficient fields' gradients [P, G, C, n(, n)] from per chunk: the reads' rows
-    (d b0, d c0, d c_theta per layer; None without reads) and the commits' last entries and rows
+    (d b0, d c0, -d c_theta per layer; None without reads) and the commits' last entries and rows
     (per layer: d b0, d c0, d e0 [G]; d c_theta, d e_theta [G, n]), summed over the layers that
     share a gate set."""
     P, n, L = coeffs[0].shape[0], coeffs[0].shape[-1], len(ends[0])
     out = [[] for _ in range(5)]
+
+    def stacked(per_chunk: list, layers: list[int]) -> Tensor:
+        """[G, C(, n)]: per chunk, the sum over ``layers``; one stack and one sum, not an add
+        per chunk and layer."""
+        t = torch.stack([x for ch in per_chunk for x in (ch[l] for l in layers)], 1)
+        return t if len(layers) == 1 else t.unflatten(1, (-1, len(layers))).sum(2)
+
     for p in range(P):
         layers = [l for l in range(L) if min(l, P - 1) == p]
         # [G, C(, n)] per field: the commit's ends, then the reads' rows
-        e = [torch.stack([sum(ch[l][i] for l in layers) for ch in ends], 1) for i in range(5)]
+        e = [stacked([[x[i] for x in ch] for ch in ends], layers) for i in range(5)]
         r = [None] * 3
         if rows[0] is not None:
-            r = [torch.stack([sum(ch[i][l] for l in layers) for ch in rows], 1) for i in range(3)]
+            r = [stacked([ch[i] for ch in rows], layers) for i in range(3)]
         out[0].append(_add(r[0], F.pad(e[0][..., None], (n - 1, 0))))  # b0
         out[1].append(F.pad(e[2][..., None], (n - 1, 0)))  # e0
         out[2].append(_add(r[1], F.pad(e[1][..., None], (n - 1, 0))))  # c0
-        out[3].append(_add(r[2], F.pad(e[3][..., None, :], (0, 0, n - 1, 0))))  # c_theta
+        ct = F.pad(e[3][..., None, :], (0, 0, n - 1, 0))  # c_theta; the reads' rows are -d
+        out[3].append(ct if r[2] is None else ct - r[2])
         out[4].append(F.pad(e[4][..., None, :], (0, 0, n - 1, 0)))  # e_theta
     return [torch.stack(f, 0) for f in out]

@@ -16,6 +16,8 @@ documents, see ``rules``). Backends:
 
 from __future__ import annotations
 
+from math import inf
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -39,6 +41,7 @@ from .rules import (
     concat_groups,
     dense_mask,
     key_layout,
+    per_row,
 )
 
 __all__ = ["BACKENDS", "attend", "attention_backend_report", "select_backend"]
@@ -253,6 +256,63 @@ def _sdpa_blocks(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None, block
     return torch.cat(outs, dim=-2)
 
 
+# Additive masks (0 / -inf) of the CPU path below, by (normalised layout, queries, dtype); small
+# masks only, few of them (a training run meets one layout per segment phase).
+_ADD_MASKS: dict = {}
+_ADD_MASK_MAX = (64, 1 << 20)  # entries, elements per mask
+
+
+def _shifted(rule):
+    """A Causal rule moved by a multiple of its segment (or to k_start 0 without segments): the
+    same visibility for every (t, s), so masks of successive MAC segments share one key."""
+    if not isinstance(rule, Causal):
+        return rule
+    shift = rule.k_start if rule.segment is None else rule.k_start // rule.segment * rule.segment
+    return Causal(rule.q_start - shift, rule.k_start - shift, rule.window, rule.segment)
+
+
+def _additive_mask(groups: list[KeyGroup], n_q: int, device, dtype) -> Tensor | None:
+    """[T, S] 0 / -inf for ``dense_mask``, cached; None when some query sees no key."""
+    layout = tuple((_shifted(r), off, n) for r, off, n in key_layout(groups))
+    key = (layout, n_q, str(device), dtype)
+    if key not in _ADD_MASKS:
+        with torch.inference_mode(False), torch.no_grad():  # usable by later training calls
+            mask = dense_mask(layout, n_q, device)
+            add = None
+            if bool(mask.any(-1).all()):
+                add = torch.zeros(mask.shape, dtype=dtype, device=device)
+                add.masked_fill_(~mask, -inf)
+        small = len(_ADD_MASKS) < _ADD_MASK_MAX[0] and mask.numel() <= _ADD_MASK_MAX[1]
+        if not small or type(mask) is not torch.Tensor:  # never cache a mode's tensor subclass
+            return add
+        _ADD_MASKS[key] = add
+    return _ADD_MASKS[key]
+
+
+def _cpu_mixed(q: Tensor, groups: list[KeyGroup], q_nope: Tensor, scale: float) -> Tensor | None:
+    """Causal and Visible groups on CPU, where SDPA would take its math path for the widened
+    q' = [q | q_nope] of ``concat_groups`` (q' and v differ in head dim): scores of each run of
+    same-kind groups against q or q_nope, one cached additive mask, softmax, values. Half the
+    time of that path at the tiny MAC's sizes (no widening, mask conversion or safe softmax;
+    issue 16). None when some query sees no key (the caller's path handles it)."""
+    add = _additive_mask(groups, q.shape[-2], q.device, q.dtype)
+    if add is None:
+        return None
+    scores, run, kind = [], [], None
+    for g in [*groups, None]:
+        k = None if g is None else isinstance(g.rule, Visible)
+        if run and k != kind:
+            keys = torch.cat(run, dim=2) if len(run) > 1 else run[0]
+            scores.append(torch.matmul(q_nope if kind else q, keys.transpose(-1, -2)))
+            run = []
+        if g is not None:
+            run.append(g.k)
+            kind = k
+    s = torch.cat(scores, dim=-1)
+    p = torch.softmax(torch.add(add.to(s.dtype), s, alpha=scale), dim=-1)
+    return torch.matmul(p, torch.cat([g.v for g in groups], dim=2))
+
+
 def _sdpa_dense(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None) -> Tensor:
     scale = q.shape[-1] ** -0.5  # the real head dim, also when q is widened to [q | q_nope]
     if len(groups) == 1:
@@ -261,6 +321,11 @@ def _sdpa_dense(q: Tensor, groups: list[KeyGroup], q_nope: Tensor | None) -> Ten
         plain = isinstance(r, Causal) and r.window is None and r.segment is None
         if plain and n_q == n_k and r.q_start == r.k_start:  # square causal: no mask needed
             return F.scaled_dot_product_attention(q, g.k, g.v, is_causal=True, scale=scale)
+    kinds = {isinstance(g.rule, Visible) for g in groups}
+    if q.device.type == "cpu" and len(kinds) == 2 and not per_row(key_layout(groups)):
+        out = _cpu_mixed(q, groups, q_nope, scale)
+        if out is not None:
+            return out
     qq, kk, vv = concat_groups(q, groups, q_nope)
     mask = dense_mask(key_layout(groups), q.shape[-2], q.device)
     if mask.dim() == 3:  # per row (DocCausal): [B, T, S] -> [B, 1, T, S], broadcast over heads
