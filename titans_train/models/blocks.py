@@ -276,7 +276,8 @@ class MACBlock(Block):
        segment causal (``memory_tokens`` mode: N_l learned queries read M_prev, fully visible);
     3. write the attention outputs y into the memory, chunk by chunk, pre-normed like every mixer
        input (raw attention outputs are ~20x smaller than a normed stream, which made the memory's
-       l2-normalised q/k tiny and its gradients ~100x larger than LMM's);
+       l2-normalised q/k tiny and its gradients ~100x larger than LMM's); ``mac_write: input``
+       writes the segment's normed block input instead (a deviation: no read -> write loop);
     4. gate y with the per-token read of the memory after each write.
     """
 
@@ -284,7 +285,8 @@ class MACBlock(Block):
         super().__init__(cfg, runtime)
         self.memory = make_memory(cfg, self.runtime)
         self.h_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.y_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        # mac_write=input writes the normed input: no y_norm (an unused parameter would get no grad)
+        self.y_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps) if cfg.mac_write == "output" else None
         self.combine = GatedCombine(cfg.dim, cfg.norm_eps)
         self.mem_queries = None
         if cfg.mac_retrieval == "memory_tokens":
@@ -326,9 +328,13 @@ class MACBlock(Block):
         kv = append_kv(st.kv, k, v, None)
         groups.append(KeyGroup(*kv, Causal(q_start=pos, k_start=start, segment=C)))
         y = self.attn.attend(q, q_nope, groups)
-        m, mem = self.memory(self.y_norm(y), st.mem)
+        m, mem = self.memory(self.write_input(y, xs), st.mem)
         st = replace(st, pos=pos + n, kv=kv, kv_mem=kv_mem, mem=mem, retr=retr)
         return self.combine(y, m), st
+
+    def write_input(self, y: Tensor, xs: Tensor) -> Tensor:
+        """What the segment writes: RMSNorm(y) (the paper) or its normed input (``mac_write``)."""
+        return xs if self.y_norm is None else self.y_norm(y)
 
     def mix_documents(self, x, st, starts):
         """``mix`` with packed documents, on a grid where every document starts on a segment
@@ -383,7 +389,8 @@ class MACBlock(Block):
                 group = KeyGroup(hk, hv, Visible())
             groups = [*prefix, group, KeyGroup(k[:, :, sl], v[:, :, sl], rule)]
             y = self.attn.attend(q[:, :, sl], q_nope[:, :, sl], groups)
-            m, mem = self.memory(self.y_norm(y), mem, doc_starts=begins[:, sl], valid=valid[:, sl])
+            w = self.write_input(y, xg[:, sl])
+            m, mem = self.memory(w, mem, doc_starts=begins[:, sl], valid=valid[:, sl])
             outs.append(self.combine(y, m))
             h_keys.append((hk, hv))
             retr_ws.append(retr.weights)
