@@ -14,7 +14,7 @@ fresh model (``--variant``, the tiny model of probe_mac.py at ``--segment``) or 
    question's tokens, and its queries, are the same. ``signal`` = mean over question positions
    and heads of max_s cos(M_prev^A(q_t), v_s^A) minus the same with M_prev^B: > 0 iff the read
    carries A's needle. Binned by the number of segment boundaries between the needle and the
-   question (1, 2, 3, 4+).
+   question (1, 2, ..., 5, 6+; at segment 16 the pass-key text puts >= 3 between them).
 3. ``gradient``: the answer loss (cross entropy on the answer tokens only) backpropagated; the
    gradient norm of each memory's w_qkv (q, k, v rows), its gates (to_gates), M_0 and of the
    attention's qkv, and the gradient reaching the memory's *write input* at the needle's value
@@ -52,7 +52,9 @@ from titans_train.models.memory import causal_conv  # noqa: E402
 from titans_train.models.memory_math import mlp_forward  # noqa: E402
 from titans_train.synthetic import generate  # noqa: E402
 
-BINS = ("1", "2", "3", "4+")
+# Boundaries between the needle's last value token and the question: with the pass-key text
+# (" is the pass key. " and the question follow the value) there are >= 3 at segment 16.
+BINS = ("1", "2", "3", "4", "5", "6+")
 
 
 def byte_encode(s: str) -> list[int]:
@@ -217,7 +219,7 @@ def needle_signal(model: TitansLM, pairs: list[dict], seg: int) -> dict:
             n = (a0 - 1) // seg - max(p["needle"]) // seg
             if n < 1:
                 continue  # the needle is in the question's own segment: not a memory read
-            b = BINS[min(n, 4) - 1]
+            b = BINS[min(n, len(BINS)) - 1]
             ra = reads_and_values(model, torch.tensor([p["a"]]), seg, rec)
             rb = reads_and_values(model, torch.tensor([p["b"]]), seg, rec)
             for l in ra:

@@ -157,6 +157,8 @@ def train(name: str, ffn: int, data: tuple[Path, Path], run_dir: Path, args) -> 
         "train.global_batch=16",
         f"train.micro_batch={16 // args.procs}",
         f"train.max_steps={args.steps}",
+        f"train.seed={args.seed}",
+        f"data.seed={args.seed}",
         f"train.eval_interval={args.steps}",
         "train.eval_batches=8",
         f"optim.lr={args.lr}",
@@ -239,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         help="the recall examples carry loss on their answers only (as in Zoology)",
     )
     ap.add_argument("--mqar-share", type=float, default=0.2, help="MQAR's share of recall data")
+    ap.add_argument("--seed", type=int, default=0, help="train.seed and data.seed (init, order)")
     ap.add_argument("--procs", type=int, choices=(1, 2), default=2, help="trainer processes")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--suites", default=SUITES)
@@ -277,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         old["args"].setdefault("procs", "2")
         old["args"].setdefault("answer_loss", "False")
         old["args"].setdefault("mqar_share", "0.2")
+        old["args"].setdefault("seed", "0")  # studies from before the option
         same = {k: v for k, v in old["args"].items() if k != "variants"}
         if same == {k: v for k, v in report["args"].items() if k != "variants"}:
             report["models"] = old["models"]
