@@ -48,7 +48,11 @@ VARIANTS = {
     "full-attention": ("transformer", {"window": None}),
 }
 # Studied on request only (--variants), not in the default set: deviations from the paper.
-EXTRA_VARIANTS = {"mac-input": ("mac", {"mac_write": "input"})}  # MAC writes its block input
+EXTRA_VARIANTS = {
+    "mac-input": ("mac", {"mac_write": "input"}),  # MAC writes its block input
+    "mac-stopgrad": ("mac", {"mac_write": "output_stopgrad"}),  # no gradient write -> h
+    "mac-input-memtok": ("mac", {"mac_write": "input", "mac_retrieval": "memory_tokens"}),
+}
 # The tiny preset's shape with a short window, so "beyond the window" fits in a 128-token sample.
 MODEL = dict(
     vocab_size=320, dim=64, depth=2, heads=4, window=16, segment_len=16, chunk_size=16,

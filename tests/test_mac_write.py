@@ -1,5 +1,6 @@
 """model.mac_write: what MAC writes into its memory (the paper: the attention output y; "input":
-the segment's normed block input, docs/results.md "Why MAC does not recall")."""
+the segment's normed block input; "output_stopgrad": y, with no gradient from the write back into
+the retrieved h; docs/results.md "Why MAC does not recall")."""
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from titans_train.models import ModelConfig, TitansLM
 
 DT = torch.float64
 MODES = ["per_token", "memory_tokens"]
+OPTIONS = [(w, m) for w in ("input", "output_stopgrad") for m in MODES]
 
 
 def tiny(mode="per_token", **kw):
@@ -40,6 +42,21 @@ def test_bad_value_names_the_key():
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_stopgrad_keeps_the_values_and_changes_the_gradient(mode):
+    """output_stopgrad: the same logits as the paper's write, other gradients (the path
+    write -> y -> h is cut; tests/test_probe_mac.py checks them against the probe's patch)."""
+    x = tokens(T=24)
+    paper, cut = tiny(mode), tiny(mode, mac_write="output_stopgrad")
+    assert paper.state_dict().keys() == cut.state_dict().keys()
+    torch.testing.assert_close(cut(x).logits, paper(x).logits, rtol=0, atol=0)
+    grads = []
+    for model in (paper, cut):
+        model(x).logits.pow(2).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert (grads[0] - grads[1]).abs().max() > 1e-6 * grads[0].abs().max()
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_input_mode_writes_the_normed_segment_input(mode):
     """Every write of the memory is the block's norm1(x) over the segment, not RMSNorm(y)."""
     model = tiny(mode, mac_write="input")
@@ -61,9 +78,9 @@ def test_input_mode_writes_the_normed_segment_input(mode):
     torch.testing.assert_close(torch.cat(write_inputs, 1), want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_streaming_equals_one_call(mode):
-    model = tiny(mode, mac_write="input")
+@pytest.mark.parametrize("write,mode", OPTIONS)
+def test_streaming_equals_one_call(write, mode):
+    model = tiny(mode, mac_write=write)
     x = tokens()
     full = model(x).logits
     for sizes in ([1] * 31, [5, 7, 13, 6], [12, 19]):
@@ -75,9 +92,9 @@ def test_streaming_equals_one_call(mode):
         torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_causal_and_every_parameter_gets_gradient(mode):
-    model = tiny(mode, mac_write="input")
+@pytest.mark.parametrize("write,mode", OPTIONS)
+def test_causal_and_every_parameter_gets_gradient(write, mode):
+    model = tiny(mode, mac_write=write)
     x = tokens()
     base = model(x).logits
     x2 = x.clone()
@@ -91,9 +108,9 @@ def test_causal_and_every_parameter_gets_gradient(mode):
         assert p.grad is not None and p.grad.abs().max() > 0, name
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_packed_documents_get_their_logits_alone(mode):
-    model = tiny(mode, mac_write="input", segment_len=8)
+@pytest.mark.parametrize("write,mode", OPTIONS)
+def test_packed_documents_get_their_logits_alone(write, mode):
+    model = tiny(mode, mac_write=write, segment_len=8)
     x = tokens(29, seed=3)
     starts = marks(29, [[5, 8, 20], [16]])
     with torch.no_grad():

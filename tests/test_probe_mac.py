@@ -114,6 +114,21 @@ def test_write_stopgrad_h_keeps_the_forward_and_cuts_the_backward():
     assert b[0] > 0 and abs(a[0] - b[0]) > 1e-3 * a[0]
 
 
+def test_stopgrad_option_has_the_patchs_gradients():
+    """model.mac_write=output_stopgrad: the gradients of the probe's write=stopgrad_h patch."""
+    x, grads = tokens(2), []
+    for exp in ({"write": "stopgrad_h"}, {"cfg": {"mac_write": "output_stopgrad"}}):
+        model = P.build("mac", "per_token", exp)
+        model(x).logits.pow(2).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    # the patch holds y_norm in a closure (unregistered); every other parameter is compared
+    assert {n for n in grads[1] if n not in grads[0]} == {
+        f"blocks.{i}.y_norm.weight" for i in (0, 1)
+    }
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_read_initial_patch_reads_m0():
     """With read=initial, MAC's retrieval reads M_0 whatever memory the state carries."""
     model = P.build("mac", "per_token", P.EXPERIMENTS["read_M0"])
