@@ -13,7 +13,11 @@ fresh model (``--variant``, the tiny model of probe_mac.py at ``--segment``) or 
    example A is paired with B, the same text with another pass key in the needle only, so the
    question's tokens, and its queries, are the same. ``signal`` = mean over question positions
    and heads of max_s cos(M_prev^A(q_t), v_s^A) minus the same with M_prev^B: > 0 iff the read
-   carries A's needle. Binned by the number of segment boundaries between the needle and the
+   carries A's needle. ``read_change`` = |M^A(q_t) - M^B(q_t)| / |M^A(q_t)| (how much the read
+   depends on the needle's pass key at all) and ``change_along_values`` = max_s cos(M^A(q_t) -
+   M^B(q_t), v_s^A - v_s^B) (whether that change points along the written values' change; a
+   max over the needle's value tokens, so compare it between models, not with 0).
+   Binned by the number of segment boundaries between the needle and the
    question (1, 2, ..., 5, 6+; at segment 16 the pass-key text puts >= 3 between them).
 3. ``gradient``: the answer loss (cross entropy on the answer tokens only) backpropagated; the
    gradient norm of each memory's w_qkv (q, k, v rows), its gates (to_gates), M_0 and of the
@@ -228,6 +232,13 @@ def needle_signal(model: TitansLM, pairs: list[dict], seg: int) -> dict:
                 for r in (ra[l]["read"], rb[l]["read"]):
                     h = F.normalize(r[:, :, question], dim=-1)
                     cos.append(float((h @ v.transpose(-1, -2)).amax(-1).mean()))
+                dh = ra[l]["read"][:, :, question] - rb[l]["read"][:, :, question]
+                dv = ra[l]["v"][:, :, p["needle"]] - rb[l]["v"][:, :, p["needle"]]
+                cos.append(
+                    float((dh.norm(dim=-1) / ra[l]["read"][:, :, question].norm(dim=-1)).mean())
+                )
+                dh, dv = F.normalize(dh, dim=-1), F.normalize(dv, dim=-1)
+                cos.append(float((dh @ dv.transpose(-1, -2)).amax(-1).mean()))
                 acc.setdefault(l, {}).setdefault(b, []).append(cos)
     finally:
         rec.close()
@@ -235,8 +246,9 @@ def needle_signal(model: TitansLM, pairs: list[dict], seg: int) -> dict:
     for l, bins in acc.items():
         out[l] = {}
         for b, cs in bins.items():
-            ca, cb = (sum(c[i] for c in cs) / len(cs) for i in (0, 1))
+            ca, cb, moved, along = (sum(c[i] for c in cs) / len(cs) for i in range(4))
             out[l][b] = dict(n=len(cs), cos_a=ca, cos_b=cb, signal=ca - cb)
+            out[l][b].update(read_change=moved, change_along_values=along)
     return out
 
 
