@@ -26,6 +26,7 @@ fresh model (``--variant``, the tiny model of probe_mac.py at ``--segment``) or 
 
     python benchmarks/probe_retrieval.py --variant mac --out runs/retrieval_mac.json
     python benchmarks/probe_retrieval.py --checkpoint runs/study/mac --examples 16
+    python benchmarks/probe_retrieval.py --smoke --out smoke.json   # seconds (CI)
 
 Findings: docs/results.md, "Why MAC does not recall: retrieval probes".
 """
@@ -344,7 +345,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--examples", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write the JSON here (default: stdout)")
+    ap.add_argument("--smoke", action="store_true", help="a fresh MAC, 1 example of 128 tokens")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.checkpoint, args.variant, args.examples, args.length = None, "mac", 1, 128
     if args.checkpoint:
         from titans_train.load import open_checkpoint
 

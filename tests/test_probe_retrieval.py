@@ -80,7 +80,7 @@ def test_signal_is_zero_for_identical_twins_and_cli_runs(pairs, tmp_path):
         for row in bins.values():
             assert row["signal"] == 0.0
     out = tmp_path / "r.json"
-    R.main(["--variant", "mac", "--examples", "1", "--length", "128", "--out", str(out)])
+    R.main(["--smoke", "--out", str(out)])
     report = json.loads(out.read_text())
     assert {r["layer"] for r in report["attention"]} == {0, 1}
     for r in report["attention"]:
