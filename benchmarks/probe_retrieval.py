@@ -28,7 +28,7 @@ fresh model (``--variant``, the tiny model of probe_mac.py at ``--segment``) or 
     python benchmarks/probe_retrieval.py --checkpoint runs/study/mac --examples 16
     python benchmarks/probe_retrieval.py --smoke --out smoke.json   # seconds (CI)
 
-Findings: docs/results.md, "Why MAC does not recall: retrieval probes".
+Findings: docs/results.md, "Why MAC does not recall: its write depends on its own read".
 """
 
 from __future__ import annotations
