@@ -51,7 +51,9 @@ DT = torch.float64
 # name -> changes: "cfg" (ModelConfig fields), "bias" (gate pre-activation biases theta/eta/alpha;
 # defaults -2, 0, -5), "qkv_std" (memory W_qkv init std, default 1/sqrt(dim)), "m0_scale" (factor
 # on the learned initial memory weights M_0), "write" ("input": MAC writes its block input instead
-# of the attention output y), "read" ("initial": MAC retrieves from M_0 in every segment).
+# of the attention output y; "stopgrad_h": the same forward, but the write's y is computed with
+# the retrieved h detached, so no gradient runs write -> y -> h -> M_prev), "read" ("initial": MAC
+# retrieves from M_0 in every segment).
 EXPERIMENTS: dict[str, dict] = {
     "default": {},
     "max_lr_0.01": {"cfg": {"memory_max_lr": 0.01}},
@@ -75,6 +77,9 @@ EXPERIMENTS: dict[str, dict] = {
     "no_residual_norm": {"cfg": {"memory_residual_norm": False}},
     "depth1_no_residual_norm": {"cfg": {"memory_depth": 1, "memory_residual_norm": False}},
     "write_input": {"write": "input"},
+    "mac_write_input": {"cfg": {"mac_write": "input"}},  # the model option (= write_input)
+    "write_stopgrad_h": {"write": "stopgrad_h"},
+    "write_input_alpha_0.001": {"write": "input", "bias": {"alpha": -6.9}},
     "read_M0": {"read": "initial"},
     "read_M0_alpha_0": {"read": "initial", "bias": {"alpha": -30.0}},
     "window_32": {"cfg": {"window": 32}},  # MAG/MAL only (MAC's attention is its segment)
@@ -102,6 +107,27 @@ def patch_write_input(block: nn.Module) -> None:
 
     block.attn.project = recording_project
     block.y_norm = Input()
+
+
+def patch_write_stopgrad_h(block: nn.Module) -> None:
+    """MAC writes RMSNorm(y') with y' = y computed over a detached h: the forward is unchanged
+    (so is the gain); the backward loses the path write -> y -> h -> M_prev: experiment only."""
+    stash: list = []
+    attend, y_norm = block.attn.attend, block.y_norm
+    i_h = 0 if block.persistent is None else 1
+
+    def attend_both(q, q_nope, groups):
+        h = groups[i_h]
+        cut = [*groups[:i_h], replace(h, k=h.k.detach(), v=h.v.detach()), *groups[i_h + 1 :]]
+        stash.append(attend(q, q_nope, cut))
+        return attend(q, q_nope, groups)
+
+    class WriteCut(nn.Module):
+        def forward(self, y):
+            return y_norm(stash.pop())
+
+    block.attn.attend = attend_both
+    block.y_norm = WriteCut()
 
 
 def patch_read_initial(block: nn.Module) -> None:
@@ -136,6 +162,8 @@ def build(variant: str, retrieval: str | None, exp: dict, seed: int = 0) -> Tita
                 w.mul_(exp.get("m0_scale", 1.0))
         if exp.get("write") == "input":
             patch_write_input(block)
+        if exp.get("write") == "stopgrad_h":
+            patch_write_stopgrad_h(block)
         if exp.get("read") == "initial":
             patch_read_initial(block)
     return model

@@ -47,6 +47,12 @@ VARIANTS = {
     "transformer": ("transformer", {}),
     "full-attention": ("transformer", {"window": None}),
 }
+# Studied on request only (--variants), not in the default set: deviations from the paper.
+EXTRA_VARIANTS = {
+    "mac-input": ("mac", {"mac_write": "input"}),  # MAC writes its block input
+    "mac-stopgrad": ("mac", {"mac_write": "output_stopgrad"}),  # no gradient write -> h
+    "mac-input-memtok": ("mac", {"mac_write": "input", "mac_retrieval": "memory_tokens"}),
+}
 # The tiny preset's shape with a short window, so "beyond the window" fits in a 128-token sample.
 MODEL = dict(
     vocab_size=320, dim=64, depth=2, heads=4, window=16, segment_len=16, chunk_size=16,
@@ -57,7 +63,7 @@ SUITES = "ppl,passkey,number,mqar"  # uuid needs more than 128 tokens
 
 def match_ffn(name: str, target: int) -> tuple[int, int]:
     """The SwiGLU width (a multiple of 8) that brings model ``name`` closest to ``target``."""
-    variant, extra = VARIANTS[name]
+    variant, extra = {**VARIANTS, **EXTRA_VARIANTS}[name]
     best = None
     for hidden in range(8, 1024, 8):
         cfg = ModelConfig(**{**MODEL, **extra}, variant=variant, ffn_hidden=hidden)
@@ -136,7 +142,7 @@ def env() -> dict[str, str]:
 def train(name: str, ffn: int, data: tuple[Path, Path], run_dir: Path, args) -> float:
     if (run_dir / "checkpoints" / "latest").is_file():
         return 0.0  # already trained (the study resumes where it stopped)
-    variant, extra = VARIANTS[name]
+    variant, extra = {**VARIANTS, **EXTRA_VARIANTS}[name]
     overrides = [f"model.{k}={'null' if v is None else v}" for k, v in {**MODEL, **extra}.items()]
     overrides += [
         f"model.variant={variant}",
@@ -155,6 +161,8 @@ def train(name: str, ffn: int, data: tuple[Path, Path], run_dir: Path, args) -> 
         "train.global_batch=16",
         f"train.micro_batch={16 // args.procs}",
         f"train.max_steps={args.steps}",
+        f"train.seed={args.seed}",
+        f"data.seed={args.seed}",
         f"train.eval_interval={args.steps}",
         "train.eval_batches=8",
         f"optim.lr={args.lr}",
@@ -237,15 +245,25 @@ def main(argv: list[str] | None = None) -> None:
         help="the recall examples carry loss on their answers only (as in Zoology)",
     )
     ap.add_argument("--mqar-share", type=float, default=0.2, help="MQAR's share of recall data")
+    ap.add_argument("--seed", type=int, default=0, help="train.seed and data.seed (init, order)")
     ap.add_argument("--procs", type=int, choices=(1, 2), default=2, help="trainer processes")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--suites", default=SUITES)
     ap.add_argument("--ppl-tokens", type=int, default=4096, help="titans-eval --ppl-tokens")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="names from VARIANTS")
+    ap.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"names from VARIANTS, or {', '.join(EXTRA_VARIANTS)}",
+    )
     ap.add_argument("--smoke", action="store_true", help="MAC only, 2 steps, 2 examples (CI)")
     args = ap.parse_args(argv)
     if args.smoke:
         smoke(args)
+    for name in args.variants.split(","):
+        if name not in VARIANTS and name not in EXTRA_VARIANTS:
+            ap.error(
+                f"--variants: unknown {name!r}; known: {', '.join([*VARIANTS, *EXTRA_VARIANTS])}"
+            )
     args.out = args.out or ROOT / "runs" / "study"  # as before: study.json's args name it
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -266,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         old["args"].setdefault("procs", "2")
         old["args"].setdefault("answer_loss", "False")
         old["args"].setdefault("mqar_share", "0.2")
+        old["args"].setdefault("seed", "0")  # studies from before the option
         same = {k: v for k, v in old["args"].items() if k != "variants"}
         if same == {k: v for k, v in report["args"].items() if k != "variants"}:
             report["models"] = old["models"]

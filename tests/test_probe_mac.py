@@ -91,6 +91,44 @@ def test_write_input_patch_writes_the_block_input():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+def test_mac_write_option_equals_the_write_input_patch():
+    """model.mac_write=input computes what the probe's write=input patch did (same logits)."""
+    x = tokens(2)
+    with torch.no_grad():
+        patched = P.build("mac", "per_token", P.EXPERIMENTS["write_input"])(x).logits
+        option = P.build("mac", "per_token", P.EXPERIMENTS["mac_write_input"])(x).logits
+    torch.testing.assert_close(option, patched, rtol=0, atol=1e-12)
+
+
+def test_write_stopgrad_h_keeps_the_forward_and_cuts_the_backward():
+    """write=stopgrad_h: the same logits; the gradient of a late loss into the first segment
+    changes (the write -> y -> h -> M_prev path is cut, the others stay)."""
+    x = tokens(3)
+    plain, cut = (
+        P.build("mac", "per_token", {}),
+        P.build("mac", "per_token", P.EXPERIMENTS["write_stopgrad_h"]),
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(cut(x).logits, plain(x).logits, rtol=0, atol=1e-12)
+    a, b = P.gradient_reach(plain, x), P.gradient_reach(cut, x)
+    assert b[0] > 0 and abs(a[0] - b[0]) > 1e-3 * a[0]
+
+
+def test_stopgrad_option_has_the_patchs_gradients():
+    """model.mac_write=output_stopgrad: the gradients of the probe's write=stopgrad_h patch."""
+    x, grads = tokens(2), []
+    for exp in ({"write": "stopgrad_h"}, {"cfg": {"mac_write": "output_stopgrad"}}):
+        model = P.build("mac", "per_token", exp)
+        model(x).logits.pow(2).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    # the patch holds y_norm in a closure (unregistered); every other parameter is compared
+    assert {n for n in grads[1] if n not in grads[0]} == {
+        f"blocks.{i}.y_norm.weight" for i in (0, 1)
+    }
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_read_initial_patch_reads_m0():
     """With read=initial, MAC's retrieval reads M_0 whatever memory the state carries."""
     model = P.build("mac", "per_token", P.EXPERIMENTS["read_M0"])

@@ -276,7 +276,9 @@ class MACBlock(Block):
        segment causal (``memory_tokens`` mode: N_l learned queries read M_prev, fully visible);
     3. write the attention outputs y into the memory, chunk by chunk, pre-normed like every mixer
        input (raw attention outputs are ~20x smaller than a normed stream, which made the memory's
-       l2-normalised q/k tiny and its gradients ~100x larger than LMM's);
+       l2-normalised q/k tiny and its gradients ~100x larger than LMM's); ``mac_write: input``
+       writes the segment's normed block input instead (a deviation: no read -> write loop),
+       ``output_stopgrad`` writes y but passes no gradient from the write back into h;
     4. gate y with the per-token read of the memory after each write.
     """
 
@@ -284,7 +286,8 @@ class MACBlock(Block):
         super().__init__(cfg, runtime)
         self.memory = make_memory(cfg, self.runtime)
         self.h_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.y_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        # mac_write=input writes the normed input: no y_norm (an unused parameter would get no grad)
+        self.y_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps) if cfg.mac_write != "input" else None
         self.combine = GatedCombine(cfg.dim, cfg.norm_eps)
         self.mem_queries = None
         if cfg.mac_retrieval == "memory_tokens":
@@ -326,9 +329,23 @@ class MACBlock(Block):
         kv = append_kv(st.kv, k, v, None)
         groups.append(KeyGroup(*kv, Causal(q_start=pos, k_start=start, segment=C)))
         y = self.attn.attend(q, q_nope, groups)
-        m, mem = self.memory(self.y_norm(y), st.mem)
+        m, mem = self.memory(self.write_input(y, xs, q, q_nope, groups), st.mem)
         st = replace(st, pos=pos + n, kv=kv, kv_mem=kv_mem, mem=mem, retr=retr)
         return self.combine(y, m), st
+
+    def write_input(
+        self, y: Tensor, xs: Tensor, q: Tensor, q_nope: Tensor, groups: list[KeyGroup]
+    ) -> Tensor:
+        """What the segment writes (``mac_write``): RMSNorm(y) (the paper), its normed input, or
+        RMSNorm(y) with no gradient from the write back into the retrieved h (``output_stopgrad``:
+        the same values, y recomputed over a detached h group, the one before the segment's)."""
+        if self.y_norm is None:
+            return xs
+        if self.cfg.mac_write == "output_stopgrad" and torch.is_grad_enabled():
+            h = groups[-2]
+            cut = KeyGroup(h.k.detach(), h.v.detach(), h.rule)
+            y = self.attn.attend(q, q_nope, [*groups[:-2], cut, groups[-1]])
+        return self.y_norm(y)
 
     def mix_documents(self, x, st, starts):
         """``mix`` with packed documents, on a grid where every document starts on a segment
@@ -383,7 +400,8 @@ class MACBlock(Block):
                 group = KeyGroup(hk, hv, Visible())
             groups = [*prefix, group, KeyGroup(k[:, :, sl], v[:, :, sl], rule)]
             y = self.attn.attend(q[:, :, sl], q_nope[:, :, sl], groups)
-            m, mem = self.memory(self.y_norm(y), mem, doc_starts=begins[:, sl], valid=valid[:, sl])
+            w = self.write_input(y, xg[:, sl], q[:, :, sl], q_nope[:, :, sl], groups)
+            m, mem = self.memory(w, mem, doc_starts=begins[:, sl], valid=valid[:, sl])
             outs.append(self.combine(y, m))
             h_keys.append((hk, hv))
             retr_ws.append(retr.weights)

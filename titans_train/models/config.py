@@ -32,6 +32,10 @@ class ModelConfig:
     memory_depth: int = 2  # L_M; 1 = linear memory
     mac_retrieval: str = "per_token"  # per_token | memory_tokens
     num_memory_tokens: int = 256  # N_l learned retrieval queries (mac_retrieval=memory_tokens)
+    # What MAC writes into its memory: "output" = the attention output y (the paper), "input" =
+    # the segment's normed block input, which cuts the read -> y -> write loop, "output_stopgrad"
+    # = y with no gradient from the write back into the read h (docs/results.md)
+    mac_write: str = "output"
     memory_heads: int | None = None  # default: heads
     memory_expansion: int = 4
     memory_max_lr: float = 0.1  # theta = max_lr * sigmoid(.); see docs/memory.md "Inner step size"
@@ -101,6 +105,11 @@ class ModelConfig:
             bad("variant", f"must be one of {', '.join(VARIANTS)}")
         if self.mac_retrieval not in ("per_token", "memory_tokens"):
             bad("mac_retrieval", "must be per_token or memory_tokens")
+        if self.mac_write not in ("output", "input", "output_stopgrad"):
+            bad(
+                "mac_write",
+                "must be output (the paper: attention output y), input or output_stopgrad",
+            )
         for key in ("vocab_size", "dim", "depth", "heads", "chunk_size", "memory_depth"):
             if getattr(self, key) < 1:
                 bad(key, "must be >= 1")
