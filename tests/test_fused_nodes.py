@@ -109,6 +109,20 @@ def test_rmsnorm_node_equals_nn_rmsnorm():
     assert type(ours.bfloat16()(x.bfloat16()).grad_fn).__name__ != "_RMSNormFnBackward"
 
 
+def test_rmsnorm_node_is_cpu_only(monkeypatch):
+    """Off the CPU (a GPU in production; meta here, like tests/test_device_probe.py) RMSNorm is
+    nn.RMSNorm's, which is one fused kernel on CUDA: the node exists for CPU's per-op overhead."""
+    import titans_train.models.layers as layers
+
+    def refuse(*args):
+        raise AssertionError("the CPU node ran off the CPU")
+
+    monkeypatch.setattr(layers._RMSNormFn, "apply", refuse)
+    norm = RMSNorm(16, eps=1e-6).to("meta")
+    out = norm(torch.empty(3, 5, 16, device="meta", requires_grad=True))
+    assert out.device.type == "meta" and out.shape == (3, 5, 16)
+
+
 def mac_groups(pos: int, segment: int = 8):
     """MAC's key groups for one segment starting at ``pos``: persistent tokens, the memory's
     reads and the segment's keys (both Causal within the segment)."""

@@ -152,17 +152,15 @@ class _RMSNormFn(torch.autograd.Function):
 
 
 class RMSNorm(nn.RMSNorm):
-    """nn.RMSNorm (same parameters and state dict) with one autograd node when input and weight
-    are fp32 (or fp64) over the last dim (issue 16: ~25 ops a call became 13); otherwise, and
-    under autocast, nn.RMSNorm's own path."""
+    """nn.RMSNorm (same parameters and state dict) with one autograd node on CPU when input and
+    weight are fp32 (or fp64) over the last dim (issue 16: ~25 ops a call became 13); otherwise
+    (other devices, where F.rms_norm is fused, other dtypes, autocast) nn.RMSNorm's own path."""
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         full = w is not None and x.dtype == w.dtype and x.dtype in (torch.float32, torch.float64)
         plain = self.eps is not None and len(self.normalized_shape) == 1
-        dev = x.device.type  # is_autocast_enabled raises for devices without autocast (meta)
-        autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
-        if full and plain and not autocast:
+        if full and plain and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
             return _RMSNormFn.apply(x, w, self.eps)
         return super().forward(x)
 
