@@ -82,10 +82,14 @@ trap 'rm -f "$exit_file"' EXIT
 export TITANS_EXIT_FILE=$exit_file
 export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-# Workers get a fresh store for every restart: with the rendezvous store shared (the default),
-# a restarted rank can read a dead rank's address (pytorch #135712; seen here as gloo's
-# "connectFullMesh failed ... Connection refused" after --max-restarts).
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+# A group that can restart gets a fresh store for every restart: with the rendezvous store shared
+# (torch's default), a restarted rank can read a dead rank's address (pytorch #135712; seen here
+# as gloo's "connectFullMesh failed ... Connection refused" after --max-restarts). Only then: an
+# unshared store makes rank 0 bind a port that torchrun picked free and released seconds before,
+# and another process took it once (EADDRINUSE, 2026-12-01). A shared store is already bound.
+if [ "$MAX_RESTARTS" != 0 ]; then
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+fi
 # NCCL: a timed-out collective makes the watchdog abort the waiting ranks; their flight recorders
 # dump the last collectives first (`torchfrtrace DIR` names the rank that never joined; docs/devices.md).
 export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
@@ -96,7 +100,8 @@ mkdir -p "$(dirname "$TORCH_NCCL_DEBUG_INFO_TEMP_FILE")"
 export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
 
 if [ "${DRY_RUN:-0}" = 1 ]; then
-    echo "$PYTHON -m torch.distributed.run ${args[*]} ${extra[*]} -m titans_train.cli $*"
+    share=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:+TORCH_DISABLE_SHARE_RDZV_TCP_STORE=$TORCH_DISABLE_SHARE_RDZV_TCP_STORE }
+    echo "$share$PYTHON -m torch.distributed.run ${args[*]} ${extra[*]} -m titans_train.cli $*"
     exit 0
 fi
 

@@ -127,6 +127,22 @@ def test_cpu_machine_gets_one_process_and_says_so(tmp_path):
     assert "1 process(es) on" in proc.stderr and "set NPROC_PER_NODE=N" in proc.stderr
 
 
+def test_workers_bind_no_port_of_their_own_unless_the_group_can_restart(tmp_path, monkeypatch):
+    """MAX_RESTARTS=0 (the default): the workers use the rendezvous store torchrun has bound
+    (torch's default). An unshared store makes rank 0 bind a port torchrun picked free and released
+    seconds before; a crash-consistency run in CI lost it to another process (EADDRINUSE). A group
+    that can restart needs the fresh store (pytorch #135712), and a user's own setting is kept."""
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    plain = torchrun_dry(tmp_path, gpus=False, NPROC_PER_NODE="2")
+    assert nproc(plain) == 2 and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in plain.stdout
+    restarts = torchrun_dry(tmp_path, gpus=False, NPROC_PER_NODE="2", MAX_RESTARTS="1")
+    assert restarts.stdout.startswith("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 ")
+    own = dict(MAX_RESTARTS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="0")
+    assert torchrun_dry(tmp_path, gpus=False, **own).stdout.startswith(
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=0 "
+    )
+
+
 def test_slurm_cpus_and_explicit_count(tmp_path):
     assert nproc(torchrun_dry(tmp_path, gpus=False, SLURM_CPUS_ON_NODE="6", CPUS_PER_PROC="2")) == 3
     proc = torchrun_dry(tmp_path, gpus=True, NPROC_PER_NODE="3")
