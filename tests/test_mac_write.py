@@ -5,6 +5,7 @@ the retrieved h; docs/results.md "Why MAC does not recall")."""
 import pytest
 import torch
 from doc_helpers import documents, marks
+from test_models import streamed
 
 from titans_train.models import ModelConfig, TitansLM
 
@@ -84,12 +85,7 @@ def test_streaming_equals_one_call(write, mode):
     x = tokens()
     full = model(x).logits
     for sizes in ([1] * 31, [5, 7, 13, 6], [12, 19]):
-        state, outs, t = None, [], 0
-        for n in sizes:
-            out = model(x[:, t : t + n], state=state)
-            state, t = out.state, t + n
-            outs.append(out.logits)
-        torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(streamed(model, x, sizes)[0], full, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("write,mode", OPTIONS)

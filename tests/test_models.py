@@ -65,13 +65,19 @@ def test_streaming_equals_one_call(variant, mode, window):
         cuts = sorted(set(torch.randint(1, 31, (4,), generator=gen).tolist()))
         splits.append([b - a for a, b in zip([0, *cuts], [*cuts, 31])])
     for sizes in splits:
-        state, outs, t = None, [], 0
-        for n in sizes:
-            out = model(x[:, t : t + n], state=state)
-            state, t = out.state, t + n
-            outs.append(out.logits)
-        torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-9, atol=1e-10)
+        logits, state = streamed(model, x, sizes)
+        torch.testing.assert_close(logits, full, rtol=1e-9, atol=1e-10)
         assert state.pos == 31
+
+
+def streamed(model, x, sizes):
+    """``model`` over ``x`` in calls of ``sizes`` tokens, the state carried: (logits, state)."""
+    state, outs, t = None, [], 0
+    for n in sizes:
+        out = model(x[:, t : t + n], state=state)
+        state, t = out.state, t + n
+        outs.append(out.logits)
+    return torch.cat(outs, 1), state
 
 
 @pytest.mark.parametrize("variant,mode,window", VARIANTS, ids=IDS)
