@@ -193,9 +193,8 @@ class NeuralMemory(DocumentsMixin, nn.Module):
 
     def _backend(self, x: Tensor) -> dict:
         """memory_scan's execution switches for this call's device and the memory's shape."""
-        dims = [self.head_dim] + [w.shape[-1] for w in self.init_weights]
         self._state_itemsize = max(4, self.init_weights[0].element_size())  # chunk_state_bytes
-        backend = resolve_memory_backend(self.backend, x.device, dims, self.chunk_size)
+        backend = resolve_memory_backend(self.backend, x.device, self.layer_dims, self.chunk_size)
         return {"compiled": backend == "compile", "triton": backend == "triton"}
 
     def _gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
