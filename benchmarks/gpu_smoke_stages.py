@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from titans_train.models import ModelConfig, TitansLM, memory_math
+from titans_train.models import ModelConfig, RuntimeConfig, TitansLM, memory_math
 from titans_train.models import memory as memory_mod
 from titans_train.models.attention import dispatch as attention_mod
 from titans_train.models.attention import select_backend
@@ -25,12 +25,9 @@ from titans_train.models.kernels import triton_importable
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Every memory backend, as ModelConfig overrides; each is checked against "eager" (stage 3) and
+# Every memory backend (runtime.memory_backend); each is checked against "eager" (stage 3) and
 # timed (stage 6).
-MEMORY_BACKENDS: dict[str, dict] = {
-    "eager": {"memory_compile": False},
-    "compile": {"memory_compile": True},
-}
+MEMORY_BACKENDS: list[str] = ["eager", "compile"]
 # The fused kernel (issue 14), when Triton imports: a real launch on CUDA, Triton's interpreter
 # on the dry run (gpu_smoke.set_environment sets TRITON_INTERPRET=1). It runs at memory head dim 16
 # (``kernel_heads``: the state fits its registers), next to an eager run of the same shape
@@ -39,7 +36,7 @@ MEMORY_BACKENDS: dict[str, dict] = {
 # with "compile", which `auto` picks there today (docs/memory.md, "The fused Triton kernel").
 KERNEL_HEAD_DIM = 16
 if triton_importable():
-    MEMORY_BACKENDS["triton"] = {"memory_backend": "triton"}
+    MEMORY_BACKENDS.append("triton")
 
 
 def kernel_heads(dim: int) -> int:
@@ -112,13 +109,20 @@ def dry_run_compile(dry_run: bool):
 
 # -- stage 3: memory ---------------------------------------------------------------------------
 def memory_config(smoke: Smoke, **overrides) -> ModelConfig:
-    size = dict(dim=32, heads=2, chunk_size=8, memory_checkpoint_group=2)
+    size = dict(dim=32, heads=2, chunk_size=8)
     if not smoke.dry_run:
         # The 170M presets' memory (16 heads of 48; batch 1 below): stage 6 can reuse the
         # inductor cache of these graphs.
-        size = dict(dim=768, heads=16, chunk_size=16, memory_checkpoint_group=4)
+        size = dict(dim=768, heads=16, chunk_size=16)
     base = dict(variant="lmm", vocab_size=64, depth=1, num_persistent=0)
     return ModelConfig(**{**base, **size, **overrides})
+
+
+def runtime(smoke: Smoke, memory_backend: str = "auto") -> RuntimeConfig:
+    """Stages 3 and 4: checkpoint groups of 2 chunks (4 on a GPU), so a pass crosses several."""
+    return RuntimeConfig(
+        memory_backend=memory_backend, memory_checkpoint_group=4 - 2 * smoke.dry_run
+    )
 
 
 def run_memory(module, x: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -161,13 +165,14 @@ def compare_memory_backends(
 ) -> tuple[dict, list[str]]:
     """Rows (errors vs fp64 and vs this pass's eager) and failures of one memory shape."""
     torch.manual_seed(0)
-    ref = make_memory(memory_config(smoke, **shape)).to(smoke.dtype).double()
+    ref = make_memory(memory_config(smoke, **shape), runtime(smoke, "eager"))
+    ref = ref.to(smoke.dtype).double()
     x = torch.randn(B, T, ref.dim).to(smoke.dtype).double()
     weight = torch.randn(B, T, ref.dim, dtype=torch.float64)
     want = run_memory(ref, x, weight)
     runs, tol, failures, rows = {}, smoke.tol, [], {}
     for name in names:
-        mod = make_memory(memory_config(smoke, **shape, **MEMORY_BACKENDS[name]))
+        mod = make_memory(memory_config(smoke, **shape), runtime(smoke, name))
         mod.load_state_dict(ref.state_dict())
         mod.to(smoke.device, smoke.dtype)
         t0, graphs = time.perf_counter(), compiled_graphs()
@@ -195,11 +200,10 @@ def compare_memory_backends(
 # -- stage 4: whole model ----------------------------------------------------------------------
 def model_config(smoke: Smoke, overrides: dict) -> ModelConfig:
     size = dict(vocab_size=64, dim=32, depth=1, heads=2, window=16, segment_len=16, chunk_size=8,
-                num_persistent=2, num_memory_tokens=4, memory_checkpoint_group=2)  # fmt: skip
+                num_persistent=2, num_memory_tokens=4)  # fmt: skip
     if not smoke.dry_run:  # head dim 64, several MAC segments and windows
         size = dict(vocab_size=512, dim=256, depth=2, heads=4, window=128, segment_len=128,
-                    chunk_size=16, num_persistent=8, num_memory_tokens=16,
-                    memory_checkpoint_group=4)  # fmt: skip
+                    chunk_size=16, num_persistent=8, num_memory_tokens=16)  # fmt: skip
     return ModelConfig(**{**size, **overrides})
 
 
@@ -231,7 +235,9 @@ def count_attention():
 
 def check_variant(smoke: Smoke, cfg: ModelConfig, B: int, T: int) -> dict:
     torch.manual_seed(0)
-    ref = TitansLM(cfg).to(smoke.dtype).float()  # fp32 on CPU, from the tested dtype's weights
+    ref = (
+        TitansLM(cfg, runtime=runtime(smoke)).to(smoke.dtype).float()
+    )  # fp32 on CPU, from the tested dtype's weights
     tokens = torch.randint(cfg.vocab_size, (B, T + 1))
     with torch.no_grad():
         want = ref(tokens[:, :-1]).logits
@@ -395,20 +401,21 @@ def throughput_stage(smoke: Smoke) -> dict:
     preset = "tiny" if smoke.dry_run else "mac_170m"
     lengths, iters = ((64,), 1) if smoke.dry_run else ((2048, 4096), 2)
     rows, failures = {}, []
-    runs = {n: o for n, o in MEMORY_BACKENDS.items() if n != "triton"}
+    path = ROOT / "configs" / "model" / f"{preset}.yaml"
+    # name -> (runtime.memory_backend, model overrides)
+    runs = {n: (n, []) for n in MEMORY_BACKENDS if n != "triton"}
     if "triton" in MEMORY_BACKENDS:  # the kernel at head dim 16, and eager at that shape
-        path = ROOT / "configs" / "model" / f"{preset}.yaml"
-        heads = {"memory_heads": kernel_heads(load_model_config(path).dim)}
-        runs["eager_kernel_shape"] = {**MEMORY_BACKENDS["eager"], **heads}
-        runs["triton"] = {**MEMORY_BACKENDS["triton"], **heads}
+        heads = [f"memory_heads={kernel_heads(load_model_config(path).dim)}"]
+        runs["eager_kernel_shape"] = ("eager", heads)
+        runs["triton"] = ("triton", heads)
         if not smoke.dry_run:  # too slow for the interpreter
-            runs["triton_preset_shape"] = dict(MEMORY_BACKENDS["triton"])
+            runs["triton_preset_shape"] = ("triton", [])
     with dry_run_compile(smoke.dry_run):
-        for backend, overrides in runs.items():
-            dotlist = [f"{k}={v}" for k, v in overrides.items()]
-            cfg = load_model_config(ROOT / "configs" / "model" / f"{preset}.yaml", dotlist)
+        for backend, (memory_backend, dotlist) in runs.items():
+            cfg = load_model_config(path, dotlist)
             torch.manual_seed(0)
-            model = TitansLM(cfg).to(smoke.device, smoke.dtype)
+            model = TitansLM(cfg, runtime=RuntimeConfig(memory_backend=memory_backend))
+            model = model.to(smoke.device, smoke.dtype)
             for T in lengths:
                 graphs = compiled_graphs()
                 row = rows[f"{backend}@{T}"] = time_model(smoke, model, T, iters)
