@@ -53,10 +53,12 @@ def test_zero_stages_match_one_process(reference, zero_run, stage, variant):
     print(variant, stage, max(abs(got[s] / want[s] - 1) for s in want))
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [3])
 def test_exact_resume_after_sigkill(demo_shards, zero_run, tmp_path, stage):
     """2n steps in one go (the shared run) == n steps, SIGKILL of every rank after the step-n
-    checkpoint, resume."""
+    checkpoint, resume. ZeRO-3 here (its checkpoint holds partitioned parameters too); ZeRO-2
+    (the default) is resumed bitwise after SIGKILLs at five moments in
+    test_crash_consistency.py."""
     n = STEPS // 2
     whole, killed = zero_run(stage), tmp_path / "killed"
     common = shared_run_args(stage)  # the shared run's: checkpoint.interval=n
