@@ -134,6 +134,9 @@ def traced_step(monkeypatch):
     test_memory.py::test_compiled_chunk_step_matches_eager. Counts the step's calls."""
     from titans_train.models import memory_math
 
+    # Dynamo keeps its graphs per code object, so chunk_step's from earlier tests in this
+    # process count against the recompile limit, which fullgraph turns into an error.
+    torch._dynamo.reset()
     compiled = torch.compile(
         memory_math.chunk_step, backend="aot_eager", dynamic=False, fullgraph=True
     )
