@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from reference import naive_memory, ref_mlp
+from torch._dynamo.utils import counters
 from torch.func import functional_call
 
 from titans_train.models.memory import NeuralMemory, causal_conv
@@ -173,6 +174,9 @@ def test_compiled_chunk_step_matches_eager():
         return [out.double()] + [p.grad.double() for p in mem.parameters()]
 
     truth = run("eager", torch.float64)
+    graphs = counters["stats"]["unique_graphs"]
     for backend in ("eager", "compile"):
         for got, want in zip(run(backend, torch.float32), truth):
             assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    # One graph for every chunk of a training pass, the first (zero momentum) included.
+    assert counters["stats"]["unique_graphs"] - graphs <= 1

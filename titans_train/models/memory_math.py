@@ -261,6 +261,10 @@ def scan_chunks(
     gradients once instead of zero-filling a full-size tensor per chunk (quadratic in N).
     """
     step = compiled_chunk_step() if compiled else chunk_step
+    if compiled and torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        # A fresh state's zero momentum does not require grad, the next chunk's does: dynamo
+        # guards on requires_grad, so that would compile (and code-generate) a second graph.
+        momentum = [s if s.requires_grad else s.detach().requires_grad_() for s in momentum]
     G, N, _ = k.shape
     n = N // chunk
 
