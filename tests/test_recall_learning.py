@@ -108,6 +108,8 @@ def test_mag_trained_at_L_recalls_at_2L_and_4L():
     seed 2: 98 (100) / 69 (93) / 23 (75), 43-60 s; seed 3: 100 (100) / 95 (99) / 92 (98), 48 s
     (CPU s on a machine at load 6-8; 40-43 s at lower load).
     With the memory's writes off (``memory_max_lr=0``, seed 0): 0 (12) / 0 (12) / 0 (8), loss 2.29.
+    300 steps would not do: seeds 0 and 1 were then at 30 (82) and 19 (73) at 2L, 0 (46) and
+    0 (31) at 4L.
     The answer loss falls below 1 by step 175-275. Thresholds: at 2L > 30 % exact and > 75 % of
     the digits; at 4L > 40 % of the digits (the SWA control: 8-9 % at 2L).
     """
