@@ -15,6 +15,7 @@ from .config import ModelConfig
 from .layers import RMSNorm
 from .memory import NeuralMemory
 from .runtime import RuntimeConfig, runtime_from_legacy
+from .threads import OneThreadBackward, one_thread, small_on_cpu
 
 
 @dataclass
@@ -106,10 +107,13 @@ class TitansLM(nn.Module):
             doc_starts = None  # the plain path computes the same, faster
         self._plan_memory_checkpointing(*tokens.shape)
         x = self.embed(tokens)
-        new_states = []
-        for i, block in enumerate(self.blocks):
-            x, s = block(x, None if state is None else state.blocks[i], doc_starts)
-            new_states.append(s)
+        new_states, small = [], small_on_cpu(x)  # a small model's blocks: one thread (threads.py)
+        with one_thread(small):
+            for i, block in enumerate(self.blocks):
+                x, s = block(x, None if state is None else state.blocks[i], doc_starts)
+                new_states.append(s)
+        if small and x.requires_grad:
+            x = OneThreadBackward.apply(x)
         logits = self.head(self.norm(x))
         loss = None
         if targets is not None:
