@@ -1,4 +1,4 @@
-"""A small model's blocks run on one intra-op thread on CPU, forward and backward, and the
+"""A small model runs on one intra-op thread on CPU, forward and backward, and the
 caller's thread setting is back after each (titans_train/models/threads.py, issue 16)."""
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def test_one_thread_restores_after_an_exception(two_threads):
 
 def test_results_equal_the_one_thread_run(two_threads):
     """The small model's loss and gradients at 2 threads equal those at 1 to fp32 round-off
-    (the head and loss still run at the caller's setting)."""
+    (the loss's backward still runs at the caller's setting)."""
     tokens = torch.randint(0, 32, (2, 17))
     runs = []
     for n in (1, 2):

@@ -1,4 +1,4 @@
-"""One intra-op thread for the blocks of a small model on CPU, in forward and backward (issue 16).
+"""One intra-op thread for a small model on CPU, in forward and backward (issue 16).
 
 A small model's ops are too small for a second thread: in the tiny MAC of
 ``benchmarks/bench_small.py`` (batch 16 x 128 tokens, width 64) only ~18 % of a one-thread step's
@@ -9,10 +9,10 @@ quiet machine the step took 0.351 s at two threads and 0.326 s at one (docs/benc
 loaded machine each join waits for a descheduled thread, and two threads were 5-8x slower than
 one. The peer measured there (titans-pytorch) has ~68 % of its step in forking ops.
 
-Below ``SMALL_STREAM_ELEMENTS`` (batch x tokens x width of the residual stream) the blocks run
-on one thread: the forward under ``one_thread``, the backward from ``OneThreadBackward`` (placed
-after the blocks, so the head's backward keeps the caller's threads) to the end of the backward
-pass, where a queued callback restores the caller's setting. Results are those of one thread.
+Below ``SMALL_STREAM_ELEMENTS`` (batch x tokens x width of the residual stream) the model runs
+on one thread: the forward under ``one_thread``, the backward from ``OneThreadBackward`` (on the
+logits: only the loss's backward keeps the caller's threads) to the end of the backward pass,
+where a queued callback restores the caller's setting. Results are those of one thread.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ SMALL_STREAM_ELEMENTS = 1 << 17
 
 
 def small_on_cpu(x: Tensor) -> bool:
-    """Whether the blocks over the residual stream ``x`` run on one thread."""
+    """Whether the model over the residual stream ``x`` runs on one thread."""
     return (
         x.device.type == "cpu"
         and x.numel() <= SMALL_STREAM_ELEMENTS
@@ -52,7 +52,7 @@ def one_thread(active: bool):
 
 class OneThreadBackward(torch.autograd.Function):
     """Identity; its backward sets one thread for the rest of the backward pass (everything
-    that runs after it: the blocks) and queues the restore for the pass's end."""
+    that runs after it: the head and the blocks) and queues the restore for the pass's end."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
