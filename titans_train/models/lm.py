@@ -15,6 +15,7 @@ from .config import ModelConfig
 from .layers import RMSNorm
 from .memory import NeuralMemory
 from .runtime import RuntimeConfig, runtime_from_legacy
+from .threads import OneThreadBackward, one_thread, small_on_cpu
 
 
 @dataclass
@@ -106,16 +107,19 @@ class TitansLM(nn.Module):
             doc_starts = None  # the plain path computes the same, faster
         self._plan_memory_checkpointing(*tokens.shape)
         x = self.embed(tokens)
-        new_states = []
-        for i, block in enumerate(self.blocks):
-            x, s = block(x, None if state is None else state.blocks[i], doc_starts)
-            new_states.append(s)
-        logits = self.head(self.norm(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100
-            )
+        new_states, small = [], small_on_cpu(x)  # a small model: one thread (threads.py)
+        with one_thread(small):
+            for i, block in enumerate(self.blocks):
+                x, s = block(x, None if state is None else state.blocks[i], doc_starts)
+                new_states.append(s)
+            logits = self.head(self.norm(x))
+            if small and logits.requires_grad:
+                logits = OneThreadBackward.apply(logits)
+            loss = None
+            if targets is not None:
+                loss = F.cross_entropy(
+                    logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100
+                )
         return LMOutput(logits, loss, LMState(new_states))
 
     def _plan_memory_checkpointing(self, batch: int, tokens: int) -> None:

@@ -157,7 +157,7 @@ class NeuralMemory(DocumentsMixin, nn.Module):
         dims = self.layer_dims  # not the parameters: TitansLM.forward calls this before ZeRO-3
         n, L = self.chunk_size, self.depth  # has gathered them (their shapes are 0 there)
         hidden, ins, outs = sum(dims[1:-1]), sum(dims[:-1]), sum(dims[1:])
-        per_token = 2 * hidden + 2 * outs + ins + 3 * outs + 2 * n * L
+        per_token = 3 * hidden + 2 * outs + ins + 3 * outs + 2 * n * L
         per_token += 2 * dims[-1] + 2 if self.residual_norm else 0
         per_chunk = 2 * sum(a * b for a, b in zip(dims[:-1], dims[1:])) + n * per_token
         # The inner loop's element size, fp32 at least, as the last forward saw it (4 before

@@ -46,14 +46,16 @@ def _ln_grad(z: Tensor, mean: Tensor, rstd: Tensor, g: Tensor) -> Tensor:
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """<a_g, b_g> per group, [G] (a batched matmul [1, K] x [K, 1] is 10x slower on CPU)."""
-    return torch.linalg.vecdot(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1))
+    """<a_g, b_g> per group, [G] for [G, m, n] (a batched matmul [1, K] x [K, 1] is 10x slower
+    on CPU; ``vecdot`` over flattened views dispatched 4 ops, this 2)."""
+    return (a * b).sum((-2, -1))
 
 
 class KeysTape:
     """The memory on a chunk's keys at its start weights, and the inner loss's errors:
     layer inputs a_l (a_0 = k), pre-activations z_l, errors delta_l = dL/dz_l, g_l = the error
-    arriving at hidden layer l before GELU'."""
+    arriving at hidden layer l before GELU', and GELU'(z_l) of the hidden layers: computed once
+    (one ``gelu_backward``, erf and exp per element) for its three uses, each then a product."""
 
     def __init__(self, weights: list[Tensor], k: Tensor, v: Tensor, residual_norm: bool):
         self.weights, self.residual_norm = weights, residual_norm
@@ -70,17 +72,20 @@ class KeysTape:
             self.ln = (xhat, mean, rstd, e)
         else:
             delta = z - v
-        deltas, gs = [delta], []
+        deltas, gs, gps = [delta], [], []
         for l in range(len(weights) - 1, 0, -1):
             gs.append(torch.bmm(delta, _t(weights[l])))
-            delta = _gelu_bwd(gs[-1], pres[l - 1])
+            # gelu_backward(1, z) * g is gelu_backward(g, z) bit for bit: dy * (cdf + z pdf)
+            gps.append(_gelu_bwd(torch.ones_like(gs[-1]), pres[l - 1]))
+            delta = gs[-1] * gps[-1]
             deltas.append(delta)
         self.acts, self.pres, self.deltas, self.gs = acts, pres, deltas[::-1], gs[::-1]
+        self.gps = gps[::-1]
 
     def tensors(self) -> list[Tensor]:
         """What ``restore`` needs to rebuild the tape (kept for backward instead of recomputed)."""
         ln = list(self.ln) if self.residual_norm else []
-        return [*self.acts[1:], *self.pres, *self.deltas, *self.gs, *ln]
+        return [*self.acts[1:], *self.pres, *self.deltas, *self.gs, *self.gps, *ln]
 
     @staticmethod
     def restore(weights: list[Tensor], k: Tensor, tensors: list[Tensor], residual_norm: bool):
@@ -88,9 +93,9 @@ class KeysTape:
         tape.weights, tape.residual_norm = weights, residual_norm
         tape.acts = [k, *tensors[: L - 1]]
         tape.pres, tape.deltas = tensors[L - 1 : 2 * L - 1], tensors[2 * L - 1 : 3 * L - 1]
-        tape.gs = tensors[3 * L - 1 : 4 * L - 2]
+        tape.gs, tape.gps = tensors[3 * L - 1 : 4 * L - 2], tensors[4 * L - 2 : 5 * L - 3]
         if residual_norm:
-            tape.ln = tuple(tensors[4 * L - 2 : 4 * L + 2])
+            tape.ln = tuple(tensors[5 * L - 3 : 5 * L + 1])
         return tape
 
 
@@ -167,7 +172,7 @@ def _keys_backward(tape: KeysTape, ddelta: list, dact: list):
     ddelta, dz, pairs = list(ddelta), [None] * L, [[] for _ in range(L)]
     for l in range(L - 1):  # delta_l = GELU'(z_l) * g_l, g_l = delta_{l+1} W_{l+1}^T
         z = tape.pres[l]
-        dg = _gelu_bwd(ddelta[l], z)
+        dg = ddelta[l] * tape.gps[l]
         # GELU''(z) = phi(z) (2 - z^2): dz_l = d delta_l * g_l * GELU''(z_l)
         z2 = z * z
         phi = (z2 * -0.5).add_(_LOG_INV_SQRT_2PI).exp_()
@@ -194,7 +199,7 @@ def _keys_backward(tape: KeysTape, ddelta: list, dact: list):
         if dact[l] is not None:
             da = da.add_(dact[l])
         if l:
-            dz[l - 1] = dz[l - 1].add_(_gelu_bwd(da, tape.pres[l - 1]))
+            dz[l - 1] = dz[l - 1].add_(da.mul_(tape.gps[l - 1]))
         else:
             dk = _add(dk, da)
     return dk, dv, pairs
@@ -214,6 +219,7 @@ def chunk_backward(
     dsn: list[Tensor],
     tape: KeysTape | None = None,
     saved: list | None = None,
+    owned: bool = False,
 ):
     """Back-propagates one committed chunk from its start state (M, S); its forward intermediates
     (``tape``, the reads' ``saved``) are recomputed unless given.
@@ -250,7 +256,8 @@ def chunk_backward(
         pairs = ([] if wpairs[l] is None else [wpairs[l]]) + kpairs[l]
         left = torch.cat([x for x, _ in pairs], 1) if len(pairs) > 1 else pairs[0][0]
         right = torch.cat([y for _, y in pairs], 1) if len(pairs) > 1 else pairs[0][1]
-        dw.append((b0 * dwn[l]).baddbmm_(_t(left), right))
-        dsl = (e0 * dsn[l]).addcmul_(c0, dwn[l])
+        # dS first: it reads dM', which dM then overwrites (in place when the caller owns them)
+        dsl = (dsn[l].mul_(e0) if owned else e0 * dsn[l]).addcmul_(c0, dwn[l])
         ds.append(dsl if spairs[l] is None else dsl.baddbmm_(_t(spairs[l][0]), spairs[l][1]))
+        dw.append((dwn[l].mul_(b0) if owned else b0 * dwn[l]).baddbmm_(_t(left), right))
     return dw, ds, dk, dv, dq, rows, dends

@@ -108,6 +108,8 @@ def group_backward(
     per_chunk = _chunk_coeffs(coeffs, L)
     ks, vs, qs, dys = (_chunks(t, C) for t in (k, v, q, dy))
     resets, holds = _flags_lists(flags, C)
+    # the caller's gradients are read only; every later dM, dS is ours to update in place
+    owned = all(g is None for g in (*dwn, *dsn))
     gw = [torch.zeros_like(w) if g is None else g for g, w in zip(dwn, starts[:L])]
     gs = [torch.zeros_like(w) if g is None else g for g, w in zip(dsn, starts[L : 2 * L])]
     dm0 = [None] * L
@@ -127,8 +129,9 @@ def group_backward(
             keep = flags.commit[:, c, None, None]
             pw, ps = ([torch.where(keep, 0.0, x) for x in g] for g in (gw, gs))
             gw, gs = ([torch.where(keep, x, 0.0) for x in g] for g in (gw, gs))
+        mine = c < C - 1 or owned  # dM, dS from the previous step are ours to overwrite
         gw, gs, dk[c], dv[c], dq[c], rows[c], ends[c] = chunk_backward(
-            W, S, ks[c], vs[c], qs[c], co, co_end, residual_norm, dys[c], gw, gs, tape, saved
+            W, S, ks[c], vs[c], qs[c], co, co_end, residual_norm, dys[c], gw, gs, tape, saved, mine
         )
         if holds[c]:
             gw, gs = [a + b for a, b in zip(gw, pw)], [a + b for a, b in zip(gs, ps)]

@@ -89,8 +89,8 @@ class _HandChunks(torch.autograd.Function):
     (``memory_group``): the forward runs without autograd; the backward walks the chunks in
     reverse in plain ops, without a graph. With ``keep`` the forward saves every chunk's start
     state; otherwise only the group's inputs (activation checkpointing) and the backward rebuilds
-    the states with one more forward of the commits (no reads). Same inputs and outputs as
-    ``_CheckpointedChunks``."""
+    the states with one more forward of the group, keeping its intermediates. Same inputs and
+    outputs as ``_CheckpointedChunks``."""
 
     @staticmethod
     def forward(ctx, n_layers: int, chunk: int, residual_norm: bool, keep: bool, *inputs):
@@ -112,8 +112,10 @@ class _HandChunks(torch.autograd.Function):
         states = list(saved[n_inputs:])
         # fp32 as in the forward, whatever autocast the backward runs under (thread-local state)
         with autocast_off(k.device.type), loop_threads(k, chunk, weights):
-            if not states:
-                states = scan_group(weights, momentum, k, v, None, coeffs, chunk, residual_norm,
+            if not states:  # rebuilt with the reads' intermediates too: each chunk's backward
+                # then needs no second pass over its keys (one memory forward per chunk less)
+                reads = q if grads[0] is not None else None
+                states = scan_group(weights, momentum, k, v, reads, coeffs, chunk, residual_norm,
                                     flags, True)[3]  # fmt: skip
             dw, ds = list(grads[1 : 1 + n_layers]), list(grads[1 + n_layers :])
             out = group_backward(

@@ -1,0 +1,68 @@
+"""One intra-op thread for a small model on CPU, in forward and backward (issue 16).
+
+A small model's ops are too small for a second thread: in the tiny MAC of
+``benchmarks/bench_small.py`` (batch 16 x 128 tokens, width 64) only ~18 % of a one-thread step's
+CPU time is in ops that open an OpenMP region at two threads (the rest is below aten's grain
+sizes, or in the memory's chunk loop, already on one thread: ``memory_scan.loop_threads``), so two
+threads can gain at most ~1.1x, and the ~1,000 forks and joins a step cost about that back: on a
+quiet machine the step took 0.351 s at two threads and 0.326 s at one (docs/benchmarks.md). On a
+loaded machine each join waits for a descheduled thread, and two threads were 5-8x slower than
+one. The peer measured there (titans-pytorch) has ~68 % of its step in forking ops.
+
+Below ``SMALL_STREAM_ELEMENTS`` (batch x tokens x width of the residual stream) the model runs
+on one thread: the forward under ``one_thread``, the backward from ``OneThreadBackward`` (on the
+logits: only the loss's backward keeps the caller's threads) to the end of the backward pass,
+where a queued callback restores the caller's setting. Results are those of one thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+# The tiny MAC's residual stream, 16 x 128 x 64: the largest size measured to gain nothing from
+# a second thread. Larger models keep the caller's threads.
+SMALL_STREAM_ELEMENTS = 1 << 17
+
+
+def small_on_cpu(x: Tensor) -> bool:
+    """Whether the model over the residual stream ``x`` runs on one thread."""
+    return (
+        x.device.type == "cpu"
+        and x.numel() <= SMALL_STREAM_ELEMENTS
+        and torch.get_num_threads() > 1
+    )
+
+
+@contextlib.contextmanager
+def one_thread(active: bool):
+    """One intra-op thread inside, the caller's setting after (also on an exception)."""
+    if not active:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class OneThreadBackward(torch.autograd.Function):
+    """Identity; its backward sets one thread for the rest of the backward pass (everything
+    that runs after it: the head and the blocks) and queues the restore for the pass's end."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        old = torch.get_num_threads()
+        if old > 1:
+            torch.set_num_threads(1)
+            engine = torch.autograd.Variable._execution_engine
+            engine.queue_callback(lambda: torch.set_num_threads(old))
+        return g
