@@ -7,7 +7,7 @@ Every measurement runs in its own subprocess (2 threads) so peak RSS is its own.
   memory      our NeuralMemory fwd+bwd at dim 256, 4 heads, b=16, batch 2, T = 1K..16K
               (with and without chunk-group checkpointing); cost per token should be flat
   naive       the per-token reference loop (eqs. 13-14 with autograd.grad) at small T
-  mac         our MAC (memory in every layer, paper semantics; eager and with memory_compile) vs
+  mac         our MAC (memory in every layer, paper semantics; eager and `compile`) vs
               titans-pytorch's MemoryAsContextTransformer when installed
               (`pip install titans-pytorch torch==2.13.0`): its default mode, and the paper's
               semantics (memory every layer, chunk 16, neural_memory_batch_size=16), capped at

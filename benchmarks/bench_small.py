@@ -11,7 +11,7 @@ a warm-up step). Measured per model: s/step, tokens/s, parameters, and ATen ops 
 (counted with a TorchDispatchMode over one whole step, optimizer included). Models:
 
   ours-mac            TitansLM MAC (dim 64, depth 2, heads 4, segment 32, chunk 8), default config
-  ours-mac-compile    the same with memory_compile (not in --smoke: compiling takes ~1 min)
+  ours-mac-compile    memory_backend=compile (not in --smoke: compiling takes ~1 min)
   ours-mag/-mal/-lmm/-transformer   the other variants at the same size
   titans-pytorch      MemoryAsContextTransformer 0.5.5 at the issue's settings, when installed
 """
@@ -36,11 +36,13 @@ SMOKE = dict(batch=2, seq=32)
 
 
 def build_ours(impl: str):
-    from titans_train.models import ModelConfig, TitansLM
+    from titans_train.models import ModelConfig, RuntimeConfig, TitansLM
 
     variant = impl.split("-")[1]
-    cfg = ModelConfig(variant=variant, **SIZE, **OURS, memory_compile=impl.endswith("-compile"))
-    model = TitansLM(cfg)
+    backend = "compile" if impl.endswith("-compile") else "auto"  # auto: eager on CPU
+    model = TitansLM(
+        ModelConfig(variant=variant, **SIZE, **OURS), RuntimeConfig(memory_backend=backend)
+    )
 
     def loss(tokens):
         return model(tokens[:, :-1], targets=tokens[:, 1:]).loss
