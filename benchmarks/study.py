@@ -61,12 +61,14 @@ MODEL = dict(
 SUITES = "ppl,passkey,number,mqar"  # uuid needs more than 128 tokens
 
 
-def match_ffn(name: str, target: int) -> tuple[int, int]:
+def match_ffn(name: str, target: int, model_set: dict | None = None) -> tuple[int, int]:
     """The SwiGLU width (a multiple of 8) that brings model ``name`` closest to ``target``."""
     variant, extra = {**VARIANTS, **EXTRA_VARIANTS}[name]
     best = None
     for hidden in range(8, 1024, 8):
-        cfg = ModelConfig(**{**MODEL, **extra}, variant=variant, ffn_hidden=hidden)
+        cfg = ModelConfig(
+            **{**MODEL, **extra, **(model_set or {})}, variant=variant, ffn_hidden=hidden
+        )
         n = TitansLM(cfg).num_params()
         if best is None or abs(n - target) < abs(best[1] - target):
             best = (hidden, n)
@@ -129,6 +131,17 @@ def build_data(
     return corpus, recall
 
 
+def parse_set(items: list[str]) -> dict:
+    """--set KEY=VALUE ... -> ModelConfig overrides (numbers, true/false, null parsed as JSON)."""
+    out = {}
+    for item in items:
+        key, eq, val = item.partition("=")
+        if not eq or key not in ModelConfig.__dataclass_fields__:
+            raise SystemExit(f"study: --set {item!r}: expected KEY=VALUE with a ModelConfig key")
+        out[key] = json.loads(val) if val[:1] in "-0123456789tfn[" else val
+    return out
+
+
 def env() -> dict[str, str]:
     return dict(
         os.environ,
@@ -143,7 +156,8 @@ def train(name: str, ffn: int, data: tuple[Path, Path], run_dir: Path, args) -> 
     if (run_dir / "checkpoints" / "latest").is_file():
         return 0.0  # already trained (the study resumes where it stopped)
     variant, extra = {**VARIANTS, **EXTRA_VARIANTS}[name]
-    overrides = [f"model.{k}={'null' if v is None else v}" for k, v in {**MODEL, **extra}.items()]
+    model = {**MODEL, **extra, **parse_set(args.set)}
+    overrides = [f"model.{k}={'null' if v is None else v}" for k, v in model.items()]
     overrides += [
         f"model.variant={variant}",
         f"model.ffn_hidden={ffn}",
@@ -246,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--mqar-share", type=float, default=0.2, help="MQAR's share of recall data")
     ap.add_argument("--seed", type=int, default=0, help="train.seed and data.seed (init, order)")
+    ap.add_argument(
+        "--set", nargs="*", default=[], help="model overrides KEY=VALUE for every variant"
+    )
     ap.add_argument("--procs", type=int, choices=(1, 2), default=2, help="trainer processes")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--suites", default=SUITES)
@@ -285,12 +302,13 @@ def main(argv: list[str] | None = None) -> None:
         old["args"].setdefault("answer_loss", "False")
         old["args"].setdefault("mqar_share", "0.2")
         old["args"].setdefault("seed", "0")  # studies from before the option
+        old["args"].setdefault("set", "[]")
         same = {k: v for k, v in old["args"].items() if k != "variants"}
         if same == {k: v for k, v in report["args"].items() if k != "variants"}:
             report["models"] = old["models"]
             t0 -= old["seconds"]
     for variant in args.variants.split(","):
-        ffn, params = match_ffn(variant, target)
+        ffn, params = match_ffn(variant, target, parse_set(args.set))
         run_dir = out / variant
         seconds = train(variant, ffn, data, run_dir, args)
         far = evaluate(run_dir, data[0], out / f"{variant}.far.json", f"{T},{2 * T},{4 * T}",
