@@ -216,7 +216,9 @@ def summarise_writes(rec: dict[int, dict], examples: list[dict]) -> dict:
 
 
 def run(model: TitansLM, lengths: list[int], distances: list[int], count: int, piece: int,
-        seed: int, writes_too: bool = True) -> dict:  # fmt: skip
+        seed: int, writes_too: bool = True, before: dict | None = None) -> dict:  # fmt: skip
+    """``before`` ({"alpha": a, "theta": t}): scale the gates of the tokens before the needle
+    (in the recall grid, whose cells each have one needle position; no write records then)."""
     recall: dict = {}
     for length in lengths:
         for d in distances:
@@ -224,12 +226,19 @@ def run(model: TitansLM, lengths: list[int], distances: list[int], count: int, p
                 exs = [passkey_at(length, d, i, seed) for i in range(count)]
             except ValueError:
                 continue
+            if before:
+                restore = scale_gates(model, **before, until=exs[0]["needle"][0])
+                tokens = torch.tensor([e["tokens"] for e in exs])
+                logits = torch.cat([lg for _, lg in stream_logits(model, tokens, piece)], 1)
+                restore()
+                recall.setdefault(str(length), {})[str(d)] = answer_scores(logits, exs)
+                continue
             logits, rec = write_records(model, exs, piece)
             cell = answer_scores(logits, exs)
             cell["fate"] = {str(l): needle_fate(q, exs) for l, q in rec.items()}
             recall.setdefault(str(length), {})[str(d)] = cell
     writes = {}
-    for length in lengths if writes_too else []:
+    for length in lengths if writes_too and not before else []:
         # the needle at a random distance over the whole haystack (far and near alike)
         room = passkey_room(length)
         rng = random.Random(f"probe_length:writes:{length}:{seed}")
@@ -266,7 +275,7 @@ def tables(report: dict) -> str:
         cells = []
         for L in lengths:
             c = rec[L].get(str(d))
-            if c is None:
+            if c is None or "fate" not in c:
                 cells.append("–")
                 continue
             f = c["fate"].values()
@@ -292,21 +301,40 @@ def tables(report: dict) -> str:
     return "\n".join(lines)
 
 
-def scale_gates(model: TitansLM, alpha: float = 1.0, theta: float = 1.0) -> None:
+def scale_gates(model: TitansLM, alpha: float = 1.0, theta: float = 1.0, until: int | None = None):
     """Evaluation-time intervention: every memory forgets with alpha * ``alpha`` and writes with
-    theta * ``theta`` (a counterfactual on the trained model: is it the forgetting or the
-    writing that loses the needle beyond L?)."""
+    theta * ``theta`` (a counterfactual on the trained model: is it the forgetting or the writing
+    that loses the needle beyond L?); if ``until`` is given, on the sequence's tokens before it
+    only (not on the persistent tokens written first). Returns a function that undoes it."""
+    n_p = 0 if model.cfg.variant == "mac" else model.cfg.num_persistent  # written first
+    undo = []
     for block in model.blocks:
         memory = getattr(block, "memory", None)
         if memory is None or (alpha == 1.0 and theta == 1.0):
             continue
-        gates = memory._gates
+        gates, forward, pos = memory._gates, memory.forward, [0]
 
-        def scaled(x, _g=gates):
+        def counted(x, state=None, read_only=False, _f=forward, _pos=pos, **kw):
+            if not read_only and state is None:
+                _pos[0] = -n_p  # a new stream: the persistent tokens come before position 0
+            return _f(x, state, read_only=read_only, **kw)
+
+        def scaled(x, _g=gates, _pos=pos):
             th, log_eta, log_keep = _g(x)
-            return th * theta, log_eta, torch.log1p(-alpha * (1 - log_keep.exp()))
+            at = torch.arange(_pos[0], _pos[0] + x.shape[1], device=x.device)[None, :, None]
+            _pos[0] += x.shape[1]
+            hit = (at >= 0) & (at < until) if until is not None else torch.ones_like(at) > 0
+            keep = torch.log1p(-alpha * (1 - log_keep.exp()))
+            return torch.where(hit, th * theta, th), log_eta, torch.where(hit, keep, log_keep)
 
-        memory._gates = scaled
+        memory._gates, memory.forward = scaled, counted
+        undo.append(memory)
+
+    def restore() -> None:
+        for memory in undo:
+            del memory._gates, memory.forward
+
+    return restore
 
 
 def load(args: argparse.Namespace) -> tuple[TitansLM, int]:
@@ -336,6 +364,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--piece", type=int, help="tokens per forward (default: trained seq_len)")
     ap.add_argument("--alpha-scale", type=float, default=1.0, help="intervention: alpha x this")
     ap.add_argument("--theta-scale", type=float, default=1.0, help="intervention: theta x this")
+    ap.add_argument(
+        "--before-needle",
+        action="store_true",
+        help="apply --alpha-scale/--theta-scale to the tokens before the needle only",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write the JSON here")
     ap.add_argument("--smoke", action="store_true", help="a fresh MAG, 2 examples, 2 lengths")
@@ -344,12 +377,15 @@ def main(argv: list[str] | None = None) -> dict:
         args.checkpoint, args.examples, args.lengths, args.distances = None, 2, "128,256", "8,120"
     torch.set_grad_enabled(False)
     model, piece = load(args)
-    scale_gates(model, args.alpha_scale, args.theta_scale)
+    scales = dict(alpha=args.alpha_scale, theta=args.theta_scale)
+    before = scales if args.before_needle else None
+    if not before:
+        scale_gates(model, **scales)
     lengths = [int(x) for x in args.lengths.split(",")]
     distances = [int(x) for x in args.distances.split(",")]
     report = dict(args=vars(args), piece=piece)
     report.update(
-        run(model, lengths, distances, args.examples, piece, args.seed, not args.no_writes)
+        run(model, lengths, distances, args.examples, piece, args.seed, not args.no_writes, before)
     )
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))

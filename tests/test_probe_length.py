@@ -88,3 +88,27 @@ def test_smoke_cli(tmp_path):
     assert 0 <= cell["exact"] <= 100 and cell["logp"] < 0 and set(cell["fate"]) == {"0", "1"}
     by_class = report["writes"]["256"]["0"]["by_class"]
     assert {"value", "filler0", "question"} <= set(by_class)
+
+
+def test_gate_scaling_before_a_position_only():
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=320, dim=32, depth=1, heads=2, window=16, chunk_size=16)
+    model = TitansLM(ModelConfig(variant="mag", num_persistent=4, **cfg)).eval()
+    tokens = torch.randint(0, 320, (2, 96))
+
+    def logits(**kw):
+        restore = PL.scale_gates(model, **kw) if kw else (lambda: None)
+        with torch.no_grad():
+            out = torch.cat([lg for _, lg in PL.stream_logits(model, tokens, 32)], 1)
+        restore()
+        return out
+
+    plain, everywhere = logits(), logits(alpha=0.0, theta=0.0)
+    assert not torch.allclose(plain, everywhere)
+    assert torch.equal(logits(alpha=0.0, theta=0.0, until=0), plain)
+    # causal: up to 40 as if scaled over the whole sequence (but not the persistent tokens)
+    full, part = logits(alpha=0.0, theta=0.0, until=96), logits(alpha=0.0, theta=0.0, until=40)
+    assert not torch.allclose(full, everywhere) and not torch.allclose(full, plain)
+    assert torch.allclose(part[:, :40], full[:, :40])
+    assert not torch.allclose(part[:, 40:], full[:, 40:])
+    assert torch.equal(logits(), plain)  # undone
