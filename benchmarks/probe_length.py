@@ -126,7 +126,9 @@ def replay(memory, x: torch.Tensor, state) -> dict[str, torch.Tensor]:
     """Per token of one write call [B, T]: gates, inner loss, gradient norm (mean over heads)."""
     B, T, _ = x.shape
     n = memory.chunk_size
-    out: dict[str, list] = {k: [] for k in ("theta", "eta", "alpha", "loss", "grad")}
+    out: dict[str, list] = {k: [] for k in ("theta", "eta", "alpha", "loss", "grad", "drift")}
+    m0 = memory._initial(B)[0]
+    m0_norm = torch.sqrt(sum(w.pow(2).sum((-1, -2)) for w in m0))  # [B*H]
     for a in range(0, T, n):
         xc = x[:, a : a + n]
         qkv, _ = causal_conv(
@@ -136,13 +138,16 @@ def replay(memory, x: torch.Tensor, state) -> dict[str, torch.Tensor]:
         theta, log_eta, log_keep = (g.mean(-1) for g in memory._gates(xc))  # [B*H, n]
         fresh = state is None or state.weights is None
         weights = memory._initial(B)[0] if fresh else state.weights
+        # how far the chunk-start weights have moved from M_0, relative to |M_0|
+        gap = torch.sqrt(sum((w - w0).pow(2).sum((-1, -2)) for w, w0 in zip(weights, m0)))
+        drift = (gap / m0_norm)[:, None].expand(-1, xc.shape[1])
         pred, acts, pres = mlp_forward(weights, k, memory.residual_norm)
         err = pred - v
         deltas = mlp_deltas(weights, pres, err, memory.residual_norm)
         grad2 = sum((a_.norm(dim=-1) * d_.norm(dim=-1)) ** 2 for a_, d_ in zip(acts, deltas))
         per = dict(
             theta=theta, eta=log_eta.exp(), alpha=1 - log_keep.exp(),
-            loss=0.5 * err.pow(2).sum(-1), grad=grad2.sqrt(),
+            loss=0.5 * err.pow(2).sum(-1), grad=grad2.sqrt(), drift=drift,
         )  # fmt: skip
         for key, val in per.items():  # [B*H, n] -> [B, n], mean over heads
             out[key].append(val.view(B, memory.heads, -1).mean(1))
@@ -177,7 +182,8 @@ def write_records(
 
 def needle_fate(q: dict, examples: list[dict]) -> dict:
     """Mean over examples: the needle's total write, the filler's total write between it and the
-    answer, and the share of the needle's write kept until the answer (prod of 1 - alpha)."""
+    answer, the share of the needle's write kept until the answer (prod of 1 - alpha), and the
+    memory's drift |M - M_0| / |M_0| where the needle is written."""
     fate = []
     for row, e in enumerate(examples):
         s, t = e["needle"]
@@ -188,6 +194,7 @@ def needle_fate(q: dict, examples: list[dict]) -> dict:
                 needle_write=q["write"][row, s:t].sum().item(),
                 after_write=q["write"][row, t : a - 1].sum().item(),
                 keep=log_keep.exp().item(),
+                drift=q["drift"][row, s].item(),
             )
         )
     return {k: sum(f[k] for f in fate) / len(fate) for k in fate[0]}
@@ -281,22 +288,24 @@ def tables(report: dict) -> str:
             f = c["fate"].values()
             keep = " / ".join(f"{x['keep']:.2f}" for x in f)
             ratio = " / ".join(f"{x['after_write'] / max(x['needle_write'], 1e-9):.1f}" for x in f)
-            cells.append(f"{keep}; {ratio}")
+            drift = " / ".join(f"{x['drift']:.2f}" for x in f)
+            cells.append(f"{keep}; {ratio}; {drift}")
         lines.append(f"{d} | " + " | ".join(cells))
     for L, per_layer in report["writes"].items():
         for l, w in per_layer.items():
             lines += ["", f"length {L}, memory of block {l}: needle {w['needle']}"]
-            lines.append("class | theta | eta | alpha | loss | grad | write | count")
-            lines.append("---|---|---|---|---|---|---|---")
+            lines.append("class | theta | eta | alpha | loss | grad | write | drift | count")
+            lines.append("---|---|---|---|---|---|---|---|---")
             for c, v in w["by_class"].items():
                 lines.append(
                     f"{c} | {v['theta']:.4f} | {v['eta']:.3f} | {v['alpha']:.5f} | "
-                    f"{v['loss']:.3f} | {v['grad']:.3f} | {v['write']:.4f} | {v['count']}"
+                    f"{v['loss']:.3f} | {v['grad']:.3f} | {v['write']:.4f} | {v['drift']:.3f} | "
+                    f"{v['count']}"
                 )
             for p, v in w["by_position"].items():
                 lines.append(
                     f"pos {p} | {v['theta']:.4f} | {v['eta']:.3f} | {v['alpha']:.5f} | "
-                    f"{v['loss']:.3f} | {v['grad']:.3f} | {v['write']:.4f} |"
+                    f"{v['loss']:.3f} | {v['grad']:.3f} | {v['write']:.4f} | {v['drift']:.3f} |"
                 )
     return "\n".join(lines)
 
