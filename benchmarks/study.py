@@ -77,9 +77,12 @@ def match_ffn(name: str, target: int, model_set: dict | None = None) -> tuple[in
     return best
 
 
-def recall_examples(seq_len: int, count: int, seed: int, mqar_share: float = 0.2) -> list:
+def recall_examples(
+    seq_len: int, count: int, seed: int, mqar_share: float = 0.2, phase: bool = False
+) -> list:
     """Passkey and MQAR examples of exactly seq_len tokens (bytes); facts beyond depth x window.
-    A ``mqar_share`` of them (rounded to 1/1000) is MQAR with 4 pairs, the rest passkey."""
+    A ``mqar_share`` of them (rounded to 1/1000) is MQAR with 4 pairs, the rest passkey;
+    ``phase``: the pass-key haystacks start at a random point of the noise paragraph."""
 
     def enc(s: str) -> list[int]:
         return list(s.encode())
@@ -87,7 +90,7 @@ def recall_examples(seq_len: int, count: int, seed: int, mqar_share: float = 0.2
     # Mostly passkey: in probes at this size full attention learned it in ~1,800 steps of 16
     # sequences, while MQAR was not learned in 2,000 steps by any model (docs/results.md).
     n_pk = count * round((1 - mqar_share) * 1000) // 1000
-    docs = generate("passkey", seq_len, n_pk, enc, seed=seed, depth=(0.0, 0.4))
+    docs = generate("passkey", seq_len, n_pk, enc, seed=seed, depth=(0.0, 0.4), phase=phase)
     docs += generate("mqar", seq_len, count - n_pk, enc, seed=seed, depth=(0.0, 0.3), pairs=4)
     return docs
 
@@ -103,6 +106,7 @@ def build_data(
     corpus_mb: float = 4.0,
     answer_loss: bool = False,
     mqar_share: float = 0.2,
+    phase: bool = False,
 ) -> tuple[Path, Path]:
     """The corpus and recall shards. ``answer_loss``: the recall examples carry loss on their
     answers only (shard loss masks, data_pipelines/examples.py), in the same samples and order
@@ -113,7 +117,7 @@ def build_data(
     if (recall / "manifest.json").is_file():
         return corpus, recall
     if answer_loss:
-        examples = recall_examples(seq_len, recall_docs, 1, mqar_share)
+        examples = recall_examples(seq_len, recall_docs, 1, mqar_share, phase)
         write_examples(
             str(recall), [e.tokens for e in examples], [answer_mask(e) for e in examples],
             samples_per_shard=256, val_fraction=0.05, seed=0,
@@ -259,6 +263,11 @@ def main(argv: list[str] | None = None) -> None:
         help="the recall examples carry loss on their answers only (as in Zoology)",
     )
     ap.add_argument("--mqar-share", type=float, default=0.2, help="MQAR's share of recall data")
+    ap.add_argument(
+        "--haystack-phase",
+        action="store_true",
+        help="--answer-loss data: pass-key haystacks start at a random point of the noise text",
+    )
     ap.add_argument("--seed", type=int, default=0, help="train.seed and data.seed (init, order)")
     ap.add_argument(
         "--set", nargs="*", default=[], help="model overrides KEY=VALUE for every variant"
@@ -287,8 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     docs = 64 if args.smoke else max(2000, args.steps * 8)
     data = build_data(
-        out, args.seq_len, docs, 0.5 if args.smoke else 4.0, args.answer_loss, args.mqar_share
-    )
+        out, args.seq_len, docs, 0.5 if args.smoke else 4.0, args.answer_loss, args.mqar_share,
+        args.haystack_phase,
+    )  # fmt: skip
     target = TitansLM(ModelConfig(variant="mac", **MODEL)).num_params()
     T = args.seq_len
     report = {"args": {k: str(v) for k, v in vars(args).items() if k != "smoke"}, "models": {}}
@@ -303,6 +313,7 @@ def main(argv: list[str] | None = None) -> None:
         old["args"].setdefault("mqar_share", "0.2")
         old["args"].setdefault("seed", "0")  # studies from before the option
         old["args"].setdefault("set", "[]")
+        old["args"].setdefault("haystack_phase", "False")
         same = {k: v for k, v in old["args"].items() if k != "variants"}
         if same == {k: v for k, v in report["args"].items() if k != "variants"}:
             report["models"] = old["models"]
