@@ -61,12 +61,14 @@ MODEL = dict(
 SUITES = "ppl,passkey,number,mqar"  # uuid needs more than 128 tokens
 
 
-def match_ffn(name: str, target: int) -> tuple[int, int]:
+def match_ffn(name: str, target: int, model_set: dict | None = None) -> tuple[int, int]:
     """The SwiGLU width (a multiple of 8) that brings model ``name`` closest to ``target``."""
     variant, extra = {**VARIANTS, **EXTRA_VARIANTS}[name]
     best = None
     for hidden in range(8, 1024, 8):
-        cfg = ModelConfig(**{**MODEL, **extra}, variant=variant, ffn_hidden=hidden)
+        cfg = ModelConfig(
+            **{**MODEL, **extra, **(model_set or {})}, variant=variant, ffn_hidden=hidden
+        )
         n = TitansLM(cfg).num_params()
         if best is None or abs(n - target) < abs(best[1] - target):
             best = (hidden, n)
@@ -75,9 +77,12 @@ def match_ffn(name: str, target: int) -> tuple[int, int]:
     return best
 
 
-def recall_examples(seq_len: int, count: int, seed: int, mqar_share: float = 0.2) -> list:
+def recall_examples(
+    seq_len: int, count: int, seed: int, mqar_share: float = 0.2, phase: bool = False
+) -> list:
     """Passkey and MQAR examples of exactly seq_len tokens (bytes); facts beyond depth x window.
-    A ``mqar_share`` of them (rounded to 1/1000) is MQAR with 4 pairs, the rest passkey."""
+    A ``mqar_share`` of them (rounded to 1/1000) is MQAR with 4 pairs, the rest passkey;
+    ``phase``: the pass-key haystacks start at a random point of the noise paragraph."""
 
     def enc(s: str) -> list[int]:
         return list(s.encode())
@@ -85,7 +90,7 @@ def recall_examples(seq_len: int, count: int, seed: int, mqar_share: float = 0.2
     # Mostly passkey: in probes at this size full attention learned it in ~1,800 steps of 16
     # sequences, while MQAR was not learned in 2,000 steps by any model (docs/results.md).
     n_pk = count * round((1 - mqar_share) * 1000) // 1000
-    docs = generate("passkey", seq_len, n_pk, enc, seed=seed, depth=(0.0, 0.4))
+    docs = generate("passkey", seq_len, n_pk, enc, seed=seed, depth=(0.0, 0.4), phase=phase)
     docs += generate("mqar", seq_len, count - n_pk, enc, seed=seed, depth=(0.0, 0.3), pairs=4)
     return docs
 
@@ -101,6 +106,7 @@ def build_data(
     corpus_mb: float = 4.0,
     answer_loss: bool = False,
     mqar_share: float = 0.2,
+    phase: bool = False,
 ) -> tuple[Path, Path]:
     """The corpus and recall shards. ``answer_loss``: the recall examples carry loss on their
     answers only (shard loss masks, data_pipelines/examples.py), in the same samples and order
@@ -111,7 +117,7 @@ def build_data(
     if (recall / "manifest.json").is_file():
         return corpus, recall
     if answer_loss:
-        examples = recall_examples(seq_len, recall_docs, 1, mqar_share)
+        examples = recall_examples(seq_len, recall_docs, 1, mqar_share, phase)
         write_examples(
             str(recall), [e.tokens for e in examples], [answer_mask(e) for e in examples],
             samples_per_shard=256, val_fraction=0.05, seed=0,
@@ -129,6 +135,17 @@ def build_data(
     return corpus, recall
 
 
+def parse_set(items: list[str]) -> dict:
+    """--set KEY=VALUE ... -> ModelConfig overrides (numbers, true/false, null parsed as JSON)."""
+    out = {}
+    for item in items:
+        key, eq, val = item.partition("=")
+        if not eq or key not in ModelConfig.__dataclass_fields__:
+            raise SystemExit(f"study: --set {item!r}: expected KEY=VALUE with a ModelConfig key")
+        out[key] = json.loads(val) if val[:1] in "-0123456789tfn[" else val
+    return out
+
+
 def env() -> dict[str, str]:
     return dict(
         os.environ,
@@ -143,7 +160,8 @@ def train(name: str, ffn: int, data: tuple[Path, Path], run_dir: Path, args) -> 
     if (run_dir / "checkpoints" / "latest").is_file():
         return 0.0  # already trained (the study resumes where it stopped)
     variant, extra = {**VARIANTS, **EXTRA_VARIANTS}[name]
-    overrides = [f"model.{k}={'null' if v is None else v}" for k, v in {**MODEL, **extra}.items()]
+    model = {**MODEL, **extra, **parse_set(args.set)}
+    overrides = [f"model.{k}={'null' if v is None else v}" for k, v in model.items()]
     overrides += [
         f"model.variant={variant}",
         f"model.ffn_hidden={ffn}",
@@ -245,7 +263,15 @@ def main(argv: list[str] | None = None) -> None:
         help="the recall examples carry loss on their answers only (as in Zoology)",
     )
     ap.add_argument("--mqar-share", type=float, default=0.2, help="MQAR's share of recall data")
+    ap.add_argument(
+        "--haystack-phase",
+        action="store_true",
+        help="--answer-loss data: pass-key haystacks start at a random point of the noise text",
+    )
     ap.add_argument("--seed", type=int, default=0, help="train.seed and data.seed (init, order)")
+    ap.add_argument(
+        "--set", nargs="*", default=[], help="model overrides KEY=VALUE for every variant"
+    )
     ap.add_argument("--procs", type=int, choices=(1, 2), default=2, help="trainer processes")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--suites", default=SUITES)
@@ -270,8 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     docs = 64 if args.smoke else max(2000, args.steps * 8)
     data = build_data(
-        out, args.seq_len, docs, 0.5 if args.smoke else 4.0, args.answer_loss, args.mqar_share
-    )
+        out, args.seq_len, docs, 0.5 if args.smoke else 4.0, args.answer_loss, args.mqar_share,
+        args.haystack_phase,
+    )  # fmt: skip
     target = TitansLM(ModelConfig(variant="mac", **MODEL)).num_params()
     T = args.seq_len
     report = {"args": {k: str(v) for k, v in vars(args).items() if k != "smoke"}, "models": {}}
@@ -285,12 +312,14 @@ def main(argv: list[str] | None = None) -> None:
         old["args"].setdefault("answer_loss", "False")
         old["args"].setdefault("mqar_share", "0.2")
         old["args"].setdefault("seed", "0")  # studies from before the option
+        old["args"].setdefault("set", "[]")
+        old["args"].setdefault("haystack_phase", "False")
         same = {k: v for k, v in old["args"].items() if k != "variants"}
         if same == {k: v for k, v in report["args"].items() if k != "variants"}:
             report["models"] = old["models"]
             t0 -= old["seconds"]
     for variant in args.variants.split(","):
-        ffn, params = match_ffn(variant, target)
+        ffn, params = match_ffn(variant, target, parse_set(args.set))
         run_dir = out / variant
         seconds = train(variant, ffn, data, run_dir, args)
         far = evaluate(run_dir, data[0], out / f"{variant}.far.json", f"{T},{2 * T},{4 * T}",

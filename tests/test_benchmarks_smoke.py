@@ -31,6 +31,7 @@ ELSEWHERE = {
     "gpu_smoke.py": ("tests/test_gpu_smoke.py", "--cpu-dry-run"),  # its --smoke is an alias
     "bench_small.py": ("tests/test_bench_small.py", "--smoke"),
     "probe_mac.py": ("tests/test_probe_mac.py", "--smoke"),
+    "probe_length.py": ("tests/test_probe_length.py", "--smoke"),
 }
 # Seconds per script: docs/benchmarks.md. Only the torchrun ones take over ~20 s on 2 idle cores.
 TORCHRUN = {"bench_trainer.py", "study.py"}

@@ -80,11 +80,17 @@ def essay_sentence(rng: random.Random) -> str:
     return s[0].upper() + s[1:]
 
 
-def _haystack(rng: random.Random, style: str, n_tokens: int, encode: Encode) -> list[list[int]]:
-    """Sentences (token lists) totalling exactly n_tokens; the last one is cut to fit."""
+def _haystack(
+    rng: random.Random, style: str, n_tokens: int, encode: Encode, phase: bool = False
+) -> list[list[int]]:
+    """Sentences (token lists) totalling exactly n_tokens; the last one is cut to fit. ``phase``:
+    the noise paragraph starts at a random character, so a short haystack is not always its
+    beginning (a training-data option: docs/results.md, "Beyond the training length")."""
     out, total, cache = [], 0, {}
+    start = rng.randrange(len(NOISE)) if phase and style == "noise" else 0
     while total < n_tokens:
         text = NOISE if style == "noise" else essay_sentence(rng)
+        text, start = text[start:], 0
         ids = cache.setdefault(text, encode(text))
         out.append(ids[: n_tokens - total])
         total += len(out[-1])
@@ -110,6 +116,7 @@ def _single_needle(
     length: int,
     encode: Encode,
     depth: tuple[float, float],
+    phase: bool = False,
 ) -> Example:
     if suite == "passkey":
         key, value = "pass key", str(rng.randrange(10_000, 100_000))
@@ -128,7 +135,7 @@ def _single_needle(
     room = length - fixed
     if room < 0:
         raise ValueError(f"{suite}: length {length} is too short for the needle and the query")
-    hay = _haystack(rng, style, room, encode)
+    hay = _haystack(rng, style, room, encode, phase)
     frac = rng.uniform(*depth)
     at = round(frac * len(hay))
     pieces = [(s, False) for s in hay[:at]] + [(needle, False)]
@@ -172,9 +179,11 @@ def generate(
     seed: int = 0,
     depth: tuple[float, float] = (0.0, 1.0),
     pairs: int = 8,
+    phase: bool = False,
 ) -> list[Example]:
     """``count`` examples of ``length`` tokens; example i depends only on (suite, length, seed,
-    i), so a larger count extends a smaller one."""
+    i), so a larger count extends a smaller one. ``phase``: single-needle noise haystacks start
+    at a random point of the noise paragraph (default: at its start, as RULER)."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}: expected one of {', '.join(SUITES)}")
     if not 0.0 <= depth[0] <= depth[1] <= 1.0:
@@ -185,7 +194,7 @@ def generate(
         if suite == "mqar":
             ex = _mqar(rng, length, encode, pairs, depth)
         else:
-            ex = _single_needle(suite, rng, length, encode, depth)
+            ex = _single_needle(suite, rng, length, encode, depth, phase)
         assert len(ex.tokens) == length, (suite, length, len(ex.tokens))
         out.append(ex)
     return out
