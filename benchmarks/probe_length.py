@@ -361,6 +361,7 @@ def load(args: argparse.Namespace) -> tuple[TitansLM, int]:
     return TitansLM(ModelConfig(**cfg)).eval(), args.piece or 128
 
 
+@torch.no_grad()  # not set_grad_enabled: tests call main() in their own process
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", help="a run dir, step dir or export (else a fresh model)")
@@ -384,7 +385,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.smoke:
         args.checkpoint, args.examples, args.lengths, args.distances = None, 2, "128,256", "8,120"
-    torch.set_grad_enabled(False)
     model, piece = load(args)
     scales = dict(alpha=args.alpha_scale, theta=args.theta_scale)
     before = scales if args.before_needle else None

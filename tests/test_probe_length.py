@@ -82,6 +82,7 @@ def test_zero_forgetting_keeps_the_whole_needle():
 def test_smoke_cli(tmp_path):
     out = tmp_path / "p.json"
     report = PL.main(["--smoke", "--out", str(out)])
+    assert torch.is_grad_enabled()  # the caller's grad mode is left as it was
     assert json.loads(out.read_text())["recall"] == report["recall"]
     assert set(report["recall"]["256"]) == {"8", "120"}
     cell = report["recall"]["256"]["120"]
