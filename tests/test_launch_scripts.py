@@ -216,3 +216,26 @@ def test_build_tools_checked_up_front(tmp_path):
     assert nocxx.returncode != 0
     assert "no C++ compiler ('no-such-c++' is not on PATH)" in nocxx.stderr
     assert "apt-get install g++" in nocxx.stderr
+
+
+def test_sbatch_logs_the_requeue_before_slurm_can_end_it(tmp_path):
+    """Once SLURM accepts `scontrol requeue` it ends the batch script, possibly before the
+    script's next line (a CI run lost the log line that way). Fake srun (the step stops for a
+    requeue: 85) and scontrol (a requeue kills its caller at once): the log still says so."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "srun").write_text("#!/bin/bash\nexit 85\n")
+    scontrol = (
+        '#!/bin/bash\n[ "$1" = show ] && echo node0\n[ "$1" = requeue ] && kill -KILL $PPID\n'
+    )
+    (bindir / "scontrol").write_text(scontrol)
+    for f in bindir.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", TITANS_ROOT=str(ROOT))
+    env.update(SLURM_JOB_ID="7", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="node0")
+    env.update(SLURM_CPUS_PER_TASK="2")
+    cmd = ["bash", str(LAUNCH / "slurm.sbatch")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -9, proc.stdout + proc.stderr  # the requeue ended it
+    assert "training step exited with 85" in proc.stdout
+    assert "slurm.sbatch: requeueing job 7;" in proc.stdout, proc.stdout

@@ -66,7 +66,7 @@ def test_preempted_job_requeues_and_resumes(slurm, preempted, launch_reference):
         "slurm.sbatch: SIGUSR1: forwarding it to the training step",
         f"torchrun.sh: requeue step={step} reason=SIGUSR1",
         "slurm.sbatch: training step exited with 85",
-        f"slurm.sbatch: requeued job {job}",
+        f"slurm.sbatch: requeueing job {job}",
         f"job {job}, attempt 2",
         f"resumed from {run_dir}/checkpoints/step_{step:08d} at step {step}",
     ):
@@ -95,7 +95,7 @@ def test_walltime_guard_stops_before_the_end(slurm, demo_shards, tmp_path):
     step = int(stopped[0].split()[3].rstrip(":"))
     assert step < STEPS
     assert incomplete_reason(run_dir / "checkpoints" / f"step_{step:08d}") is None
-    assert f"slurm.sbatch: requeued job {job}" in log
+    assert f"slurm.sbatch: requeueing job {job}" in log
     assert "the wall-time guard stopped the run before its first step" in log
     assert state == "FAILED" and slurm.job_field(job, "Restarts") == "1"
 
