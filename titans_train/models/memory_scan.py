@@ -19,6 +19,7 @@ from .memory_math import (
     scan_chunks,
     span_coeffs,
 )
+from .threads import one_thread
 
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
@@ -36,19 +37,10 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
 SINGLE_THREAD_ELEMENTS = 32768
 
 
-@contextlib.contextmanager
-def loop_threads(k: Tensor, chunk: int, weights: list[Tensor]):
+def loop_threads(k: Tensor, chunk: int, weights: list[Tensor]) -> contextlib.AbstractContextManager:
     """One intra-op thread for a small chunk loop on CPU; the caller's setting otherwise."""
-    old = torch.get_num_threads()
     small = k.shape[0] * chunk * max(w.shape[-1] for w in weights) <= SINGLE_THREAD_ELEMENTS
-    if k.device.type != "cpu" or old == 1 or not small:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+    return one_thread(k.device.type == "cpu" and small)
 
 
 class _CheckpointedChunks(torch.autograd.Function):
