@@ -293,6 +293,7 @@ def test_resume_protects_the_maths_not_the_runtime_or_worker_count():
         "data.num_workers: 0 -> 2",
         "runtime.activation_checkpointing: False -> True",
         "runtime.attn_backend: 'auto' -> 'sdpa'",
+        "runtime.cpu_threads: None -> 'auto'",  # a key added since: allowed
         "runtime.memory_backend: 'eager' -> 'auto'",
         "runtime.memory_checkpoint_budget_mb: None -> 256.0",  # a key added since: allowed
     ]

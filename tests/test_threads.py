@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from titans_train.models import ModelConfig, TitansLM, memory_scan, threads
+from titans_train.models import ModelConfig, RuntimeConfig, TitansLM, memory_scan, threads
 
 
 def tiny_mac() -> TitansLM:
@@ -91,3 +91,46 @@ def test_results_equal_the_one_thread_run(two_threads):
         runs.append([loss.detach()] + [p.grad for p in model.parameters()])
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_backward_that_raises_gives_the_threads_back(two_threads):
+    """A backward pass that raises never runs its queued callbacks. The caller's setting comes
+    back at the model's next call (before: one thread for good, as the next forward saw one
+    thread and so kept it), and ``threads.release()`` gives it back at once."""
+    model, tokens = tiny_mac(), torch.randint(0, 32, (2, 17))
+
+    def boom(grad):
+        raise RuntimeError("boom")
+
+    hook = model.embed.weight.register_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        model(tokens[:, :-1], targets=tokens[:, 1:]).loss.backward()
+    assert torch.get_num_threads() == 1  # what the engine left behind
+    hook.remove()
+    out = model(tokens[:, :-1], targets=tokens[:, 1:])
+    assert torch.get_num_threads() == 2
+    out.loss.backward()
+    assert torch.get_num_threads() == 2
+    with pytest.raises(RuntimeError, match="boom"):
+        hook = model.embed.weight.register_hook(boom)
+        model(tokens[:, :-1], targets=tokens[:, 1:]).loss.backward()
+    hook.remove()
+    threads.release()
+    assert torch.get_num_threads() == 2
+
+
+def test_caller_policy_never_touches_the_threads(two_threads, monkeypatch):
+    """``runtime.cpu_threads: caller``: blocks and memory loops run at the caller's setting."""
+    torch.manual_seed(0)
+    cfg = tiny_mac().cfg
+    model = TitansLM(cfg, runtime=RuntimeConfig(cpu_threads="caller"))
+    in_backward = record_backward_threads(monkeypatch)
+    in_forward = record_block_threads(model, monkeypatch)
+    tokens = torch.randint(0, 32, (2, 17))
+    model(tokens[:, :-1], targets=tokens[:, 1:]).loss.backward()
+    assert in_forward == [2, 2] and set(in_backward) == {2}, (in_forward, in_backward)
+
+
+def test_cpu_threads_names_the_bad_value():
+    with pytest.raises(ValueError, match=r"runtime.cpu_threads='one'.*auto, caller"):
+        RuntimeConfig(cpu_threads="one")

@@ -74,6 +74,7 @@ def make_memory(cfg: ModelConfig, runtime: RuntimeConfig | None = None) -> Neura
         forget_bias=cfg.memory_forget_bias,
         checkpoint_group=runtime.memory_checkpoint_group,
         backend=runtime.memory_backend,
+        one_thread_loops=runtime.cpu_threads == "auto",
     )
 
 

@@ -15,7 +15,7 @@ from .config import ModelConfig
 from .layers import RMSNorm
 from .memory import NeuralMemory
 from .runtime import RuntimeConfig, runtime_from_legacy
-from .threads import OneThreadBackward, one_thread, small_on_cpu
+from .threads import OneThreadBackward, one_thread, release, small_on_cpu
 
 
 @dataclass
@@ -107,7 +107,10 @@ class TitansLM(nn.Module):
             doc_starts = None  # the plain path computes the same, faster
         self._plan_memory_checkpointing(*tokens.shape)
         x = self.embed(tokens)
-        new_states, small = [], small_on_cpu(x)  # a small model: one thread (threads.py)
+        auto_threads = self.runtime.cpu_threads == "auto"
+        if auto_threads:
+            release()  # a backward that raised kept one thread: give the caller's back
+        new_states, small = [], auto_threads and small_on_cpu(x)  # one thread (threads.py)
         with one_thread(small):
             for i, block in enumerate(self.blocks):
                 x, s = block(x, None if state is None else state.blocks[i], doc_starts)

@@ -87,6 +87,7 @@ class NeuralMemory(DocumentsMixin, nn.Module):
         forget_bias: float = -5.0,
         checkpoint_group: int = 0,
         backend: str = "eager",
+        one_thread_loops: bool = True,
     ):
         super().__init__()
         if dim % heads:
@@ -102,6 +103,7 @@ class NeuralMemory(DocumentsMixin, nn.Module):
         self.checkpoint_active: bool | None = None
         self._state_itemsize = 4
         self.backend = backend  # eager | compile | triton | auto (resolved per device and call)
+        self.one_thread_loops = one_thread_loops  # runtime.cpu_threads == "auto"
         self.n_gates = depth if per_layer_gates else 1
         d = self.head_dim
         # Owned directly (not nn.Linear) so read-only calls can use the q rows alone under ZeRO-3.
@@ -259,7 +261,7 @@ class NeuralMemory(DocumentsMixin, nn.Module):
         with autocast_off(x.device.type):
             y, weights, momentum = memory_scan(
                 weights, momentum, k, v, q, *gates, self.chunk_size, self.residual_norm,
-                self.checkpoint_group, **self._backend(x),
+                self.checkpoint_group, **self._backend(x), one_thread_loops=self.one_thread_loops,
             )  # fmt: skip
         N = k.shape[1]
         rem = N % self.chunk_size

@@ -19,7 +19,7 @@ from .memory_math import (
     scan_chunks,
     span_coeffs,
 )
-from .threads import one_thread
+from .threads import at_count, one_thread
 
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
@@ -37,10 +37,14 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
 SINGLE_THREAD_ELEMENTS = 32768
 
 
-def loop_threads(k: Tensor, chunk: int, weights: list[Tensor]) -> contextlib.AbstractContextManager:
-    """One intra-op thread for a small chunk loop on CPU; the caller's setting otherwise."""
+def loop_threads(
+    k: Tensor, chunk: int, weights: list[Tensor], allowed: bool = True
+) -> contextlib.AbstractContextManager:
+    """One intra-op thread for a small chunk loop on CPU (if ``allowed``: ``runtime.cpu_threads``
+    is auto); the caller's setting otherwise. A group's backward runs at the count its forward
+    ran at (``threads.at_count``), so its recompute reduces in the forward's order."""
     small = k.shape[0] * chunk * max(w.shape[-1] for w in weights) <= SINGLE_THREAD_ELEMENTS
-    return one_thread(k.device.type == "cpu" and small)
+    return one_thread(allowed and k.device.type == "cpu" and small)
 
 
 class _CheckpointedChunks(torch.autograd.Function):
@@ -55,6 +59,7 @@ class _CheckpointedChunks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, n_layers: int, chunk: int, residual_norm: bool, compiled: bool, *inputs):
         ctx.meta = (n_layers, chunk, residual_norm, compiled)
+        ctx.threads = torch.get_num_threads()
         ctx.save_for_backward(*inputs)
         with torch.no_grad():
             y, w, s = _scan_flat(inputs, n_layers, chunk, residual_norm, compiled)
@@ -66,7 +71,7 @@ class _CheckpointedChunks(torch.autograd.Function):
         inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
         # The recompute and its backward must be the fp32 forward's: backward may run under
         # autocast (it is thread-local state), which would redo the group in bf16.
-        threads = loop_threads(inputs[2 * n_layers], chunk, inputs[:n_layers])
+        threads = at_count(ctx.threads)
         with torch.enable_grad(), autocast_off(inputs[0].device.type), threads:
             y, w, s = _scan_flat(inputs, n_layers, chunk, residual_norm, compiled)
             outs = zip((y, *w, *s), grads)
@@ -92,6 +97,7 @@ class _HandChunks(torch.autograd.Function):
             weights, momentum, k, v, q, coeffs, chunk, residual_norm, flags, keep
         )
         ctx.meta = (n_layers, chunk, residual_norm, len(inputs))
+        ctx.threads = torch.get_num_threads()
         ctx.save_for_backward(*inputs, *states)
         return (y, *w, *s)
 
@@ -103,7 +109,7 @@ class _HandChunks(torch.autograd.Function):
         weights, momentum, k, v, q, coeffs, flags = _parts(saved[:n_inputs], n_layers)
         states = list(saved[n_inputs:])
         # fp32 as in the forward, whatever autocast the backward runs under (thread-local state)
-        with autocast_off(k.device.type), loop_threads(k, chunk, weights):
+        with autocast_off(k.device.type), at_count(ctx.threads):
             if not states:  # rebuilt with the reads' intermediates too: each chunk's backward
                 # then needs no second pass over its keys (one memory forward per chunk less)
                 reads = q if grads[0] is not None else None
@@ -170,6 +176,7 @@ def memory_scan(
     compiled: bool = False,
     flags: DocFlags | None = None,
     triton: bool = False,
+    one_thread_loops: bool = True,
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:
     """Run the memory over N tokens starting at a chunk boundary.
 
@@ -182,9 +189,10 @@ def memory_scan(
     ``compiled`` runs full chunks through torch.compile (see ``compiled_chunk_step``).
     ``flags`` restart documents at chunk boundaries (``DocFlags``; ceil(N / chunk) chunks).
     ``triton`` runs full chunks in the fused kernels (``kernels.memory_triton``, fwd and bwd).
+    ``one_thread_loops``: a small loop on CPU runs on one intra-op thread (``loop_threads``).
     Returns (reads [G, N, d] or None, weights, momentum).
     """
-    with loop_threads(k, chunk, weights):
+    with loop_threads(k, chunk, weights, one_thread_loops):
         return _memory_scan(
             weights, momentum, k, v, q, theta, log_eta, log_keep, chunk, residual_norm,
             checkpoint_group, compiled, flags, triton,

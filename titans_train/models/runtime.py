@@ -26,6 +26,7 @@ from .kernels import (
 
 ATTN_BACKENDS = ("auto", "sdpa", "flex", "flash")
 MEMORY_BACKENDS = ("auto", "eager", "compile", "triton")
+CPU_THREADS = ("auto", "caller")
 # ModelConfig keys of earlier versions that are execution settings (read with a warning).
 LEGACY_MODEL_KEYS = ("attn_backend", "memory_backend", "memory_compile", "memory_checkpoint_group")
 
@@ -43,7 +44,11 @@ class RuntimeConfig:
     # TitansLM checkpoints the memories' chunk loops only when the chunk states a forward would
     # otherwise keep (M and S per chunk, every memory layer, estimated from batch and length)
     # exceed this many MiB; below it it keeps them and saves the recompute. 0: always checkpoint.
-    memory_checkpoint_budget_mb: float = 256.0  # (last: fields are positional)
+    memory_checkpoint_budget_mb: float = 256.0
+    # auto: on CPU a small model, and a small memory chunk loop, run on one intra-op thread,
+    # where a second one costs more in forks and joins than it gains (models/threads.py);
+    # caller: torch's thread setting as the caller left it. Results are equal either way.
+    cpu_threads: str = "auto"  # (last: fields are positional)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -58,6 +63,8 @@ class RuntimeConfig:
             bad("memory_backend", f"must be one of {', '.join(MEMORY_BACKENDS)}")
         if self.memory_backend == "triton" and not triton_importable():
             bad("memory_backend", "triton is not installed (pip install triton); or use auto")
+        if self.cpu_threads not in CPU_THREADS:
+            bad("cpu_threads", f"must be one of {', '.join(CPU_THREADS)}")
         if self.memory_checkpoint_group < 0:
             bad("memory_checkpoint_group", "must be >= 0 (0 = off)")
         if not self.memory_checkpoint_budget_mb >= 0:

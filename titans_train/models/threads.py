@@ -13,6 +13,11 @@ Below ``SMALL_STREAM_ELEMENTS`` (batch x tokens x width of the residual stream) 
 on one thread: the forward under ``one_thread``, the backward from ``OneThreadBackward`` (on the
 logits: only the loss's backward keeps the caller's threads) to the end of the backward pass,
 where a queued callback restores the caller's setting. Results are those of one thread.
+
+A backward pass that raises never runs its queued callbacks. The setting it took is kept here
+(``_held``) and given back by ``release()``, which the model's next forward calls first; without
+it the next forward would see one thread and keep it for good. ``runtime.cpu_threads: caller``
+turns all of this off (``RuntimeConfig``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,17 @@ from torch import Tensor
 # The tiny MAC's residual stream, 16 x 128 x 64: the largest size measured to gain nothing from
 # a second thread. Larger models keep the caller's threads.
 SMALL_STREAM_ELEMENTS = 1 << 17
+
+# The caller's thread count while a backward pass runs on one thread; None when nothing is held.
+_held: int | None = None
+
+
+def release() -> None:
+    """Give back the thread count a backward pass took and did not restore (it raised)."""
+    global _held
+    if _held is not None:
+        torch.set_num_threads(_held)
+        _held = None
 
 
 def small_on_cpu(x: Tensor) -> bool:
@@ -50,6 +66,20 @@ def one_thread(active: bool):
         torch.set_num_threads(old)
 
 
+@contextlib.contextmanager
+def at_count(n: int):
+    """``n`` intra-op threads inside (a recompute at its forward's count), the caller's after."""
+    old = torch.get_num_threads()
+    if n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 class OneThreadBackward(torch.autograd.Function):
     """Identity; its backward sets one thread for the rest of the backward pass (everything
     that runs after it: the head and the blocks) and queues the restore for the pass's end."""
@@ -60,9 +90,10 @@ class OneThreadBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor) -> Tensor:
+        global _held
         old = torch.get_num_threads()
         if old > 1:
+            _held = old
             torch.set_num_threads(1)
-            engine = torch.autograd.Variable._execution_engine
-            engine.queue_callback(lambda: torch.set_num_threads(old))
+            torch.autograd.Variable._execution_engine.queue_callback(release)
         return g
