@@ -10,15 +10,18 @@ import torch.nn.functional as F
 
 from titans_train.models import ModelConfig, TitansLM
 
-STEPS, LIMIT = 500, 3.0
+STEPS, LIMIT = 600, 3.0
 
 
 def copy_loss_after_training(steps: int, n: int = 8, vocab: int = 32) -> float:
     """Train on [a, a] for random a of n tokens; return the loss on the copied half."""
     torch.manual_seed(0)
+    # 4 persistent tokens, not the default 128: the memory then runs over 19 tokens a row, not
+    # 143, and the test takes a third of the time (37 against ~120 CPU s).
     cfg = ModelConfig(
-        variant="lmm", vocab_size=vocab, dim=64, depth=2, heads=4, window=8, chunk_size=16
-    )
+        variant="lmm", vocab_size=vocab, dim=64, depth=2, heads=4, window=8, chunk_size=16,
+        num_persistent=4,
+    )  # fmt: skip
     model = TitansLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(1)
@@ -51,9 +54,11 @@ def train_step(model, opt, gen, step: int, n: int, vocab: int) -> float:
 def test_lmm_learns_to_copy_in_context():
     # Chance is ln 32 = 3.47 nats; copying 8 tokens back is out of the convolutions' reach (2
     # blocks x 4 taps), so only the memory can do it. Measured (1 thread, mean of the last 50
-    # steps): 3.27 after 300 steps, 2.94 after 400, 2.60 after 500, 0.35 after 1,000. After 500
-    # steps a memory that never writes (theta = 0) stays at 3.47, and the old 0.02 init of W_QKV
-    # (too small to write with; 2.52 after 1,000 steps) at 3.37: both fail the limit.
+    # steps, 2026-12-01): after 600 steps 2.01 here (seed 0: torch.manual_seed(0), data seed 1);
+    # with seeds 1-4 (model seed s, data seed s + 1) 0.94, 1.23, 1.82, 2.31. After 600 steps a
+    # memory that never writes (max_lr = 0) stays at 3.47, and the old 0.02 init of W_QKV (too
+    # small to write with) at 3.47: both fail the limit. (With the default 128 persistent
+    # tokens it was 2.60 after 500 steps, at three times the cost.)
     loss = copy_loss_after_training(steps=STEPS)
     assert loss < LIMIT, (
         f"copy loss {loss:.3f} nats after {STEPS} steps (chance {math.log(32):.2f})"
