@@ -2,6 +2,7 @@
 
     python benchmarks/study.py --docs docs      # ~40 min on 2 CPU cores; results in runs/study
     python benchmarks/study.py --smoke --out DIR   # MAC only, 2 steps, 2 examples (CI)
+    python benchmarks/study.py --eval-lengths 1,2,4,8 --variants mac,mac-memtok,mac-input,...
 
 1. Data: the embedded corpus (stdlib sources, byte tokenizer) and a recall training set of
    passkey and MQAR examples (synthetic.py) whose facts lie beyond the receptive field of the
@@ -52,6 +53,7 @@ EXTRA_VARIANTS = {
     "mac-input": ("mac", {"mac_write": "input"}),  # MAC writes its block input
     "mac-stopgrad": ("mac", {"mac_write": "output_stopgrad"}),  # no gradient write -> h
     "mac-input-memtok": ("mac", {"mac_write": "input", "mac_retrieval": "memory_tokens"}),
+    "mac-memtok": ("mac", {"mac_retrieval": "memory_tokens"}),  # the paper's other read-out
 }
 # The tiny preset's shape with a short window, so "beyond the window" fits in a 128-token sample.
 MODEL = dict(
@@ -144,6 +146,17 @@ def parse_set(items: list[str]) -> dict:
             raise SystemExit(f"study: --set {item!r}: expected KEY=VALUE with a ModelConfig key")
         out[key] = json.loads(val) if val[:1] in "-0123456789tfn[" else val
     return out
+
+
+def eval_lengths(spec: str, seq_len: int) -> str:
+    """--eval-lengths "1,2,4,8" (multiples of the training length) -> titans-eval --lengths."""
+    try:
+        factors = [int(f) for f in spec.split(",")]
+    except ValueError:
+        factors = []
+    if not factors or min(factors) < 1:
+        raise SystemExit(f"study: --eval-lengths {spec!r}: expected whole multiples like 1,2,4,8")
+    return ",".join(str(f * seq_len) for f in factors)
 
 
 def env() -> dict[str, str]:
@@ -277,6 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--suites", default=SUITES)
     ap.add_argument("--ppl-tokens", type=int, default=4096, help="titans-eval --ppl-tokens")
     ap.add_argument(
+        "--eval-lengths", default="1,2,4", help="far needles and perplexity at these x seq-len"
+    )
+    ap.add_argument(
         "--variants",
         default=",".join(VARIANTS),
         help=f"names from VARIANTS, or {', '.join(EXTRA_VARIANTS)}",
@@ -290,6 +306,7 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(
                 f"--variants: unknown {name!r}; known: {', '.join([*VARIANTS, *EXTRA_VARIANTS])}"
             )
+    lengths = eval_lengths(args.eval_lengths, args.seq_len)
     args.out = args.out or ROOT / "runs" / "study"  # as before: study.json's args name it
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -314,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
         old["args"].setdefault("seed", "0")  # studies from before the option
         old["args"].setdefault("set", "[]")
         old["args"].setdefault("haystack_phase", "False")
+        old["args"].setdefault("eval_lengths", "1,2,4")
         same = {k: v for k, v in old["args"].items() if k != "variants"}
         if same == {k: v for k, v in report["args"].items() if k != "variants"}:
             report["models"] = old["models"]
@@ -322,8 +340,7 @@ def main(argv: list[str] | None = None) -> None:
         ffn, params = match_ffn(variant, target, parse_set(args.set))
         run_dir = out / variant
         seconds = train(variant, ffn, data, run_dir, args)
-        far = evaluate(run_dir, data[0], out / f"{variant}.far.json", f"{T},{2 * T},{4 * T}",
-                       "0,0.5", args)  # fmt: skip
+        far = evaluate(run_dir, data[0], out / f"{variant}.far.json", lengths, "0,0.5", args)
         near = evaluate(run_dir, data[0], out / f"{variant}.near.json", str(T), "1,1", args)
         steps, train_loss, val_loss = losses(run_dir)
         report["models"][variant] = {

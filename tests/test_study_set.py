@@ -28,3 +28,18 @@ def test_set_keeps_the_parameter_count():
     plain, _ = study.match_ffn("mag", target)
     ffn, params = study.match_ffn("mag", target, {"memory_heads": 1})
     assert ffn != plain and abs(params - target) / target < 0.01
+
+
+def test_eval_lengths_are_multiples_of_the_training_length():
+    assert study.eval_lengths("1,2,4,8", 128) == "128,256,512,1024"
+    for bad in ("", "2x", "0,2", "1.5"):
+        with pytest.raises(SystemExit, match=f"--eval-lengths {bad!r}"):
+            study.eval_lengths(bad, 128)
+
+
+def test_every_variant_builds_at_the_study_size():
+    """Each name --variants accepts is a model the study can build and size-match."""
+    target = TitansLM(ModelConfig(variant="mac", **study.MODEL)).num_params()
+    for name in [*study.VARIANTS, *study.EXTRA_VARIANTS]:
+        _, params = study.match_ffn(name, target)
+        assert abs(params - target) / target < 0.05, name
