@@ -53,20 +53,6 @@ def small_on_cpu(x: Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def one_thread(active: bool):
-    """One intra-op thread inside, the caller's setting after (also on an exception)."""
-    if not active:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-@contextlib.contextmanager
 def at_count(n: int):
     """``n`` intra-op threads inside (a recompute at its forward's count), the caller's after."""
     old = torch.get_num_threads()
@@ -78,6 +64,12 @@ def at_count(n: int):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def one_thread(active: bool) -> contextlib.AbstractContextManager:
+    """One intra-op thread inside if ``active``, the caller's setting after (also on an
+    exception)."""
+    return at_count(1) if active else contextlib.nullcontext()
 
 
 class OneThreadBackward(torch.autograd.Function):
