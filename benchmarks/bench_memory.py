@@ -63,7 +63,24 @@ def run_memory(T: int, group: int, repeats: int, compiled: int = 0) -> dict:
         out, _ = mem(x)
         out.sum().backward()
 
-    return dict(seconds=timed(step, repeats), tokens=2 * T)
+    seconds = timed(step, repeats)
+    return dict(seconds=seconds, tokens=2 * T, **flop_utilisation(2 * T, seconds))
+
+
+def flop_utilisation(tokens: int, seconds: float) -> dict:
+    """The memory's useful FLOPs (``models.flops.memory_flops``, analytic: projections, conv,
+    gates and the inner loop, no recompute; training = 3x forward) per second, as a share of
+    this process's measured fp32 matmul rate at the same thread count."""
+    from titans_train.metrics import measured_cpu_flops
+    from titans_train.models import ModelConfig
+    from titans_train.models.flops import memory_flops
+
+    cfg = ModelConfig(variant="lmm", dim=256, heads=4, chunk_size=16, memory_depth=2)
+    useful = 3 * memory_flops(cfg) * tokens / seconds
+    rate = measured_cpu_flops()
+    return dict(
+        useful_gflops=useful / 1e9, matmul_gflops=rate / 1e9, flop_utilisation=useful / rate
+    )
 
 
 def run_naive(T: int, repeats: int) -> dict:
