@@ -13,6 +13,13 @@ forcing; the model streams in pieces of the training length with its state carri
 - ``key_choice``: how often the right value scores highest among the P (chance 1/P);
 - ``plateau``: the mean of 1/P over the answers (P: the example's distinct values), for
   reference: ``key_choice`` at this level with ``value_mass`` near 1 is the plateau.
+- ``key_choice_first``: ``key_choice`` on each example's first query only. MQAR asks every key
+  once, so a model that knows which values appeared and which it has already answered can pick
+  the i-th answer among the P - i values still unasked: a shortcut that needs no binding. The
+  first query is the one it cannot help; chance there is 1/P.
+- ``elimination``: the mean over the answers of 1 / (distinct values not yet answered), the
+  ``key_choice`` that shortcut reaches at chance (4 pairs: (1/4 + 1/3 + 1/2 + 1) / 4 = 52 %).
+  ``key_choice`` near it with ``key_choice_first`` near 1/P is the shortcut, not recall.
 
     python benchmarks/study_mqar.py RUN_DIR [RUN_DIR ...] --lengths 128,256,512 --depth 0,0.5
     python benchmarks/study_mqar.py --smoke --out F.json   # an untrained tiny model (CI)
@@ -73,20 +80,37 @@ def score_example(model, ex: Example, piece: int) -> dict:
         exact = all(int(logp[own, k - 1].argmax()) == ex.tokens[k] for k in range(a, b))
         mass = float(torch.tensor(lp).exp().sum())
         best = max(range(P), key=lambda j: lp[j])
-        out.append(dict(exact=exact, value_mass=mass, key_choice=best == right, choices=P))
+        unasked = {tuple(ex.tokens[c:d]) for c, d in ex.answers[i:]}
+        out.append(
+            dict(exact=exact, value_mass=mass, key_choice=best == right, choices=P, query=i,
+                 unasked=len(unasked))
+        )  # fmt: skip
     return out
 
 
+def summarize(answers: list[dict]) -> dict:
+    """Means over one length's answers (module doc): exact, value_mass, key_choice, plateau,
+    key_choice_first, elimination, and the answer count."""
+    n = len(answers)
+    first = [a for a in answers if a["query"] == 0]
+    res = {k: sum(float(a[k]) for a in answers) / n for k in ("exact", "value_mass", "key_choice")}
+    res.update(
+        answers=n,
+        plateau=sum(1 / a["choices"] for a in answers) / n,
+        key_choice_first=sum(float(a["key_choice"]) for a in first) / len(first),
+        elimination=sum(1 / a["unasked"] for a in answers) / n,
+    )
+    return res
+
+
 def probe_model(model, enc, piece: int, lengths, count: int, depth, pairs: int) -> dict:
-    """{length: exact, value_mass, key_choice, answers, plateau} of one model (module doc)."""
+    """{length: summarize(its answers)} of one model (module doc)."""
     res = {}
     for length in lengths:
         answers = []
         for ex in generate("mqar", length, count, enc, seed=0, depth=depth, pairs=pairs):
             answers += score_example(model, ex, piece)
-        n = len(answers)
-        res[length] = {k: sum(float(a[k]) for a in answers) / n for k in answers[0]}
-        res[length].update(answers=n, plateau=sum(1 / a["choices"] for a in answers) / n)
+        res[length] = summarize(answers)
     return res
 
 
@@ -135,7 +159,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(
                 f"{r['variant']} {length}: exact {100 * v['exact']:.0f} %, value mass "
                 f"{v['value_mass']:.2f}, key choice {100 * v['key_choice']:.0f} % "
-                f"(1/P {100 * v['plateau']:.0f} %)"
+                f"(1/P {100 * v['plateau']:.0f} %, elimination {100 * v['elimination']:.0f} %), "
+                f"first query {100 * v['key_choice_first']:.0f} %"
             )
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))

@@ -45,3 +45,33 @@ def test_scores_agree_with_titans_eval():
         total += float(sum(logp[k - 1, t[0, k]] for k in range(a, b)).exp())
     assert abs(ours[0]["value_mass"] - total) < 1e-6  # scored in float32
     assert all(a["choices"] == len(values) for a in ours[:2])
+
+
+def test_every_answer_knows_its_query_and_the_values_still_unasked():
+    examples = generate("mqar", 64, 4, enc, seed=1, pairs=2)
+    model = TitansLM(ModelConfig(variant="mag", **CFG)).eval()
+    for ex in examples:
+        rows = Q.score_example(model, ex, 32)
+        assert [r["query"] for r in rows] == list(range(len(ex.answers)))
+        assert rows[-1]["unasked"] == 1
+        assert rows[0]["unasked"] == len(Q.candidates(ex)) == rows[0]["choices"]
+
+
+def test_the_elimination_shortcut_is_told_apart_from_recall():
+    """A model that knows the values but no binding, and picks among those not yet answered at
+    random, reaches key choice ~ elimination (52 % at 4 pairs) but only 1/P on first queries;
+    one that recalls is at 100 % on both."""
+    import random
+
+    rng = random.Random(0)
+    shortcut, recall = [], []
+    for _ in range(4000):
+        for i in range(4):
+            row = dict(exact=False, value_mass=1.0, choices=4, query=i, unasked=4 - i)
+            shortcut.append({**row, "key_choice": rng.randrange(4 - i) == 0})
+            recall.append({**row, "exact": True, "key_choice": True})
+    s, r = Q.summarize(shortcut), Q.summarize(recall)
+    assert abs(s["elimination"] - (1 / 4 + 1 / 3 + 1 / 2 + 1) / 4) < 1e-12
+    assert abs(s["key_choice"] - s["elimination"]) < 0.02 and abs(s["plateau"] - 0.25) < 1e-12
+    assert abs(s["key_choice_first"] - 0.25) < 0.03
+    assert r["key_choice"] == r["key_choice_first"] == r["exact"] == 1.0 and r["answers"] == 16000
