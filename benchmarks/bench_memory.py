@@ -17,11 +17,19 @@ Each row also gives the child's CPU seconds per step (``cpu_seconds``): on a sha
 compare arms by it rather than by wall time.
 
     python benchmarks/bench_memory.py --mac --lengths 1024,4096   # only the MAC arms
+    python benchmarks/bench_memory.py --mac --malloc jemalloc   # children on another allocator
+
+``--malloc jemalloc|tcmalloc`` preloads that allocator into every child (LD_PRELOAD; Debian:
+libjemalloc2 or libtcmalloc-minimal4), as PyTorch's performance tuning guide suggests for CPU
+work: glibc keeps much of what the many short-lived tensors free, so peak RSS is well above the
+live tensors' peak. Each row names the allocator its child ran on (``malloc``, read from
+/proc/self/maps).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import json
 import os
 import resource
@@ -174,13 +182,49 @@ def child(kind: str, args: list[str]) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out["cpu_seconds"] = sorted(CPU_SECONDS)[len(CPU_SECONDS) // 2] if CPU_SECONDS else None
     out.update(peak_rss_gb=peak / 1e6, peak_above_start_gb=(peak - base) / 1e6)
+    maps = Path("/proc/self/maps")
+    out["malloc"] = loaded_malloc(maps.read_text()) if maps.is_file() else "unknown"
     print("RESULT " + json.dumps(out), flush=True)
 
 
+MALLOCS = {"jemalloc": ("jemalloc",), "tcmalloc": ("tcmalloc", "tcmalloc_minimal")}
+
+
+def malloc_library(name: str) -> str | None:
+    """--malloc NAME -> the shared library to preload (None for glibc's own malloc)."""
+    if name == "glibc":
+        return None
+    if name not in MALLOCS:
+        raise SystemExit(f"bench_memory: --malloc {name!r}: expected glibc, jemalloc or tcmalloc")
+    for lib in MALLOCS[name]:
+        found = ctypes.util.find_library(lib)
+        if found:
+            return found
+    raise SystemExit(
+        f"bench_memory: --malloc {name}: no lib{MALLOCS[name][0]} on this machine "
+        "(Debian/Ubuntu: apt-get install libjemalloc2 or libtcmalloc-minimal4)"
+    )
+
+
+def loaded_malloc(maps: str) -> str:
+    """The allocator a process runs on, from its /proc/self/maps text."""
+    for name in MALLOCS:
+        if f"lib{name}" in maps:
+            return name
+    return "glibc"
+
+
 def measure(
-    kind: str, *args, cap_gb: float | None = None, timeout: int = 3600, threads: int = 2
+    kind: str,
+    *args,
+    cap_gb: float | None = None,
+    timeout: int = 3600,
+    threads: int = 2,
+    malloc: str | None = None,
 ) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    if malloc:
+        env["LD_PRELOAD"] = malloc
     cmd = [sys.executable, __file__, "--child", kind, *map(str, args)]
     if cap_gb:
         cap = int(cap_gb * 2**30)
@@ -246,17 +290,20 @@ def main() -> None:
     ap.add_argument("--skip-titans", action="store_true")
     ap.add_argument("--mac", action="store_true", help="only the MAC arms (no compile arm)")
     ap.add_argument("--lengths", help="MAC lengths, comma-separated (default 256,1024,4096)")
+    ap.add_argument(
+        "--malloc", default="glibc", help="glibc (default), jemalloc or tcmalloc: see above"
+    )
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child[0], args.child[1:])
         return
-    rows = []
+    rows, malloc = [], malloc_library(args.malloc)
     lengths = [int(t) for t in args.lengths.split(",")] if args.lengths else None
     jobs = SMOKE if args.smoke else plan(args.quick, args.skip_titans, args.mac, lengths)
     for kind, *rest in jobs:
         cap = 12 if rest[0] == "titans-pytorch-paper" else None
-        row = measure(kind, *rest, cap_gb=cap, threads=1 if args.smoke else 2)
+        row = measure(kind, *rest, cap_gb=cap, threads=1 if args.smoke else 2, malloc=malloc)
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:
