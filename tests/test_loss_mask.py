@@ -223,3 +223,64 @@ def test_validation_runs_every_forward_even_without_loss_tokens():
     out = validation_loss(model, [[none, some]], max_batches=0)
     assert model.calls == 2
     assert out["val/loss"] == pytest.approx(2.0)
+
+
+class _Engine:
+    """DeepSpeed's engine as train_step sees it: backward divides the loss by the accumulation
+    steps (engine.backward, scale_wrt_gas), step at the end does nothing here."""
+
+    skipped_steps = 0
+
+    def __init__(self, model: torch.nn.Module, gas: int) -> None:
+        self.model, self.gas = model, gas
+
+    def __call__(self, tokens, targets):
+        return self.model(tokens, targets=targets)
+
+    def backward(self, loss) -> None:
+        (loss / self.gas).backward()
+
+    def step(self) -> None:
+        pass
+
+
+def test_train_step_weighs_every_answer_alike():
+    """Two micro-batches with 1 and 5 answers: the step's gradient and logged loss are the mean
+    over the 6 answers (one forward over both), not the mean of the micro-batches' means, which
+    gave the lone answer 5 times the weight of each other one (and, across ranks, made an
+    answer's weight depend on the number of processes). Failed on the old train_step."""
+    from types import SimpleNamespace
+
+    from titans_train.data.loader import MicroBatch
+    from titans_train.models import ModelConfig, TitansLM
+    from titans_train.trainer import Trainer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant="transformer", vocab_size=64, dim=16, depth=1, heads=2, window=8)
+    model = TitansLM(cfg).double()
+    tokens = torch.randint(0, 64, (2, 2, 17))
+    masks = torch.zeros(2, 2, 17, dtype=torch.bool)
+    masks[0, 0, 5] = True
+    masks[1, :, 3:8:2] = True
+    masks[1, 1, 16] = True  # 1 answer in the first micro-batch, 3 + 2 in the second
+    mbs = [MicroBatch(tokens[i], None, torch.zeros(2, 3), masks[i]) for i in range(2)]
+
+    flat = MicroBatch(tokens.flatten(0, 1), None, torch.zeros(4, 3), masks.flatten(0, 1))
+    want = model(flat.tokens[:, :-1], targets=loss_targets(flat, flat.tokens)).loss
+    want.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    result = Trainer.train_step(SimpleNamespace(engine=_Engine(model, gas=2)), mbs)
+    assert result.loss == pytest.approx(want.item(), rel=1e-6)  # all_mean reduces in fp32
+    for name, grad in ref.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-10, atol=1e-12)
+
+
+def test_step_loss_weights_are_exactly_one_without_masks():
+    """Equal counts (every target carries loss) leave every loss as it was, bit for bit."""
+    from titans_train.validation import step_loss_weights
+
+    assert step_loss_weights([128, 128, 128]) == [1.0, 1.0, 1.0]
+    assert step_loss_weights([1, 3, 0]) == [0.75, 2.25, 0.0]
+    assert step_loss_weights([0, 0]) == [0.0, 0.0]

@@ -26,7 +26,13 @@ from titans_train.distributed import DistEnv, device, mark_progress, set_tf32, t
 from titans_train.models import TitansLM, apply_activation_checkpointing
 from titans_train.models.attention import attention_backend_report
 from titans_train.run_dir import RunDir
-from titans_train.validation import all_mean, document_args, loss_targets
+from titans_train.validation import (
+    all_mean,
+    document_args,
+    loss_targets,
+    loss_tokens,
+    step_loss_weights,
+)
 
 
 def planned_steps(cfg: Config) -> int:
@@ -111,12 +117,13 @@ class Trainer:
     def train_step(self, micro_batches: list[MicroBatch]) -> StepResult:
         """Forward, backward and (at the last micro-batch) the optimizer step; no I/O."""
         skipped_before, losses = self.engine.skipped_steps, []
-        for mb in micro_batches:
+        weights = step_loss_weights([loss_tokens(mb) for mb in micro_batches])  # collective
+        for mb, weight in zip(micro_batches, weights):
             batch = mb.tokens.to(device())
             targets = loss_targets(mb, batch)
             out = self.engine(batch[:, :-1], targets=targets, **document_args(mb))
-            loss = out.loss
-            if mb.loss_mask is not None and not bool((targets != -100).any()):
+            loss = out.loss if weight == 1.0 else out.loss * weight
+            if weight == 0.0:
                 loss = out.logits.sum() * 0.0  # nothing carries loss: a zero gradient, not NaN
             self.engine.backward(loss)
             self.engine.step()

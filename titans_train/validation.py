@@ -26,6 +26,30 @@ def all_mean(values: list[torch.Tensor]) -> float:
     return x.item()
 
 
+def loss_tokens(mb: MicroBatch) -> int:
+    """How many of the micro-batch's targets carry loss (all of them without a loss mask)."""
+    if mb.loss_mask is None:
+        return mb.tokens[:, 1:].numel()
+    return int(mb.loss_mask[:, 1:].sum())
+
+
+def step_loss_weights(counts: list[int]) -> list[float]:
+    """A factor per micro-batch, n_i * (micro-batches * ranks) / N with N the step's targets
+    that carry loss on all ranks (collective). DeepSpeed averages the micro-batches' mean losses
+    over accumulation steps and ranks; scaled by these, the step's gradient is the mean over
+    every target that carries loss, however they fall on micro-batches and ranks. With loss
+    masks the counts differ (answers per row), and without the factors the weight of an answer
+    depended on its micro-batch's count and on the number of processes. Equal counts (no
+    masks) give exactly 1.0 each."""
+    total = torch.tensor(float(sum(counts)), dtype=torch.float64)
+    slots = len(counts)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+        slots *= dist.get_world_size()
+    n = total.item()
+    return [c * slots / n if n else 0.0 for c in counts]
+
+
 def document_args(mb: MicroBatch) -> dict:
     """The model's ``doc_starts`` for a micro-batch's inputs, when the loader gives them
     (``data.document_masking``): the marks of tokens[:, :-1], on the compute device."""
@@ -59,7 +83,7 @@ def validation_loss(
         for mb in micro_batches:
             tokens = mb.tokens.to(device())
             targets = loss_targets(mb, tokens)
-            n = targets.numel() if mb.loss_mask is None else int((targets != -100).sum())
+            n = loss_tokens(mb)
             # Every rank runs every forward, even with no target that carries loss: under ZeRO-3
             # a forward gathers parameters with collectives that all ranks must join.
             out = model(tokens[:, :-1], targets=targets, **document_args(mb))
