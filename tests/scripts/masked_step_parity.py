@@ -1,0 +1,93 @@
+"""Under torchrun (2 ranks, gloo): one ZeRO-2 training step (2 micro-batches per rank) with loss
+masks whose answer counts differ by micro-batch and rank, through ``Trainer.train_step`` and a
+real DeepSpeed engine, against the plain module's step on the whole global batch at once.
+
+The four micro-batches carry 1, 6, 0 and 3 answers. The step's loss and gradient must be the
+mean over the 10 answers, whatever rank and micro-batch each fell on (and the empty one must
+not make them NaN). SGD with lr 1 makes the parameter change the (clipped) gradient. Prints one
+JSON line on rank 0.
+"""
+
+import copy
+import json
+import os
+from types import SimpleNamespace
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from titans_train.data.loader import MicroBatch
+from titans_train.models import ModelConfig, TitansLM
+from titans_train.trainer import Trainer
+from titans_train.validation import loss_targets
+
+ROWS, T = 2, 17  # rows per micro-batch, tokens per row (16 targets)
+ANSWERS = [[1, 6], [0, 3]]  # per rank, per micro-batch
+
+
+def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens and loss masks [rank, micro-batch, row, T], the same on every rank."""
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 61, (2, 2, ROWS, T), generator=g)
+    masks = torch.zeros(2, 2, ROWS, T, dtype=torch.bool)
+    for r, counts in enumerate(ANSWERS):
+        for m, n in enumerate(counts):
+            picked = torch.zeros(ROWS * (T - 1), dtype=torch.bool)
+            picked[torch.randperm(picked.numel(), generator=g)[:n]] = True
+            masks[r, m, :, 1:] = picked.view(ROWS, T - 1)  # targets: tokens 1..T-1
+    return tokens, masks
+
+
+def main() -> None:
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    cfg = ModelConfig(variant="transformer", vocab_size=61, dim=32, depth=2, heads=4, window=6)
+    model = TitansLM(cfg)
+    ref = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tokens, masks = global_batch()
+
+    ds_config = {
+        "train_micro_batch_size_per_gpu": ROWS,
+        "gradient_accumulation_steps": 2,
+        "zero_optimization": {"stage": 2},
+        "gradient_clipping": 1.0,  # as the trainer's default; the reference clips alike
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+    mbs = [MicroBatch(tokens[rank, m], None, torch.zeros(ROWS, 3), masks[rank, m]) for m in (0, 1)]
+    result = Trainer.train_step(SimpleNamespace(engine=engine), mbs)
+
+    flat = MicroBatch(tokens.flatten(0, 2), None, None, masks.flatten(0, 2))
+    want = ref(flat.tokens[:, :-1], targets=loss_targets(flat, flat.tokens)).loss
+    want.backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    # After SGD at lr 1 the change of each parameter is minus its clipped gradient.
+    grad_diff, grad_max, worst = 0.0, 0.0, ""
+    for n, p in engine.module.named_parameters():
+        step = before[n] - p.detach()
+        d = (step - ref.get_parameter(n).grad).abs().max().item()
+        grad_max = max(grad_max, ref.get_parameter(n).grad.abs().max().item())
+        if d > grad_diff:
+            grad_diff, worst = d, n
+    if rank == 0:
+        row = dict(
+            loss=result.loss,
+            want=want.item(),
+            grad_diff=grad_diff,
+            grad_max=grad_max,
+            worst=worst,
+            skipped=result.skipped,
+        )
+        print(json.dumps(row), flush=True)
+    engine.destroy()
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    main()
