@@ -267,7 +267,7 @@ def resume(report: dict, path: Path) -> dict:
         "haystack_phase": "False", "eval_lengths": "1,2,4",
     }  # fmt: skip
     old_args = {**{k: v for k, v in defaults.items() if k in report["args"]}, **old["args"]}
-    if drop_variants(old_args) != drop_variants(report["args"]):
+    if settings(old_args) != settings(report["args"]):
         print(f"study: {path} has other settings; its models are not reused", flush=True)
         return report
     report["models"] = old["models"]
@@ -276,8 +276,11 @@ def resume(report: dict, path: Path) -> dict:
     return report
 
 
-def drop_variants(args: dict) -> dict:
-    return {k: v for k, v in args.items() if k != "variants"}
+def settings(args: dict) -> dict:
+    """What makes two runs the same study: every option but the variants (a study extended by
+    more), where the report goes, and --out as typed (the study.json found there is the same
+    file however its path was spelled: relative, absolute, with a trailing slash)."""
+    return {k: v for k, v in args.items() if k not in ("variants", "docs", "out")}
 
 
 def run_models(names: list[str], report: dict, path: Path, one: Callable[[str], dict]) -> dict:

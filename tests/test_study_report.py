@@ -63,6 +63,16 @@ def test_a_study_with_other_settings_starts_afresh(tmp_path):
     assert list(study.resume(_fresh(variants="mag"), path)["models"]) == ["mac"]
 
 
+def test_the_same_study_under_another_spelling_of_its_paths_resumes(tmp_path):
+    """--out typed relative then absolute, or --docs given only once, is the same study: its
+    models are reused (they were not: the args were compared as typed)."""
+    path = tmp_path / "study.json"
+    first = _fresh(out="runs/study_v2", docs="None")
+    study.run_models(["mac"], first, path, lambda n: {"val_loss": 1.0})
+    again = _fresh(out=str(tmp_path.resolve()), docs="docs")
+    assert list(study.resume(again, path)["models"]) == ["mac"]
+
+
 def test_memtok_uses_16_memory_tokens_at_our_size():
     """The paper's N_l = 256 serves segments of 512; ours are 16 (study.py's MEMTOK)."""
     for name in ("mac-memtok", "mac-input-memtok"):
