@@ -92,7 +92,7 @@ def test_study_layout_every_batch_gets_its_corpus_rows():
     """The study's data (docs/results.md v2): 124 corpus and 36 recall shards of 256, weights
     0.1 and 0.9, 16 rows a step. Interleave 16 with the stratified order gives every step 1 to 3
     corpus rows, over two epochs; interleave 8 cannot (a stripe of 8 holds 0 or 1 corpus slot)."""
-    sizes = [[256] * 123 + [169], [256] * 35 + [80]]
+    sizes = [[256] * 123 + [169], [256] * 35 + [160]]
     order = GlobalOrder(sizes, [0.1, 0.9], seed=0, interleave=16)
     rows = corpus_rows(order, order.epoch_start(2) // 16)
     assert rows.min() >= 1 and rows.max() <= 3
