@@ -20,7 +20,7 @@ import numpy as np
 
 from titans_train.data.order import GlobalOrder
 
-ARMS = (("shuffled", 8), ("stratified", 8), ("stratified", 16))
+ARMS = (("shuffled", 8), ("shuffled", 16), ("stratified", 8), ("stratified", 16))
 # The v2 study's train shards: 124 of the embedded corpus (4 MB at T=128), 36 of recall examples.
 V2_SIZES = [[256] * 123 + [169], [256] * 35 + [160]]
 

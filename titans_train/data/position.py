@@ -49,8 +49,8 @@ class LoaderPosition:
         if strict and state.get("fingerprint") != self.fingerprint:
             raise DataError(
                 f"loader state was saved for data/order {state.get('fingerprint')!r} but this "
-                f"loader reads {self.fingerprint!r} (other manifests, weights, seed, split or "
-                "interleave, mix); pass strict=False to continue anyway"
+                f"loader reads {self.fingerprint!r} (other manifests, weights, seed, split, "
+                "interleave or mix); pass strict=False to continue anyway"
             )
         self.samples = state["samples"]
         self.epoch = int(state.get("epoch", 0))
