@@ -193,6 +193,8 @@ def train(name: str, ffn: int, data: tuple[Path, Path], run_dir: Path, args) -> 
         f"data.train=[{data[0]},{data[1]}]",
         f"data.weights=[{1 - args.recall_share},{args.recall_share}]",
         f"data.document_masking={str(args.document_masking == 'on').lower()}",
+        f"data.mix={args.mix}",
+        f"data.interleave={args.interleave}",
         f"run_dir={run_dir}",
         f"name=study-{name}",
         f"train.seq_len={args.seq_len}",
@@ -264,7 +266,7 @@ def resume(report: dict, path: Path) -> dict:
     defaults = {  # options added after some studies were recorded: their values back then
         "ppl_tokens": "4096", "memory_forget_bias": "None", "document_masking": "off",
         "procs": "2", "answer_loss": "False", "mqar_share": "0.2", "seed": "0", "set": "[]",
-        "haystack_phase": "False", "eval_lengths": "1,2,4",
+        "haystack_phase": "False", "eval_lengths": "1,2,4", "mix": "shuffled", "interleave": "8",
     }  # fmt: skip
     old_args = {**{k: v for k, v in defaults.items() if k in report["args"]}, **old["args"]}
     if settings(old_args) != settings(report["args"]):
@@ -364,6 +366,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--set", nargs="*", default=[], help="model overrides KEY=VALUE for every variant"
     )
     ap.add_argument("--procs", type=int, choices=(1, 2), default=2, help="trainer processes")
+    ap.add_argument(
+        "--mix",
+        choices=("stratified", "shuffled"),
+        default="stratified",
+        help="data.mix (studies before 2026-12-02: shuffled, with --interleave 8)",
+    )
+    ap.add_argument(
+        "--interleave",
+        type=int,
+        default=16,
+        help="data.interleave: 16 gives the corpus (10 %% of the shards) a shard in every stripe, "
+        "so every step reads corpus rows (docs/data.md, Mixing); a multiple of --procs",
+    )
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--suites", default=SUITES)
     ap.add_argument("--ppl-tokens", type=int, default=4096, help="titans-eval --ppl-tokens")
@@ -377,6 +392,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--smoke", action="store_true", help="MAC only, 2 steps, 2 examples (CI)")
     args = ap.parse_args(argv)
+    if args.interleave % args.procs:
+        ap.error(f"--interleave {args.interleave} is not a multiple of --procs {args.procs}")
     if args.smoke:
         smoke(args)
     for name in args.variants.split(","):

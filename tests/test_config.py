@@ -55,6 +55,7 @@ def test_shipped_experiment_loads_when_data_exists(manifest_dir):
         ("train.micro_batch=0", "train.micro_batch"),
         ("zero.stage=4", "zero.stage"),
         ("optim.schedule=linear", "optim.schedule"),
+        ("data.mix=even", "data.mix"),
         ("model.windw=3", "windw"),  # unknown key
         ("trian.max_steps=3", "trian"),  # unknown section
         ("train.max_steps=abc", "train.max_steps"),  # wrong type
@@ -114,3 +115,26 @@ def test_cli_fails_fast_naming_the_key(manifest_dir):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT_CONFIGS.parent)
     assert proc.returncode != 0
     assert "config error" in proc.stderr and "model.dim" in proc.stderr
+
+
+def test_data_mix_auto_takes_the_checkpoints_and_an_explicit_other_is_a_change(manifest_dir):
+    from titans_train.config import public_dict, resolve_mix
+    from titans_train.train_state import config_changes
+
+    def cfg(*extra):
+        exp = ROOT_CONFIGS / "experiments" / "tiny_mac.yaml"
+        return load_config(exp, [f"data.train=[{manifest_dir}]", *extra])
+
+    assert cfg().data.mix == "auto" and resolve_mix("auto", None) == "stratified"
+    old = public_dict(cfg())
+    del old["data"]["mix"]  # as a checkpoint saved before the key existed stores it
+    assert resolve_mix("auto", old) == "shuffled"
+    assert config_changes(cfg(), old) == config_changes(cfg("data.mix=shuffled"), old) == ([], [])
+    assert config_changes(cfg("data.mix=stratified"), old)[0] == [
+        "data.mix: 'shuffled' -> 'stratified'"
+    ]
+    new = public_dict(cfg("data.mix=stratified"))  # a run saves its resolved mix
+    assert config_changes(cfg(), new) == ([], [])
+    assert config_changes(cfg("data.mix=shuffled"), new)[0] == [
+        "data.mix: 'stratified' -> 'shuffled'"
+    ]

@@ -39,7 +39,19 @@ def ref_permutation(key: int, n: int) -> list[int]:
     return sorted(range(n), key=lambda i: ref_mix64(key + i))
 
 
-def ref_epoch(sizes, slots, seed, interleave, epoch):
+def ref_stratify(counts, key):
+    """Slot ids (source 0's first) sorted by place (k + u_i) / n_i, ties by a hash of the id."""
+    u = [(ref_mix64(ref_key(key, 0) + i) >> 11) * 2.0**-53 for i in range(len(counts))]
+    slots = [(i, k) for i, n in enumerate(counts) for k in range(n)]
+
+    def place(j):
+        i, k = slots[j]
+        return (k + u[i]) / counts[i], ref_mix64(ref_key(key, 1) + j)
+
+    return sorted(range(len(slots)), key=place)
+
+
+def ref_epoch(sizes, slots, seed, interleave, epoch, mix="shuffled"):
     """(source, shard, row before the in-shard permutation) of every position of `epoch`."""
     draws = []
     for i, (shard_sizes, n) in enumerate(zip(sizes, slots)):
@@ -48,7 +60,11 @@ def ref_epoch(sizes, slots, seed, interleave, epoch):
             draws.append(
                 (i, ref_permutation(ref_key(seed, 1, i, src_epoch), len(shard_sizes))[index])
             )
-    draws = [draws[m] for m in ref_permutation(ref_key(seed, 2, epoch), len(draws))]
+    if mix == "stratified" and len(sizes) > 1:
+        order = ref_stratify(slots, ref_key(seed, 4, epoch))
+    else:  # "shuffled", and one source under either mix
+        order = ref_permutation(ref_key(seed, 2, epoch), len(draws))
+    draws = [draws[m] for m in order]
     out = []
     for first in range(0, len(draws), interleave):
         stripe = draws[first : first + interleave]
@@ -72,11 +88,14 @@ def test_hash_and_permutation_match_reference():
         ([[5, 5, 5, 5, 3]], None, 2),  # one source, short last shard
         ([[4] * 7 + [1]], None, 8),  # fewer shards than the interleave
         ([[6, 6, 2], [3, 3, 3, 3, 1]], [0.7, 0.3], 3),  # weighted mix, unequal shard sizes
+        ([[4] * 9, [5, 5], [3] * 4], [0.5, 0.2, 0.3], 4),  # three sources
+        ([[2] * 3, [3] * 5], None, 2),  # two sources, unweighted: every shard once
     ],
 )
-def test_lookup_matches_reference_over_epochs(sizes, weights, interleave):
-    order = GlobalOrder(sizes, weights, seed=11, interleave=interleave)
-    expected = [x for e in range(3) for x in ref_epoch(sizes, order.slots, 11, interleave, e)]
+@pytest.mark.parametrize("mix", ["stratified", "shuffled"])
+def test_lookup_matches_reference_over_epochs(sizes, weights, interleave, mix):
+    order = GlobalOrder(sizes, weights, seed=11, interleave=interleave, mix=mix)
+    expected = [x for e in range(3) for x in ref_epoch(sizes, order.slots, 11, interleave, e, mix)]
     positions = np.arange(order.epoch_start(3))
     epoch, slot, row = order.lookup(positions)
     got = []
@@ -84,10 +103,10 @@ def test_lookup_matches_reference_over_epochs(sizes, weights, interleave):
         source, shard = order.epoch_slots(int(e))[:2]
         got.append((int(source[s]), int(shard[s]), int(t)))
     assert got == expected
-    if weights is None:  # one source: every epoch is every (shard, row) once
+    if weights is None:  # unweighted: every epoch is every (source, shard, row) once
         n = order.epoch_start(1)
         assert all(order.epoch_start(e) == e * n for e in range(4))
-        assert len(set(got[:n])) == n == sum(sizes[0])
+        assert len(set(got[:n])) == n == sum(map(sum, sizes))
 
 
 def test_shard_rows_and_locate():

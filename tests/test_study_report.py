@@ -61,6 +61,9 @@ def test_a_study_with_other_settings_starts_afresh(tmp_path):
     assert report["models"] == {}
     # ...while another --variants list is the same study, extended
     assert list(study.resume(_fresh(variants="mag"), path)["models"]) == ["mac"]
+    # the study above has no --mix, --interleave: recorded before them, it read shuffled by 8
+    assert study.resume(_fresh(mix="stratified", interleave="16"), path)["models"] == {}
+    assert list(study.resume(_fresh(mix="shuffled", interleave="8"), path)["models"]) == ["mac"]
 
 
 def test_the_same_study_under_another_spelling_of_its_paths_resumes(tmp_path):

@@ -45,6 +45,10 @@ class DataConfig:
     seed: int = 0  # the data order is a pure function of (seed, epoch, position)
     num_workers: int = 0
     interleave: int = 8  # shards read round-robin; keep it a multiple of the world size
+    # How an epoch orders the shards of several sources (docs/data.md, "Mixing"): stratified
+    # (each source spread evenly) | shuffled (uniform, the order before 2026-12-02) | auto: the
+    # checkpoint's on resume (shuffled for one saved before the key existed), else stratified.
+    mix: str = "auto"
     verify: bool = False  # re-hash shards against the manifest while reading
     # Packed documents restart memory, conv, attention and positions at every document start
     # (docs/memory.md, "Documents"). Changes the maths, so resume protects it.
@@ -76,6 +80,7 @@ class DataConfig:
             seed=self.seed,
             num_workers=self.num_workers,
             interleave=self.interleave,
+            mix=resolve_mix(self.mix, None),
             verify=self.verify,
             return_doc_starts=self.document_masking,
         )
@@ -282,7 +287,19 @@ LEGACY_KEYS = {
 
 # Keys added after runs were saved without them, with the value that reproduces what those runs
 # did. Only stored configs get them: a config file without the key gets the current default.
-STORED_DEFAULTS = {("data", "document_masking"): False}
+STORED_DEFAULTS = {("data", "document_masking"): False, ("data", "mix"): "shuffled"}
+MIXES = ("auto", "stratified", "shuffled")
+
+
+def resolve_mix(mix: str, stored: dict | None) -> str:
+    """``data.mix`` as a run uses it. ``auto`` follows the checkpoint resumed from (its stored
+    config ``stored``; ``shuffled`` if it predates the key), so a resume keeps its order whatever
+    the default; a new run (``stored`` None) gets ``stratified``. Other values stand."""
+    if mix != "auto":
+        return mix
+    if stored is None:
+        return "stratified"
+    return upgrade_stored(stored)["data"]["mix"]
 
 
 def upgrade_stored(tree: dict) -> dict:
@@ -483,12 +500,14 @@ def _check_training(cfg: Config, bad) -> None:
 
 
 def _check_sources(cfg: Config, bad) -> None:
-    """The checkpoint to resume from and the data manifests exist (local ones)."""
+    """The checkpoint to resume from and the data manifests exist (local ones); data keys."""
     c = cfg.checkpoint
     if c.resume not in ("auto", "never") and not Path(c.resume).exists():
         bad("checkpoint.resume", f"{c.resume!r} is not auto, never, or an existing checkpoint")
     if not cfg.data.train:
         bad("data.train", "no manifest given")
+    if cfg.data.mix not in MIXES:
+        bad("data.mix", f"{cfg.data.mix!r} is not one of {', '.join(MIXES)}")
     if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.train):
         bad("data.weights", f"{len(cfg.data.weights)} weights for {len(cfg.data.train)} manifests")
     for i, src in enumerate(cfg.data.train + (cfg.data.val or [])):

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from titans_train import checkpoint as ckpt
 from titans_train import rng_state as rng_codec
-from titans_train.config import Config, public_dict, upgrade_stored
+from titans_train.config import Config, public_dict, resolve_mix, upgrade_stored
 from titans_train.distributed import DistEnv, device
 from titans_train.preemption import ignore_stop_signals
 from titans_train.run_dir import RunDir
@@ -88,10 +88,7 @@ def _decide(cfg: Config, world_size: int) -> ResumePoint:
             messages.append(f"checkpoint.resume=never: earlier checkpoints moved to {aside}")
         return ResumePoint(messages=tuple(messages))
     state = ckpt.load_trainer_state(path)
-    # The stored config is redacted (config.public_dict): compare like with like. One saved by an
-    # earlier version has its execution keys (model.attn_backend, ...) where runtime.* is now,
-    # and no data.document_masking (it trained without).
-    protected, other = ckpt.config_diff(upgrade_stored(state["config"]), public_dict(cfg))
+    protected, other = config_changes(cfg, state["config"])
     if protected and not cfg.checkpoint.force:
         raise ckpt.CheckpointError(
             f"run {cfg.name!r} ({cfg.run_path}) already holds a checkpoint of a different model "
@@ -111,6 +108,19 @@ def _decide(cfg: Config, world_size: int) -> ResumePoint:
     if state["world_size"] == world_size:
         _check_rng(point, cfg.checkpoint.force)
     return point
+
+
+def config_changes(cfg: Config, stored: dict) -> tuple[list[str], list[str]]:
+    """(protected, other) changes from a checkpoint's stored config to ``cfg``, as lines.
+
+    The stored config is redacted (config.public_dict): compare like with like. One saved by an
+    earlier version has its execution keys (model.attn_backend, ...) where runtime.* is now, and
+    no data.document_masking (it trained without) nor data.mix (it read shuffled). data.mix=auto
+    takes the checkpoint's, as Trainer.setup does: only an explicit other mix is a change.
+    """
+    current = public_dict(cfg)
+    current["data"]["mix"] = resolve_mix(cfg.data.mix, stored)
+    return ckpt.config_diff(upgrade_stored(stored), current)
 
 
 def _check_rng(point: ResumePoint, force: bool) -> None:

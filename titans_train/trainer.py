@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from titans_train import train_state
 from titans_train.callbacks.base import Callback, Callbacks, StepResult
-from titans_train.config import Config, public_yaml
+from titans_train.config import Config, public_yaml, resolve_mix
 from titans_train.data import MicroBatch
 from titans_train.distributed import DistEnv, device, mark_progress, set_tf32, timeout_for
 from titans_train.models import TitansLM, apply_activation_checkpointing
@@ -76,6 +76,9 @@ class Trainer:
         point = train_state.find_resume_point(cfg, denv)
         for message in point.messages:
             self.log_main(message)
+        if cfg.data.mix == "auto":  # before anything saves the config: checkpoints hold the mix
+            cfg.data.mix = resolve_mix("auto", point.state["config"] if point.state else None)
+            self.log_main(f"data.mix=auto: {cfg.data.mix} (docs/data.md, Mixing)")
         if point.path and point.step >= self.max_steps:  # before the engine: nothing to pay for
             self.step, self.tokens = point.step, point.state["tokens"]
             n = 2 * self.max_steps

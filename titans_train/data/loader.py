@@ -57,8 +57,12 @@ def _no_collate(x):
     return x
 
 
-def _fingerprint(manifests: list[ShardManifest], split: str, weights, seed, interleave) -> str:
+def _fingerprint(
+    manifests: list[ShardManifest], split: str, weights, seed, interleave, stratified: bool
+) -> str:
     parts = [m.fingerprint(split) for m in manifests] + [split, weights, seed, interleave]
+    if stratified:  # only then: the states saved before mixes existed keep their fingerprint
+        parts.append("stratified")
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
@@ -152,6 +156,7 @@ class StreamingLoader:
         split: str = "train",
         num_workers: int = 0,
         interleave: int = 8,
+        mix: str = "stratified",
         verify: bool = False,
         check_crc: bool = True,
         max_epochs: int | None = None,
@@ -167,16 +172,17 @@ class StreamingLoader:
         self.manifests = _open_manifests(manifests, split, seq_len, vocab_size)
         self.refs = [_shard_refs(m, split, vocab_size, verify, check_crc) for m in self.manifests]
         sizes = [[r.samples for r in refs] for refs in self.refs]
-        self.order = GlobalOrder(sizes, weights, seed, interleave)
+        self.order = GlobalOrder(sizes, weights, seed, interleave, mix)
         self.seq_len, self.seed, self.split = seq_len, seed, split
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.return_doc_starts = num_workers, return_doc_starts
         self.stop = None if max_epochs is None else self.order.epoch_start(max_epochs)
         weights_key = None if weights is None else [float(w) for w in weights]
-        self.position = LoaderPosition(
-            0, _fingerprint(self.manifests, split, weights_key, seed, interleave)
+        fingerprint = _fingerprint(
+            self.manifests, split, weights_key, seed, interleave, self.order.stratified
         )
+        self.position = LoaderPosition(0, fingerprint, mix=mix, mix_applies=len(sizes) > 1)
         self._it: Iterator | None = None
         self._loaded: dict[tuple[int, int], tuple[ShardData, np.ndarray]] = {}
 

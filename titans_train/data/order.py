@@ -2,8 +2,11 @@
 
 An epoch is a list of shard *slots*. With one source it is every shard once; with several,
 each source fills a fixed number of slots per epoch (its weight) by walking its own endless
-sequence of shard permutations. The slots are permuted by (seed, epoch) and cut into stripes
-of `interleave` slots. Inside a stripe the samples are read round-robin: row 0 of every slot,
+sequence of shard permutations. The slots are ordered by (seed, epoch) and cut into stripes of
+`interleave` slots: mix "stratified" spreads each source's slots evenly over the epoch (any run of
+m slots holds about m times its slot share of each source), mix "shuffled" (the order before
+2026-12-02) permutes them uniformly, so a small source's slots clump. With one source both are
+the same uniform permutation. Inside a stripe the samples are read round-robin: row 0 of every slot,
 then row 1, and so on, where row t of a shard is its t-th sample under a permutation seeded by
 (seed, source, source epoch, shard). Global position P counts samples from the very start,
 epoch after epoch, so a position is the whole loader state.
@@ -24,7 +27,8 @@ import numpy as np
 _GOLDEN = 0x9E3779B97F4A7C15
 _MASK = (1 << 64) - 1
 # Stream ids keep the seeded permutations of different purposes apart.
-_SHARDS, _SLOTS, _ROWS = 1, 2, 3
+_SHARDS, _SLOTS, _ROWS, _STRATA = 1, 2, 3, 4
+MIXES = ("stratified", "shuffled")  # how an epoch of several sources orders its slots
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
@@ -71,6 +75,26 @@ def apportion(total: int, weights: Sequence[float]) -> list[int]:
     return counts.tolist()
 
 
+def stratify(counts: Sequence[int], key: int) -> np.ndarray:
+    """A permutation of the slots of groups of ``counts`` (group 0's first) that spreads every
+    group evenly: the k-th slot of group i (of n_i) goes to place (k + u_i) / n_i in [0, 1), u_i
+    a hashed phase in [0, 1), and the slots are sorted by place, ties broken by a hash.
+
+    Each group's places are spaced exactly 1/n_i, so any run of m consecutive slots holds
+    m * n_i / N of group i within 1 + (n_i / N) * (S - 2) for S groups: within 1 for two groups,
+    2 for three (tests/test_data_order.py checks it against a slow reference). The phases change
+    with ``key``, so which source leads differs from epoch to epoch.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    group = np.repeat(np.arange(len(counts)), counts)
+    k = np.arange(len(group)) - np.repeat(np.cumsum(counts) - counts, counts)
+    phase = mix64(np.arange(len(counts), dtype=np.uint64) + np.uint64(derive_key(key, 0) & _MASK))
+    u = (phase >> np.uint64(11)).astype(np.float64) * 2.0**-53  # 53 bits: exact in a float
+    place = (k + u[group]) / counts[group]
+    tie = mix64(np.arange(len(group), dtype=np.uint64) + np.uint64(derive_key(key, 1) & _MASK))
+    return np.lexsort((tie, place))
+
+
 def rank_positions(start: int, rank: int, world_size: int, count: int) -> np.ndarray:
     """The global positions rank `rank` reads: start + rank, start + rank + W, ... (`count`)."""
     return start + rank + world_size * np.arange(count, dtype=np.int64)
@@ -85,13 +109,16 @@ class GlobalOrder:
         weights: Sequence[float] | None = None,
         seed: int = 0,
         interleave: int = 8,
+        mix: str = "stratified",
     ):
         self.sizes = [np.asarray(s, dtype=np.int64) for s in shard_sizes]
         if not self.sizes or any(len(s) == 0 or (s <= 0).any() for s in self.sizes):
             raise ValueError("every source needs at least one non-empty shard")
         if interleave < 1:
             raise ValueError("interleave must be >= 1")
-        self.seed, self.interleave = seed, interleave
+        if mix not in MIXES:
+            raise ValueError(f"mix {mix!r} is not one of {', '.join(MIXES)}")
+        self.seed, self.interleave, self.mix = seed, interleave, mix
         counts = [len(s) for s in self.sizes]
         if weights is None or len(self.sizes) == 1:
             self.slots = counts  # every shard of every source once per epoch
@@ -102,6 +129,12 @@ class GlobalOrder:
             per_slot = [w / s.mean() for w, s in zip(weights, self.sizes)]
             self.slots = apportion(sum(counts), per_slot)
         self._starts = [0]
+
+    @property
+    def stratified(self) -> bool:
+        """Whether the slots are spread by source: one source keeps the uniform permutation, so
+        its order is the same under both mixes (and the same as before mixes existed)."""
+        return self.mix == "stratified" and len(self.sizes) > 1
 
     @lru_cache(maxsize=4)  # noqa: B019 - a handful of epochs, owned by a long-lived object
     def epoch_slots(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -117,8 +150,11 @@ class GlobalOrder:
                 shard[sel] = perm[index[sel]]
             parts.append((np.full(n, i), shard, src_epoch))
         source, shard, src_epoch = (np.concatenate(p) for p in zip(*parts))
-        mix = permutation(derive_key(self.seed, _SLOTS, epoch), len(source))
-        source, shard, src_epoch = source[mix], shard[mix], src_epoch[mix]
+        if self.stratified:
+            order = stratify(self.slots, derive_key(self.seed, _STRATA, epoch))
+        else:
+            order = permutation(derive_key(self.seed, _SLOTS, epoch), len(source))
+        source, shard, src_epoch = source[order], shard[order], src_epoch[order]
         sizes = np.array([self.sizes[s][k] for s, k in zip(source, shard)], dtype=np.int64)
         return source, shard, src_epoch, sizes
 
