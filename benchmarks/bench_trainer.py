@@ -46,7 +46,7 @@ SHAPE: list[str] = []
 
 # -- shared (inside the torchrun job) ------------------------------------------------------------
 def make_config(data: str, run_dir: str, *overrides: str):
-    from titans_train.config import load_config
+    from titans_train.config_load import load_config
 
     base = [f"data.train=[{data}]", f"run_dir={run_dir}", "train.eval_interval=0"]
     base += ["checkpoint.resume=never", "tracking.mode=offline"]

@@ -222,7 +222,7 @@ def check_backend(smoke, run_dir: Path) -> tuple[list[dict], list[str]]:
     select_backend picks for the tiny model's heads in the training dtype."""
     import torch
 
-    from titans_train.config import load_model_config
+    from titans_train.config_load import load_model_config
     from titans_train.models.attention import select_backend
 
     cfg = load_model_config(ROOT / "configs" / "model" / "tiny.yaml")

@@ -396,7 +396,7 @@ def time_model(smoke: Smoke, model: TitansLM, T: int, iters: int) -> dict:
 def throughput_stage(smoke: Smoke) -> dict:
     """The 170M MAC preset at 2K and 4K tokens for every memory backend (tiny preset at 64 tokens
     on the dry run: a second length only added a second CPU compile of every compiled graph)."""
-    from titans_train.config import load_model_config
+    from titans_train.config_load import load_model_config
 
     preset = "tiny" if smoke.dry_run else "mac_170m"
     lengths, iters = ((64,), 1) if smoke.dry_run else ((2048, 4096), 2)

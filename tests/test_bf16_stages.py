@@ -113,7 +113,8 @@ def test_stage0_bf16_export_reads_the_fp32_masters(process_group, tmp_path):
     ],
 )
 def test_bad_precision_keys_are_config_errors(override, key):
-    from titans_train.config import ConfigError, load_config
+    from titans_train.config import ConfigError
+    from titans_train.config_load import load_config
 
     with pytest.raises(ConfigError, match=key):
         load_config(EXPERIMENT, [override])

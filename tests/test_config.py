@@ -2,7 +2,8 @@
 
 import pytest
 
-from titans_train.config import ConfigError, load_config, to_yaml, validate
+from titans_train.config import ConfigError, to_yaml
+from titans_train.config_load import load_config, validate
 
 ROOT_CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
 

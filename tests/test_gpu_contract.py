@@ -20,7 +20,8 @@ import torch.distributed as dist
 from trainer_helpers import EXPERIMENT, base_overrides
 
 from titans_train import distributed, engine, metrics
-from titans_train.config import Config, load_config
+from titans_train.config import Config
+from titans_train.config_load import load_config
 from titans_train.models import TitansLM
 from titans_train.preemption import Preemption
 from titans_train.validation import all_mean, validation_loss

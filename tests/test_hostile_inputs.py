@@ -21,7 +21,8 @@ from wandb_helpers import clean_env, wandb_home
 
 from data_pipelines.sources import InputError
 from data_pipelines.tokenizer import load_tokenizer
-from titans_train.config import ConfigError, load_config
+from titans_train.config import ConfigError
+from titans_train.config_load import load_config
 from titans_train.data import DataError, StreamingLoader
 from titans_train.data.shard_format import CRC_MEMBER
 

@@ -28,7 +28,8 @@ from wandb_helpers import clean_env, wandb_home
 
 from titans_train import checkpoint as ckpt
 from titans_train import run_lock
-from titans_train.config import ConfigError, load_config
+from titans_train.config import ConfigError
+from titans_train.config_load import load_config
 from titans_train.data import ShardManifest
 from titans_train.data.errors import DataError
 from titans_train.data.manifest import ShardInfo

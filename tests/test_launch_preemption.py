@@ -12,7 +12,8 @@ import pytest
 from distributed import ROOT
 
 from titans_train import distributed
-from titans_train.config import ConfigError, load_config
+from titans_train.config import ConfigError
+from titans_train.config_load import load_config
 
 EXPERIMENT = ROOT / "configs" / "experiments" / "tiny_mac.yaml"
 

@@ -62,7 +62,7 @@ def test_round_trips_through_to_dict():
 
 
 def test_yaml_and_override_reach_the_model(tmp_path):
-    from titans_train.config import load_model_config
+    from titans_train.config_load import load_model_config
 
     path = tmp_path / "model.yaml"
     path.write_text("variant: mac\nmemory_forget_bias: -7\n")

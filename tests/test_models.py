@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from titans_train.config import load_model_config
+from titans_train.config_load import load_model_config
 from titans_train.models import ModelConfig, TitansLM
 
 DT = torch.float64

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from titans_train.config import load_model_config
+from titans_train.config_load import load_model_config
 from titans_train.describe import count_params, nominal_size
 
 ROOT = Path(__file__).resolve().parents[1]

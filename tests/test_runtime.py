@@ -8,14 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from titans_train.config import (
-    Config,
-    ConfigError,
-    load_config,
-    load_model_config,
-    to_dict,
-    upgrade_legacy,
-)
+from titans_train.config import Config, ConfigError, to_dict, upgrade_legacy
+from titans_train.config_load import load_config, load_model_config
 from titans_train.engine import param_groups
 from titans_train.models import (
     ModelConfig,

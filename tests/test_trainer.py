@@ -9,7 +9,7 @@ import torch
 from trainer_helpers import EXPERIMENT, base_overrides
 
 from titans_train.callbacks import Callback, default_callbacks
-from titans_train.config import load_config
+from titans_train.config_load import load_config
 from titans_train.models import TitansLM
 from titans_train.preemption import Preemption
 from titans_train.trainer import Trainer

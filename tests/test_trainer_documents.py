@@ -7,7 +7,7 @@ import pytest
 from trainer_helpers import EXPERIMENT, base_overrides, losses, metrics
 
 from titans_train.callbacks import default_callbacks
-from titans_train.config import load_config
+from titans_train.config_load import load_config
 from titans_train.preemption import Preemption
 from titans_train.trainer import Trainer
 

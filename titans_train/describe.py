@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from titans_train.config import load_model_config
+from titans_train.config_load import load_model_config
 from titans_train.models import ModelConfig, TitansLM
 from titans_train.models.flops import flops_per_token
 

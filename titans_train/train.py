@@ -17,7 +17,8 @@ from tqdm import tqdm
 from titans_train import checkpoint as ckpt
 from titans_train import train_state
 from titans_train.callbacks import default_callbacks
-from titans_train.config import ConfigError, load_config, validate
+from titans_train.config import ConfigError
+from titans_train.config_load import load_config, validate
 from titans_train.data import DataError, check_sources
 from titans_train.distributed import env_from_launcher, init_distributed
 from titans_train.preemption import exit_for_requeue
