@@ -21,6 +21,7 @@ and Zoology's attention baselines can have: it puts the previous tokens at each 
 which full attention otherwise has to build with a previous-token head.
 
     python benchmarks/probe_mqar_format.py --format single --steps 1200 --out F.json
+    python benchmarks/probe_mqar_format.py --smoke --out F.json   # 2 steps of 2 examples (CI)
 """
 
 from __future__ import annotations
@@ -122,7 +123,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--conv", type=int, default=0, help="a short conv of this width (module doc)")
     ap.add_argument("--out")
+    ap.add_argument("--smoke", action="store_true", help="2 steps of 2 examples, with the conv")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.steps, args.batch, args.conv = 2, 2, args.conv or 4
     torch.manual_seed(args.seed)
     model = TitansLM(ModelConfig(**MODEL))
     if args.conv:
