@@ -176,6 +176,17 @@ def env() -> dict[str, str]:
     )
 
 
+def data_overrides(data: tuple[Path, Path], recall_share: float) -> list[str]:
+    """data.train and data.weights: corpus and recall by share; at 1 the recall shards alone
+    (the loader refuses a source of weight 0)."""
+    if recall_share >= 1:
+        return [f"data.train=[{data[1]}]", "data.weights=[1.0]"]
+    return [
+        f"data.train=[{data[0]},{data[1]}]",
+        f"data.weights=[{1 - recall_share},{recall_share}]",
+    ]
+
+
 def train(name: str, ffn: int, data: tuple[Path, Path], run_dir: Path, args) -> float:
     if (run_dir / "checkpoints" / "latest").is_file():
         return 0.0  # already trained (the study resumes where it stopped)
@@ -190,8 +201,7 @@ def train(name: str, ffn: int, data: tuple[Path, Path], run_dir: Path, args) -> 
             [f"model.memory_forget_bias={args.memory_forget_bias}"]
             * (args.memory_forget_bias is not None)
         ),
-        f"data.train=[{data[0]},{data[1]}]",
-        f"data.weights=[{1 - args.recall_share},{args.recall_share}]",
+        *data_overrides(data, args.recall_share),
         f"data.document_masking={str(args.document_masking == 'on').lower()}",
         f"data.mix={args.mix}",
         f"data.interleave={args.interleave}",

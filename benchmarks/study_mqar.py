@@ -20,6 +20,9 @@ forcing; the model streams in pieces of the training length with its state carri
 - ``elimination``: the mean over the answers of 1 / (distinct values not yet answered), the
   ``key_choice`` that shortcut reaches at chance (4 pairs: (1/4 + 1/3 + 1/2 + 1) / 4 = 52 %).
   ``key_choice`` near it with ``key_choice_first`` near 1/P is the shortcut, not recall.
+- ``first_token`` and ``later_tokens``: greedy accuracy on an answer's first token (after the
+  query's ``:``, where the key must be bound) and on its other tokens given the right ones
+  before them (a plain copy of the value's next digit, an induction head's job).
 
     python benchmarks/study_mqar.py RUN_DIR [RUN_DIR ...] --lengths 128,256,512 --depth 0,0.5
     python benchmarks/study_mqar.py --smoke --out F.json   # an untrained tiny model (CI)
@@ -77,20 +80,23 @@ def score_example(model, ex: Example, piece: int) -> dict:
             lp.append(sum(float(logp[r, k - 1, tokens[r, k]]) for k in range(a, b)))
         right = values.index(ex.tokens[a:b])
         own = i * P + right  # the row with the true value: greedy exact match on it
-        exact = all(int(logp[own, k - 1].argmax()) == ex.tokens[k] for k in range(a, b))
+        hits = [int(logp[own, k - 1].argmax()) == ex.tokens[k] for k in range(a, b)]
+        exact = all(hits)
         mass = float(torch.tensor(lp).exp().sum())
         best = max(range(P), key=lambda j: lp[j])
         unasked = {tuple(ex.tokens[c:d]) for c, d in ex.answers[i:]}
         out.append(
             dict(exact=exact, value_mass=mass, key_choice=best == right, choices=P, query=i,
-                 unasked=len(unasked))
+                 unasked=len(unasked), first_token=hits[0],
+                 later_tokens=sum(hits[1:]) / (len(hits) - 1) if len(hits) > 1 else None)
         )  # fmt: skip
     return out
 
 
 def summarize(answers: list[dict]) -> dict:
     """Means over one length's answers (module doc): exact, value_mass, key_choice, plateau,
-    key_choice_first, elimination, and the answer count."""
+    key_choice_first, elimination, the answer count, and first_token and later_tokens when the
+    answers carry them."""
     n = len(answers)
     first = [a for a in answers if a["query"] == 0]
     res = {k: sum(float(a[k]) for a in answers) / n for k in ("exact", "value_mass", "key_choice")}
@@ -100,6 +106,10 @@ def summarize(answers: list[dict]) -> dict:
         key_choice_first=sum(float(a["key_choice"]) for a in first) / len(first),
         elimination=sum(1 / a["unasked"] for a in answers) / n,
     )
+    if all("first_token" in a for a in answers):
+        later = [a["later_tokens"] for a in answers if a["later_tokens"] is not None]
+        res["first_token"] = sum(float(a["first_token"]) for a in answers) / n
+        res["later_tokens"] = sum(later) / len(later) if later else None
     return res
 
 
@@ -160,7 +170,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"{r['variant']} {length}: exact {100 * v['exact']:.0f} %, value mass "
                 f"{v['value_mass']:.2f}, key choice {100 * v['key_choice']:.0f} % "
                 f"(1/P {100 * v['plateau']:.0f} %, elimination {100 * v['elimination']:.0f} %), "
-                f"first query {100 * v['key_choice_first']:.0f} %"
+                f"first query {100 * v['key_choice_first']:.0f} %; tokens: first "
+                f"{100 * v['first_token']:.0f} %, later {100 * (v['later_tokens'] or 0):.0f} %"
             )
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))

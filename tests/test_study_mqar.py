@@ -35,6 +35,11 @@ def test_scores_agree_with_titans_eval():
     ours = [a for ex in examples for a in Q.score_example(model, ex, 32)]
     exact, _ = score(model, examples, 32)
     assert [a["exact"] for a in ours] == exact and sum(exact) >= 2
+    for a in ours:  # exact match is a hit on the first token and on every later one
+        assert a["exact"] == (a["first_token"] and a["later_tokens"] == 1.0)
+    assert ours[0]["first_token"] and ours[0]["later_tokens"] == 1.0
+    summary = Q.summarize(ours)
+    assert summary["first_token"] >= summary["exact"] and summary["later_tokens"] is not None
     ex = examples[0]
     (a, b), values = ex.answers[0], Q.candidates(ex)
     total = 0.0

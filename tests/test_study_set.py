@@ -43,3 +43,10 @@ def test_every_variant_builds_at_the_study_size():
     for name in [*study.VARIANTS, *study.EXTRA_VARIANTS]:
         _, params = study.match_ffn(name, target)
         assert abs(params - target) / target < 0.05, name
+
+
+def test_a_recall_share_of_one_trains_on_the_recall_shards_alone():
+    data = (Path("c"), Path("r"))
+    train, weights = study.data_overrides(data, 0.9)
+    assert train == "data.train=[c,r]" and weights.startswith("data.weights=[0.09999")
+    assert study.data_overrides(data, 1.0) == ["data.train=[r]", "data.weights=[1.0]"]
