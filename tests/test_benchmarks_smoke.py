@@ -27,6 +27,7 @@ OUTPUTS = {
 HELPERS = {"zero_held.py": "bench_trainer.py", "gpu_smoke_stages.py": "gpu_smoke.py"}
 HELPERS["probe_trained.py"] = "probe_mac.py"  # its --checkpoint mode (tests/test_probe_mac.py)
 HELPERS["probe_build.py"] = "probe_mac.py"  # the probes' models and experiments
+HELPERS["study_data.py"] = "study.py"  # the study's corpus and recall shards
 # Smoke runs another test already makes (not run twice): script -> (test file, flag it passes).
 ELSEWHERE = {
     "gpu_smoke.py": ("tests/test_gpu_smoke.py", "--cpu-dry-run"),  # its --smoke is an alias
