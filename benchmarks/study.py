@@ -59,6 +59,8 @@ EXTRA_VARIANTS = {
     "mac-stopgrad": ("mac", {"mac_write": "output_stopgrad"}),  # no gradient write -> h
     "mac-input-memtok": ("mac", {"mac_write": "input", **MEMTOK}),
     "mac-memtok": ("mac", MEMTOK),  # the paper's other read-out
+    # the control with the local token mixing the memories have (model.token_conv; MQAR)
+    "full-attention-conv": ("transformer", {"window": None, "token_conv": 4}),
 }
 ALL = {**VARIANTS, **EXTRA_VARIANTS}
 # The tiny preset's shape with a short window, so "beyond the window" fits in a 128-token sample.

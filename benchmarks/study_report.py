@@ -24,6 +24,7 @@ NAMES = {
     "lmm": "LMM",
     "transformer": "Transformer++ (SWA)",
     "full-attention": "Transformer++, full attention (control)",
+    "full-attention-conv": "Transformer++, full attention, token conv 4 (control)",
     "mac-input": "MAC, writes its input",
     "mac-memtok": "MAC, memory tokens",
     "mac-stopgrad": "MAC, no gradient through its write",

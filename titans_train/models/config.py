@@ -44,6 +44,9 @@ class ModelConfig:
     # Initial bias of the forgetting gate: alpha = sigmoid(bias) ~ 0.0067 at -5 (docs/memory.md).
     memory_forget_bias: float = -5.0
     conv_kernel: int = 4
+    # Width of a causal depthwise conv on the token embeddings, x + conv(x); 0 = none (the paper).
+    # Not in the paper: lets a Transformer++ match multi-token keys (models/token_conv.py).
+    token_conv: int = 0
     ffn_hidden: int | None = None  # SwiGLU hidden size; default 8/3 * dim rounded up to 64
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
@@ -115,6 +118,8 @@ class ModelConfig:
                 bad(key, "must be >= 1")
         if self.num_persistent < 0:
             bad("num_persistent", "must be >= 0")
+        if isinstance(self.token_conv, bool) or self.token_conv < 0:
+            bad("token_conv", "must be a width >= 0 (0: no conv on the embeddings)")
         if self.dim % self.heads:
             bad("dim", f"must be divisible by heads={self.heads}")
         if self.head_dim % 2:

@@ -16,6 +16,7 @@ from .layers import RMSNorm
 from .memory import NeuralMemory
 from .runtime import RuntimeConfig, runtime_from_legacy
 from .threads import OneThreadBackward, one_thread, release, small_on_cpu
+from .token_conv import TokenConv
 
 
 @dataclass
@@ -23,13 +24,15 @@ class LMState:
     """Per-block streaming state; pass it back to continue the same sequences."""
 
     blocks: list[BlockState]
+    token_tail: Tensor | None = None  # the last K-1 embeddings (token_conv; None without it)
 
     @property
     def pos(self) -> int:
         return self.blocks[0].pos
 
     def detach(self) -> LMState:
-        return LMState([b.detach() for b in self.blocks])
+        tail = None if self.token_tail is None else self.token_tail.detach()
+        return LMState([b.detach() for b in self.blocks], tail)
 
 
 @dataclass
@@ -49,6 +52,7 @@ class TitansLM(nn.Module):
         super().__init__()
         self.cfg, self.runtime = cfg, runtime or runtime_from_legacy(cfg)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.token_conv = TokenConv(cfg.dim, cfg.token_conv) if cfg.token_conv else None
         self.blocks = nn.ModuleList(
             [BLOCKS[cfg.variant](cfg, self.runtime) for _ in range(cfg.depth)]
         )
@@ -79,6 +83,8 @@ class TitansLM(nn.Module):
                 nn.init.normal_(block.persistent, std=std)
             if getattr(block, "mem_queries", None) is not None:
                 nn.init.normal_(block.mem_queries)
+        if self.token_conv is not None:
+            self.token_conv.reset_parameters()  # zeros: a new model starts as the plain one
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -107,6 +113,9 @@ class TitansLM(nn.Module):
             doc_starts = None  # the plain path computes the same, faster
         self._plan_memory_checkpointing(*tokens.shape)
         x = self.embed(tokens)
+        tail = None
+        if self.token_conv is not None:
+            x, tail = self.token_conv(x, state.token_tail if state else None, doc_starts)
         auto_threads = self.runtime.cpu_threads == "auto"
         if auto_threads:
             release()  # a backward that raised kept one thread: give the caller's back
@@ -123,7 +132,7 @@ class TitansLM(nn.Module):
                 loss = F.cross_entropy(
                     logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100
                 )
-        return LMOutput(logits, loss, LMState(new_states))
+        return LMOutput(logits, loss, LMState(new_states, tail))
 
     def _plan_memory_checkpointing(self, batch: int, tokens: int) -> None:
         """Checkpoint the memories' chunk loops this call only if the states they would keep
