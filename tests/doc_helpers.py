@@ -136,3 +136,27 @@ def documents(starts: torch.Tensor, b: int) -> list[tuple[int, int]]:
     """(start, end) of every document of row b (the first from 0, whether marked or not)."""
     cuts = [0] + [int(i) for i in starts[b].nonzero()[:, 0] if i > 0] + [starts.shape[1]]
     return list(zip(cuts[:-1], cuts[1:]))
+
+
+@torch.no_grad()
+def assert_documents_alone(model, tokens: torch.Tensor, starts: torch.Tensor, atol=1e-10):
+    """Each document of the packed rows ``tokens`` (doc_starts ``starts``) gets the logits it
+    gets alone, from a fresh state."""
+    packed = model(tokens, doc_starts=starts).logits
+    for b in range(tokens.shape[0]):
+        for a, e in documents(starts, b):
+            alone = model(tokens[b : b + 1, a:e]).logits
+            torch.testing.assert_close(packed[b : b + 1, a:e], alone, rtol=0, atol=atol)
+
+
+@torch.no_grad()
+def assert_streaming_equals_one_call(model, tokens, starts, cuts: list[int], atol=1e-10):
+    """The packed rows fed in pieces cut at ``cuts`` with the state carried equal one call."""
+    whole = model(tokens, doc_starts=starts).logits
+    outs, state = [], None
+    T = tokens.shape[1]
+    for a, e in zip([0, *cuts], [*cuts, T]):
+        out = model(tokens[:, a:e], state=state, doc_starts=starts[:, a:e])
+        outs.append(out.logits)
+        state = out.state
+    torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=0, atol=atol)

@@ -6,7 +6,12 @@ import random
 
 import pytest
 import torch
-from doc_helpers import documents, marks
+from doc_helpers import (
+    assert_documents_alone,
+    assert_streaming_equals_one_call,
+    documents,
+    marks,
+)
 
 from titans_train.models import ModelConfig, TitansLM
 
@@ -41,13 +46,7 @@ def test_packed_documents_get_their_logits_alone(variant, retrieval):
     m = model(variant, retrieval)
     T = 29
     tokens = torch.randint(0, VOCAB, (len(ROWS), T))
-    starts = marks(T, ROWS)
-    with torch.no_grad():
-        packed = m(tokens, doc_starts=starts).logits
-        for b in range(len(ROWS)):
-            for a, e in documents(starts, b):
-                alone = m(tokens[b : b + 1, a:e]).logits
-                torch.testing.assert_close(packed[b : b + 1, a:e], alone, rtol=0, atol=1e-10)
+    assert_documents_alone(m, tokens, marks(T, ROWS))
 
 
 @pytest.mark.parametrize("variant,retrieval", VARIANTS)
@@ -85,16 +84,8 @@ def test_streaming_packed_input_equals_one_call(variant, retrieval):
     tokens = torch.randint(0, VOCAB, (3, T), generator=g)
     starts = torch.rand(3, T, generator=g) < 0.15
     rng = random.Random(variant)
-    with torch.no_grad():
-        whole = m(tokens, doc_starts=starts).logits
-        for _ in range(2):
-            cuts = sorted(rng.sample(range(1, T), 3))
-            outs, state = [], None
-            for a, e in zip([0, *cuts], [*cuts, T]):
-                out = m(tokens[:, a:e], state=state, doc_starts=starts[:, a:e])
-                outs.append(out.logits)
-                state = out.state
-            torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=0, atol=1e-10)
+    for _ in range(2):
+        assert_streaming_equals_one_call(m, tokens, starts, sorted(rng.sample(range(1, T), 3)))
 
 
 @pytest.mark.parametrize("variant,retrieval", VARIANTS)

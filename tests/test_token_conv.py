@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from doc_helpers import documents, marks
+from doc_helpers import assert_documents_alone, assert_streaming_equals_one_call, marks
 
 from titans_train.models import ModelConfig, TitansLM
 
@@ -91,13 +91,7 @@ def test_packed_documents_get_their_logits_alone(variant, window):
     T = 21
     rows = [[5, 6, 14], [9], []]
     tokens = torch.randint(0, VOCAB, (3, T))
-    starts = marks(T, rows)
-    with torch.no_grad():
-        packed = m(tokens, doc_starts=starts).logits
-        for b in range(3):
-            for a, e in documents(starts, b):
-                alone = m(tokens[b : b + 1, a:e]).logits
-                torch.testing.assert_close(packed[b : b + 1, a:e], alone, rtol=0, atol=1e-10)
+    assert_documents_alone(m, tokens, marks(T, rows))
 
 
 @pytest.mark.parametrize("variant,window", VARIANTS)
@@ -110,15 +104,8 @@ def test_streaming_packed_input_equals_one_call(variant, window):
     starts = torch.rand(3, T, generator=g) < 0.2
     starts[0, 9] = True  # a piece below ends at 10: its tail holds one token of this document
     rng = random.Random(variant)
-    with torch.no_grad():
-        whole = m(tokens, doc_starts=starts).logits
-        for cuts in ([10, 11, 20], sorted(rng.sample(range(1, T), 3))):
-            outs, state = [], None
-            for a, e in zip([0, *cuts], [*cuts, T]):
-                out = m(tokens[:, a:e], state=state, doc_starts=starts[:, a:e])
-                outs.append(out.logits)
-                state = out.state
-            torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=0, atol=1e-10)
+    for cuts in ([10, 11, 20], sorted(rng.sample(range(1, T), 3))):
+        assert_streaming_equals_one_call(m, tokens, starts, cuts)
 
 
 @pytest.mark.parametrize("bad", [-1, True])
