@@ -42,7 +42,7 @@ class MixedDevices(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def tiny(variant: str, mode: str | None) -> TitansLM:
+def tiny(variant: str, mode: str | None, **extra) -> TitansLM:
     cfg = ModelConfig(
         variant=variant,
         vocab_size=61,
@@ -55,6 +55,7 @@ def tiny(variant: str, mode: str | None) -> TitansLM:
         num_persistent=2,
         num_memory_tokens=3,
         mac_retrieval=mode or "per_token",
+        **extra,
     )
     return TitansLM(cfg, RuntimeConfig(memory_checkpoint_group=0)).to("meta")
 
@@ -79,6 +80,24 @@ def test_model_stays_on_its_device(variant, mode):
             model(tokens[:, 5:], state=first.state)  # streaming: the state carried
             model.generate(tokens[0, :5], 2, temperature=0)
             model.generate(tokens[:, :5], 2, temperature=0, use_cache=False)
+
+
+def test_token_conv_stays_on_its_device():
+    """model.token_conv: its carried tail and, called directly (on meta, bool(any) answers False,
+    so the model would take the one-document path), its document masks."""
+    model = tiny("transformer", None, token_conv=4)
+    tokens = torch.randint(0, 61, (2, 14)).to("meta")
+    starts = torch.zeros(2, 14, dtype=torch.bool)
+    starts[:, 6] = True
+    with MixedDevices():
+        model(tokens, targets=tokens).loss.backward()
+        with torch.no_grad():
+            first = model(tokens[:, :5])
+            model(tokens[:, 5:], state=first.state)
+            model.generate(tokens[0, :5], 2, temperature=0)
+            x = model.embed(tokens)
+            _, tail = model.token_conv(x[:, :9], None, starts[:, :9].to("meta"))
+            model.token_conv(x[:, 9:], tail, starts[:, 9:].to("meta"))
 
 
 def test_evaluators_follow_the_model():
