@@ -78,27 +78,45 @@ def train_recall(
     depth: tuple[float, float] = (0.0, 1.0),
     warmup: int = 20,
     pairs: int = 4,
+    carry: int = 0,
 ) -> RecallRun:
     """Train a fresh ``TitansLM(cfg)`` (init seed ``seed``) for ``steps`` AdamW steps on
-    ``suite`` examples of ``length`` tokens (data seed 1000 + seed), loss on the answers only."""
+    ``suite`` examples of ``length`` tokens (data seed 1000 + seed), loss on the answers only.
+
+    ``carry`` = K > 0: truncated BPTT. Each batch row is a stream (row r sees examples r, B + r,
+    2B + r, ...: the same data in the same order as K = 0); the state step s returns is detached
+    and passed to step s + 1, and dropped every K steps, so the examples meet memories that have
+    absorbed 0 to (K - 1) examples; the gradient still spans one example. The *whole* state is
+    carried (memory, attention window tail, positions, conv tails): the stream is the examples
+    concatenated, fed one at a time, which is how ``titans-eval`` feeds one long example, so
+    chunk and segment boundaries and RoPE positions are the stream's, and the first tokens of an
+    example see the last ones of the previous through the window (a few tokens; the examples
+    are independent texts, as packed rows without document masking). Resetting all rows at the
+    same step keeps one ``pos`` per state (per-row resets would need ``doc_starts``); the
+    learned initial memory M0 then gets its gradient only on the fresh steps, 1 in K."""
     torch.manual_seed(seed)
     model = TitansLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     data = examples(suite, length, steps * batch, 1000 + seed, depth, pairs)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    losses, t0 = [], time.process_time()
+    losses, t0, state = [], time.process_time(), None
     try:
         for step in range(steps):
             x, y = batch_tensors(data[step * batch : (step + 1) * batch])
             for group in opt.param_groups:
                 group["lr"] = lr * min(1.0, (step + 1) / warmup)
-            loss = model(x, targets=y).loss
+            if carry and step % carry == 0:
+                state = None
+            out = model(x, targets=y, state=state)
+            loss = out.loss
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             losses.append(loss.item())
+            if carry:
+                state = out.state.detach()
     finally:
         torch.set_num_threads(threads)
     return RecallRun(model.eval(), losses, time.process_time() - t0)
