@@ -53,8 +53,9 @@ def recipes() -> dict[str, Recipe]:
     mac = ModelConfig(
         **TINY, variant="mac", mac_write="input", segment_len=16, chunk_size=16, window=8
     )
-    # MAL has no test of its own: MAG's model and recipe (checked to learn at L: docs/results.md)
-    mal = ModelConfig(**TINY, variant="mal", window=8, chunk_size=8, memory_max_lr=0.5)
+    # MAL has no test of its own: MAG's recipe with the default memory_max_lr 0.1 (seed 0 learns
+    # it at L: 98 % exact; with 0.5, 94 %; docs/results.md)
+    mal = ModelConfig(**TINY, variant="mal", window=8, chunk_size=8)
     control = ModelConfig(**TINY, variant="transformer", window=8)
     return {
         "mag": Recipe(mag, 400, 3e-3, every),
