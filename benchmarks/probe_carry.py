@@ -83,7 +83,27 @@ def one_run(
         variant=name, carry=carry, seed=seed, steps=steps, lr=recipe.lr, depth=list(recipe.depth),
         train_cpu_s=round(run.cpu_seconds, 1), eval_cpu_s=round(time.process_time() - t0, 1),
         loss_last50=round(sum(tail) / len(tail), 3), scores=scores,
+        loss_curve=[round(sum(c) / len(c), 3) for c in chunks(run.losses, 50)],
+        loss_by_age=by_age(run.losses, carry),
     )  # fmt: skip
+
+
+def chunks(xs: list[float], n: int) -> list[list[float]]:
+    return [xs[i : i + n] for i in range(0, len(xs), n)]
+
+
+def by_age(losses: list[float], carry: int) -> dict[str, float]:
+    """Mean answer loss over the last quarter of training per memory age (examples the carried
+    state had absorbed: step % K): does a used memory cost recall where a fresh one does not?"""
+    if not carry:
+        return {}
+    start = len(losses) - max(carry, len(losses) // 4)
+    ages: dict[str, list[float]] = {}
+    for step in range(start, len(losses)):
+        ages.setdefault(str(step % carry), []).append(losses[step])
+    return {
+        k: round(sum(v) / len(v), 3) for k, v in sorted(ages.items(), key=lambda kv: int(kv[0]))
+    }
 
 
 def table(rows: list[dict]) -> str:
