@@ -66,12 +66,14 @@ def recipes() -> dict[str, Recipe]:
 
 
 def one_run(
-    name: str, recipe: Recipe, carry: int, seed: int, mults: list[int], count: int, steps: int
-) -> dict:
-    """Train one arm and score it; the row of the JSON report."""
+    name: str, recipe: Recipe, arm: tuple[int, int], seed: int, mults: list[int], count: int,
+    steps: int,
+) -> dict:  # fmt: skip
+    """Train one arm (carry K, from step N) and score it; the row of the JSON report."""
+    carry, carry_from = arm
     run = train_recall(
         recipe.cfg, "passkey", L, steps=steps, batch=16, lr=recipe.lr, seed=seed,
-        depth=recipe.depth, carry=carry,
+        depth=recipe.depth, carry=carry, carry_from=carry_from,
     )  # fmt: skip
     t0 = time.process_time()
     scores = {}
@@ -80,7 +82,8 @@ def one_run(
         scores[str(n * L)] = {"exact": round(100 * exact, 1), "digits": round(100 * digits, 1)}
     tail = run.losses[-50:]
     return dict(
-        variant=name, carry=carry, seed=seed, steps=steps, lr=recipe.lr, depth=list(recipe.depth),
+        variant=name, carry=carry, carry_from=carry_from if carry else 0, seed=seed, steps=steps,
+        lr=recipe.lr, depth=list(recipe.depth),
         train_cpu_s=round(run.cpu_seconds, 1), eval_cpu_s=round(time.process_time() - t0, 1),
         loss_last50=round(sum(tail) / len(tail), 3), scores=scores,
         loss_curve=[round(sum(c) / len(c), 3) for c in chunks(run.losses, 50)],
@@ -106,6 +109,11 @@ def by_age(losses: list[float], carry: int) -> dict[str, float]:
     }
 
 
+def arm_name(row: dict) -> str:
+    carry, start = row["carry"], row.get("carry_from", 0)
+    return f"{carry} from step {start}" if carry and start else str(carry)
+
+
 def table(rows: list[dict]) -> str:
     """Markdown: exact % (digits %) per length, one line per run."""
     lengths = list(rows[0]["scores"]) if rows else []
@@ -114,7 +122,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         cells = [f"{s['exact']:.0f} ({s['digits']:.0f})" for s in r["scores"].values()]
         lines.append(
-            f"| {r['variant']} | {r['carry']} | {r['seed']} | " + " | ".join(cells)
+            f"| {r['variant']} | {arm_name(r)} | {r['seed']} | " + " | ".join(cells)
             + f" | {r['loss_last50']:.2f} | {r['train_cpu_s']:.0f} |"
         )  # fmt: skip
     return "\n".join(lines)
@@ -124,6 +132,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", default="mag,mac-input,mal", help=",".join(recipes()))
     ap.add_argument("--carry", default="0,8", help="arms: K = 0 (no carry) or steps per stream")
+    ap.add_argument("--carry-from", type=int, default=0, help="carry arms: no carry before it")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--mults", default="1,2,4,8", help="evaluation lengths, in units of L")
     ap.add_argument("--count", type=int, default=64, help="held-out examples per length")
@@ -149,7 +158,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for carry in (int(k) for k in args.carry.split(",")):
                 recipe = book[name]
                 steps = args.steps or recipe.steps
-                rows.append(one_run(name, recipe, carry, seed, mults, args.count, steps))
+                arm = (carry, args.carry_from)
+                rows.append(one_run(name, recipe, arm, seed, mults, args.count, steps))
                 print(json.dumps(rows[-1]), flush=True)
                 if args.out:  # after every run: a long sweep keeps what it measured
                     Path(args.out).write_text(json.dumps(rows, indent=1))

@@ -26,7 +26,9 @@ CFG = ModelConfig(
 )  # fmt: skip
 
 
-def reference(steps: int, carry: int, lr: float = 3e-3) -> tuple[list[float], list[int]]:
+def reference(
+    steps: int, carry: int, carry_from: int = 0, lr: float = 3e-3
+) -> tuple[list[float], list[int]]:
     """The loop written out: (answer loss per step, the state position each step starts at)."""
     torch.manual_seed(0)
     model = TitansLM(CFG)
@@ -37,7 +39,7 @@ def reference(steps: int, carry: int, lr: float = 3e-3) -> tuple[list[float], li
         x, y = batch_tensors(data[step * 2 : (step + 1) * 2])
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 20)
-        if carry and step % carry == 0:
+        if step < carry_from or (carry and (step - carry_from) % carry == 0):
             state = None
         starts.append(0 if state is None else state.pos)
         out = model(x, targets=y, state=state)
@@ -62,6 +64,10 @@ def test_carry_0_is_the_old_loop_and_carry_k_passes_the_state():
     assert got == ref
     # the first step is the same; the second sees a used memory, so its loss differs
     assert got[0] == old[0] and abs(got[1] - old[1]) > 1e-4
+
+    ref, starts = reference(5, carry=2, carry_from=2)  # the curriculum: fresh, then streams
+    assert starts == [0, 0, 0, L - 1, 0]
+    assert train_recall(CFG, "passkey", L, steps=5, batch=2, carry=2, carry_from=2).losses == ref
 
 
 def test_the_carried_state_is_detached():

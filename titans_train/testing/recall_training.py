@@ -79,6 +79,7 @@ def train_recall(
     warmup: int = 20,
     pairs: int = 4,
     carry: int = 0,
+    carry_from: int = 0,
 ) -> RecallRun:
     """Train a fresh ``TitansLM(cfg)`` (init seed ``seed``) for ``steps`` AdamW steps on
     ``suite`` examples of ``length`` tokens (data seed 1000 + seed), loss on the answers only.
@@ -93,7 +94,9 @@ def train_recall(
     example see the last ones of the previous through the window (a few tokens; the examples
     are independent texts, as packed rows without document masking). Resetting all rows at the
     same step keeps one ``pos`` per state (per-row resets would need ``doc_starts``); the
-    learned initial memory M0 then gets its gradient only on the fresh steps, 1 in K."""
+    learned initial memory M0 then gets its gradient only on the fresh steps, 1 in K.
+    ``carry_from``: the steps before it run without carry (a curriculum: learn the task on fresh
+    memories first)."""
     torch.manual_seed(seed)
     model = TitansLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
@@ -106,7 +109,7 @@ def train_recall(
             x, y = batch_tensors(data[step * batch : (step + 1) * batch])
             for group in opt.param_groups:
                 group["lr"] = lr * min(1.0, (step + 1) / warmup)
-            if carry and step % carry == 0:
+            if not carry or step < carry_from or (step - carry_from) % carry == 0:
                 state = None
             out = model(x, targets=y, state=state)
             loss = out.loss
