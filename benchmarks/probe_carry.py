@@ -30,8 +30,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from titans_train.models import ModelConfig
-from titans_train.testing.recall_training import WORD_VOCAB_SIZE, recall_scores, train_recall
+import torch
+
+from titans_train.models import ModelConfig, TitansLM
+from titans_train.perplexity import stream_logits
+from titans_train.testing.recall_training import (
+    WORD_VOCAB_SIZE,
+    examples,
+    recall_scores,
+    train_recall,
+)
 
 L, FAR = 64, (0.0, 0.2)  # as tests/test_recall_learning.py: needles in the first fifth
 TINY = dict(vocab_size=WORD_VOCAB_SIZE, dim=32, depth=2, heads=2, num_persistent=4)
@@ -88,7 +96,49 @@ def one_run(
         loss_last50=round(sum(tail) / len(tail), 3), scores=scores,
         loss_curve=[round(sum(c) / len(c), 3) for c in chunks(run.losses, 50)],
         loss_by_age=by_age(run.losses, carry),
+        gates_4L=gate_stats(run.model, 4 * L, count=min(count, 8)),
     )  # fmt: skip
+
+
+@torch.no_grad()
+def gate_stats(model: TitansLM, length: int, count: int = 8) -> dict[str, dict]:
+    """Per memory block, on ``count`` held-out pass-key examples of ``length`` tokens fed L at a
+    time: the mean forgetting alpha and write rate theta per token (heads and tokens), and the
+    share of a write kept after 100 tokens at that forgetting, exp(100 * mean log(1 - alpha)).
+    A stream of independent examples may teach the memory to forget the previous needles."""
+    logs: dict[int, list[tuple]] = {}
+    for i, block in enumerate(model.blocks):
+        memory = getattr(block, "memory", None)
+        if memory is None:
+            continue
+
+        logs[i] = []
+
+        def record(x, _g=memory._gates, _log=logs[i]):
+            out = _g(x)
+            _log.append((out[0].mean().item(), out[2].mean().item(), out[0].numel()))
+            return out
+
+        memory._gates = record  # an instance attribute over the method: removed below
+    try:
+        held = examples("passkey", length, count, 7, FAR)
+        for _ in stream_logits(model, torch.tensor([e.tokens for e in held]), L):
+            pass
+    finally:
+        for i in logs:
+            del model.blocks[i].memory._gates
+    stats = {}
+    for i, rec in logs.items():
+        n = sum(r[2] for r in rec)
+        theta, log_keep = (sum(r[k] * r[2] for r in rec) / n for k in (0, 1))
+        alpha = 1 - torch.tensor(log_keep).exp().item()  # of the mean log keep
+        keep100 = torch.tensor(100 * log_keep).exp().item()
+        stats[str(i)] = {
+            "theta": round(theta, 4),
+            "alpha": round(alpha, 5),
+            "keep100": round(keep100, 3),
+        }
+    return stats
 
 
 def chunks(xs: list[float], n: int) -> list[list[float]]:
