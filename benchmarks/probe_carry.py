@@ -74,14 +74,14 @@ def recipes() -> dict[str, Recipe]:
 
 
 def one_run(
-    name: str, recipe: Recipe, arm: tuple[int, int], seed: int, mults: list[int], count: int,
+    name: str, recipe: Recipe, arm: tuple[int, int, int], seed: int, mults: list[int], count: int,
     steps: int,
 ) -> dict:  # fmt: skip
-    """Train one arm (carry K, from step N) and score it; the row of the JSON report."""
-    carry, carry_from = arm
+    """Train one arm (carry K, from step N, haystack H) and score it; the JSON report's row."""
+    carry, carry_from, haystack = arm
     run = train_recall(
         recipe.cfg, "passkey", L, steps=steps, batch=16, lr=recipe.lr, seed=seed,
-        depth=recipe.depth, carry=carry, carry_from=carry_from,
+        depth=recipe.depth, carry=carry, carry_from=carry_from, haystack=haystack,
     )  # fmt: skip
     t0 = time.process_time()
     scores = {}
@@ -90,7 +90,8 @@ def one_run(
         scores[str(n * L)] = {"exact": round(100 * exact, 1), "digits": round(100 * digits, 1)}
     tail = run.losses[-50:]
     return dict(
-        variant=name, carry=carry, carry_from=carry_from if carry else 0, seed=seed, steps=steps,
+        variant=name, carry=carry, carry_from=carry_from if carry or haystack else 0,
+        haystack=haystack, seed=seed, steps=steps,
         lr=recipe.lr, depth=list(recipe.depth),
         train_cpu_s=round(run.cpu_seconds, 1), eval_cpu_s=round(time.process_time() - t0, 1),
         loss_last50=round(sum(tail) / len(tail), 3), scores=scores,
@@ -160,8 +161,9 @@ def by_age(losses: list[float], carry: int) -> dict[str, float]:
 
 
 def arm_name(row: dict) -> str:
-    carry, start = row["carry"], row.get("carry_from", 0)
-    return f"{carry} from step {start}" if carry and start else str(carry)
+    carry, start, hay = row["carry"], row.get("carry_from", 0), row.get("haystack", 0)
+    name = f"haystack {hay}" if hay else str(carry)
+    return f"{name} from step {start}" if start and (carry or hay) else name
 
 
 def table(rows: list[dict]) -> str:
@@ -183,6 +185,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--variants", default="mag,mac-input,mal", help=",".join(recipes()))
     ap.add_argument("--carry", default="0,8", help="arms: K = 0 (no carry) or steps per stream")
     ap.add_argument("--carry-from", type=int, default=0, help="carry arms: no carry before it")
+    ap.add_argument("--haystack", type=int, default=0, help="an arm: H haystack pieces (no carry)")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--mults", default="1,2,4,8", help="evaluation lengths, in units of L")
     ap.add_argument("--count", type=int, default=64, help="held-out examples per length")
@@ -205,10 +208,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows: list[dict] = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for name in args.variants.split(","):
-            for carry in (int(k) for k in args.carry.split(",")):
+            arms = [(int(k), args.carry_from, 0) for k in args.carry.split(",") if k]
+            arms += [(0, args.carry_from, args.haystack)] if args.haystack else []
+            for arm in arms:
                 recipe = book[name]
                 steps = args.steps or recipe.steps
-                arm = (carry, args.carry_from)
                 rows.append(one_run(name, recipe, arm, seed, mults, args.count, steps))
                 print(json.dumps(rows[-1]), flush=True)
                 if args.out:  # after every run: a long sweep keeps what it measured

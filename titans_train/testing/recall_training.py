@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from titans_train.models import ModelConfig, TitansLM
+from titans_train.models import LMState, ModelConfig, TitansLM
 from titans_train.recall import score
 from titans_train.synthetic import NOISE, Example, generate
 
@@ -80,6 +80,7 @@ def train_recall(
     pairs: int = 4,
     carry: int = 0,
     carry_from: int = 0,
+    haystack: int = 0,
 ) -> RecallRun:
     """Train a fresh ``TitansLM(cfg)`` (init seed ``seed``) for ``steps`` AdamW steps on
     ``suite`` examples of ``length`` tokens (data seed 1000 + seed), loss on the answers only.
@@ -96,7 +97,14 @@ def train_recall(
     same step keeps one ``pos`` per state (per-row resets would need ``doc_starts``); the
     learned initial memory M0 then gets its gradient only on the fresh steps, 1 in K.
     ``carry_from``: the steps before it run without carry (a curriculum: learn the task on fresh
-    memories first)."""
+    memories first).
+
+    ``haystack`` = H > 0 (instead of carry; from ``carry_from`` on): each step starts from a state
+    that has absorbed n ~ U{0..H} pieces of ``length - 1`` haystack tokens (``haystack_state``, no
+    gradient): a used memory without the previous examples' needles in it."""
+    if carry and haystack:
+        raise ValueError("train_recall: carry and haystack are exclusive")
+    gen = torch.Generator().manual_seed(10_000 + seed)  # the haystack draws; not the model's
     torch.manual_seed(seed)
     model = TitansLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
@@ -111,6 +119,8 @@ def train_recall(
                 group["lr"] = lr * min(1.0, (step + 1) / warmup)
             if not carry or step < carry_from or (step - carry_from) % carry == 0:
                 state = None
+            if haystack and step >= carry_from:
+                state = haystack_state(model, gen, batch, length - 1, haystack)
             out = model(x, targets=y, state=state)
             loss = out.loss
             opt.zero_grad()
@@ -123,6 +133,25 @@ def train_recall(
     finally:
         torch.set_num_threads(threads)
     return RecallRun(model.eval(), losses, time.process_time() - t0)
+
+
+@torch.no_grad()
+def haystack_state(
+    model: TitansLM, gen: torch.Generator, rows: int, piece: int, most: int
+) -> LMState | None:
+    """The state after n ~ U{0..most} pieces of ``piece`` tokens of the pass-key haystack (the
+    noise paragraph repeated, at a random phase per row), fed one piece at a time; None if n = 0."""
+    n = int(torch.randint(0, most + 1, (1,), generator=gen))
+    if n == 0:
+        return None
+    period = len(word_encode(NOISE))
+    ids = torch.tensor(word_encode(NOISE * (n * piece // period + 2)))
+    starts = torch.randint(0, period, (rows,), generator=gen).tolist()
+    tokens = torch.stack([ids[a : a + n * piece] for a in starts])
+    state = None
+    for i in range(n):
+        state = model(tokens[:, i * piece : (i + 1) * piece], state=state).state
+    return state
 
 
 def recall_scores(
