@@ -6,17 +6,21 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import probe_carry as PC  # noqa: E402
 
 from titans_train.models import ModelConfig, TitansLM  # noqa: E402
+from titans_train.synthetic import NOISE  # noqa: E402
 from titans_train.testing.recall_training import (  # noqa: E402
     WORD_VOCAB_SIZE,
     batch_tensors,
     examples,
+    haystack_state,
     train_recall,
+    word_encode,
 )
 
 L = 64
@@ -81,6 +85,31 @@ def test_the_carried_state_is_detached():
     assert leaves and not any(t.requires_grad for t in leaves)
     assert all(m.weights[0].shape[0] == 2 * CFG.heads for m in mems)  # each row its own memory
     model(x, targets=y, state=state).loss.backward()  # would raise if step 1's graph were kept
+
+
+def test_the_haystack_state_is_streamed_haystack():
+    """``haystack=H``: a state of n ~ U{0..H} pieces of the noise paragraph, as streaming the
+    same tokens would give; it changes the training losses; it excludes carry."""
+    torch.manual_seed(0)
+    model = TitansLM(CFG)
+    gen, seen = torch.Generator().manual_seed(3), set()
+    for _ in range(12):
+        state = haystack_state(model, gen, 2, L - 1, 3)
+        seen.add(0 if state is None else state.pos)
+    assert seen == {0, L - 1, 2 * (L - 1), 3 * (L - 1)}
+    gen = torch.Generator().manual_seed(3)
+    n = int(torch.randint(0, 4, (1,), generator=gen))  # the same draws as haystack_state's
+    start = int(torch.randint(0, len(word_encode(NOISE)), (2,), generator=gen)[0])
+    tokens = torch.tensor(word_encode(NOISE * 20)[start : start + n * (L - 1)])[None]
+    state = haystack_state(model, torch.Generator().manual_seed(3), 2, L - 1, 3)
+    with torch.no_grad():
+        want = model(tokens).state.blocks[0].mem.weights[0]
+    assert n > 0 and torch.allclose(state.blocks[0].mem.weights[0][: CFG.heads], want, atol=1e-5)
+    plain = train_recall(CFG, "passkey", L, steps=3, batch=2).losses
+    hay = train_recall(CFG, "passkey", L, steps=3, batch=2, haystack=3).losses
+    assert hay != plain
+    with pytest.raises(ValueError, match="exclusive"):
+        train_recall(CFG, "passkey", L, steps=1, batch=2, carry=2, haystack=3)
 
 
 def test_smoke_cli(tmp_path):
