@@ -12,10 +12,16 @@ Per variant x arm (carry 0 / K) x seed: a tiny model trained in-process with
 answers, each variant with the recipe of its test in tests/test_recall_learning.py; the same
 steps, seed and data in both arms), then greedy exact match and the share of answer digits at
 L, 2L, 4L, 8L on held-out examples with the needle in the first fifth, fed L tokens at a time
-with the state carried (fresh per example), as ``titans-eval`` does.
+with the state carried (fresh per example), as ``titans-eval`` does. Also per run: the loss
+curve, the loss per memory age (carry), and the memory gates at 4L (``gate_stats``).
+
+Other arms: ``--carry-from N`` (a curriculum: no carry before step N) and ``--haystack H`` (each
+step from a state that absorbed 0..H pieces of haystack, no earlier needles in it).
 
     OMP_NUM_THREADS=1 python benchmarks/probe_carry.py --variants mag,mac-input,mal \
         --carry 0,8 --seeds 0,1 --out runs/carry/main.json
+    python benchmarks/probe_carry.py --variants mac-input --carry 8,0 --carry-from 200 \
+        --haystack 7 --steps 400 --seeds 0 --out runs/carry/mac_curriculum.json
     python benchmarks/probe_carry.py --smoke --out smoke.json     # 2 steps, seconds (CI)
 
 Findings: docs/results.md, "Carrying the memory across training samples (truncated BPTT)".
