@@ -34,6 +34,7 @@ ELSEWHERE = {
     "bench_small.py": ("tests/test_bench_small.py", "--smoke"),
     "probe_mac.py": ("tests/test_probe_mac.py", "--smoke"),
     "probe_length.py": ("tests/test_probe_length.py", "--smoke"),
+    "probe_carry.py": ("tests/test_probe_carry.py", "--smoke"),
 }
 # Seconds per script: docs/benchmarks.md. Only the torchrun ones take over ~20 s on 2 idle cores.
 TORCHRUN = {"bench_trainer.py", "study.py"}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from titans_train.models import ModelConfig, TitansLM
+from titans_train.models import LMState, ModelConfig, TitansLM
 from titans_train.recall import score
 from titans_train.synthetic import NOISE, Example, generate
 
@@ -78,30 +78,80 @@ def train_recall(
     depth: tuple[float, float] = (0.0, 1.0),
     warmup: int = 20,
     pairs: int = 4,
+    carry: int = 0,
+    carry_from: int = 0,
+    haystack: int = 0,
 ) -> RecallRun:
     """Train a fresh ``TitansLM(cfg)`` (init seed ``seed``) for ``steps`` AdamW steps on
-    ``suite`` examples of ``length`` tokens (data seed 1000 + seed), loss on the answers only."""
+    ``suite`` examples of ``length`` tokens (data seed 1000 + seed), loss on the answers only.
+
+    ``carry`` = K > 0: truncated BPTT. Each batch row is a stream (row r sees examples r, B + r,
+    2B + r, ...: the same data in the same order as K = 0); the state step s returns is detached
+    and passed to step s + 1, and dropped every K steps, so the examples meet memories that have
+    absorbed 0 to (K - 1) examples; the gradient still spans one example. The *whole* state is
+    carried (memory, attention window tail, positions, conv tails): the stream is the examples
+    concatenated, fed one at a time, which is how ``titans-eval`` feeds one long example, so
+    chunk and segment boundaries and RoPE positions are the stream's, and the first tokens of an
+    example see the last ones of the previous through the window (a few tokens; the examples
+    are independent texts, as packed rows without document masking). Resetting all rows at the
+    same step keeps one ``pos`` per state (per-row resets would need ``doc_starts``); the
+    learned initial memory M0 then gets its gradient only on the fresh steps, 1 in K.
+    ``carry_from``: the steps before it run without carry (a curriculum: learn the task on fresh
+    memories first).
+
+    ``haystack`` = H > 0 (instead of carry; from ``carry_from`` on): each step starts from a state
+    that has absorbed n ~ U{0..H} pieces of ``length - 1`` haystack tokens (``haystack_state``, no
+    gradient): a used memory without the previous examples' needles in it."""
+    if carry and haystack:
+        raise ValueError("train_recall: carry and haystack are exclusive")
+    gen = torch.Generator().manual_seed(10_000 + seed)  # the haystack draws; not the model's
     torch.manual_seed(seed)
     model = TitansLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     data = examples(suite, length, steps * batch, 1000 + seed, depth, pairs)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    losses, t0 = [], time.process_time()
+    losses, t0, state = [], time.process_time(), None
     try:
         for step in range(steps):
             x, y = batch_tensors(data[step * batch : (step + 1) * batch])
             for group in opt.param_groups:
                 group["lr"] = lr * min(1.0, (step + 1) / warmup)
-            loss = model(x, targets=y).loss
+            if not carry or step < carry_from or (step - carry_from) % carry == 0:
+                state = None
+            if haystack and step >= carry_from:
+                state = haystack_state(model, gen, batch, length - 1, haystack)
+            out = model(x, targets=y, state=state)
+            loss = out.loss
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             losses.append(loss.item())
+            if carry:
+                state = out.state.detach()
     finally:
         torch.set_num_threads(threads)
     return RecallRun(model.eval(), losses, time.process_time() - t0)
+
+
+@torch.no_grad()
+def haystack_state(
+    model: TitansLM, gen: torch.Generator, rows: int, piece: int, most: int
+) -> LMState | None:
+    """The state after n ~ U{0..most} pieces of ``piece`` tokens of the pass-key haystack (the
+    noise paragraph repeated, at a random phase per row), fed one piece at a time; None if n = 0."""
+    n = int(torch.randint(0, most + 1, (1,), generator=gen))
+    if n == 0:
+        return None
+    period = len(word_encode(NOISE))
+    ids = torch.tensor(word_encode(NOISE * (n * piece // period + 2)))
+    starts = torch.randint(0, period, (rows,), generator=gen).tolist()
+    tokens = torch.stack([ids[a : a + n * piece] for a in starts])
+    state = None
+    for i in range(n):
+        state = model(tokens[:, i * piece : (i + 1) * piece], state=state).state
+    return state
 
 
 def recall_scores(
