@@ -41,14 +41,17 @@ import torch
 from titans_train.models import ModelConfig, TitansLM
 from titans_train.perplexity import stream_logits
 from titans_train.testing.recall_training import (
-    WORD_VOCAB_SIZE,
+    FAR,
+    RECALL_L,
+    TINY,
     examples,
     recall_scores,
+    tiny_mac_input,
+    tiny_mag,
     train_recall,
 )
 
-L, FAR = 64, (0.0, 0.2)  # as tests/test_recall_learning.py: needles in the first fifth
-TINY = dict(vocab_size=WORD_VOCAB_SIZE, dim=32, depth=2, heads=2, num_persistent=4)
+L = RECALL_L
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,7 @@ class Recipe:
 
 def recipes() -> dict[str, Recipe]:
     every = (0.0, 1.0)  # MAG's test trains on needles at any depth (it learns faster)
-    mag = ModelConfig(**TINY, variant="mag", window=8, chunk_size=8, memory_max_lr=0.5)
-    mac = ModelConfig(
-        **TINY, variant="mac", mac_write="input", segment_len=16, chunk_size=16, window=8
-    )
+    mag, mac = tiny_mag(), tiny_mac_input()
     # MAL has no test of its own: MAG's recipe with the default memory_max_lr 0.1 (seed 0 learns
     # it at L: 98 % exact; with 0.5, 94 %; docs/results.md)
     mal = ModelConfig(**TINY, variant="mal", window=8, chunk_size=8)

@@ -18,15 +18,19 @@ import pytest
 
 from titans_train.models import ModelConfig
 from titans_train.testing.recall_training import (
+    FAR,
+    RECALL_L,
+    TINY,
     WORD_VOCAB_SIZE,
     examples,
     recall_scores,
+    tiny_mac_input,
+    tiny_mag,
     train_recall,
     word_encode,
 )
 
-L, FAR = 64, (0.0, 0.2)  # at L the needle opens the haystack; at 2L-4L it is in its first fifth
-TINY = dict(vocab_size=WORD_VOCAB_SIZE, dim=32, depth=2, heads=2, num_persistent=4)
+L = RECALL_L
 
 
 def test_word_encode_fits_a_passkey_example_in_64_tokens():
@@ -39,18 +43,10 @@ def test_word_encode_fits_a_passkey_example_in_64_tokens():
         word_encode("pass #1")
 
 
-def mac_input() -> ModelConfig:
-    """MAC writing its block input (docs/results.md: the write that does not depend on its own
-    read); segments of 16 tokens, so the needle is 2+ segments before the question."""
-    return ModelConfig(
-        **TINY, variant="mac", mac_write="input", segment_len=16, chunk_size=16, window=8
-    )
-
-
 @pytest.fixture(scope="module")
 def mac_run():
     """Trained once for the two MAC tests: 200 steps of 16 examples at L, lr 1e-2, seed 0."""
-    return train_recall(mac_input(), "passkey", L, steps=200, batch=16, lr=1e-2, depth=FAR)
+    return train_recall(tiny_mac_input(), "passkey", L, steps=200, batch=16, lr=1e-2, depth=FAR)
 
 
 @pytest.mark.slow
@@ -86,15 +82,6 @@ def test_mac_trained_at_L_recalls_at_2L(mac_run):
     assert tokens > 0.5, f"MAC at 2L={2 * L}: {exact:.0%} exact, {tokens:.0%} of answer digits"
 
 
-def mag() -> ModelConfig:
-    """MAG with window 8 and 8-token chunks, memory_max_lr 0.5 (default 0.1). Trained on needles
-    at the start only, with 0.1, seed 1 stayed at chance for 600 steps of 8 and 400 of 16. After
-    400 steps of 16, seed 1, exact % (digits %) at L / 2L: 0.5 alone 28 (77) / 3 (45); needles
-    at every depth alone 36 (81) / 13 (69); both (the test's setup) 95 (99) / 84 (97). Seed 0
-    with 0.1 and every depth passes: 83 (97) / 88 (97) / 28 (76) at 4L."""
-    return ModelConfig(**TINY, variant="mag", window=8, chunk_size=8, memory_max_lr=0.5)
-
-
 @pytest.mark.slow
 def test_mag_trained_at_L_recalls_at_2L_and_4L():
     """MAG trained at L recalls the pass key at 2L and partly at 4L (fed L tokens at a time,
@@ -114,7 +101,7 @@ def test_mag_trained_at_L_recalls_at_2L_and_4L():
     The answer loss falls below 1 by step 175-275. Thresholds: at 2L > 30 % exact and > 75 % of
     the digits; at 4L > 40 % of the digits (the SWA control: 8-9 % at 2L).
     """
-    run = train_recall(mag(), "passkey", L, steps=400, batch=16, lr=3e-3, depth=(0.0, 1.0))
+    run = train_recall(tiny_mag(), "passkey", L, steps=400, batch=16, lr=3e-3, depth=(0.0, 1.0))
     scores = {
         n: recall_scores(run.model, "passkey", n * L, count=64, depth=FAR, piece=L)
         for n in (1, 2, 4)
