@@ -150,7 +150,8 @@ def train(name: str, ffn: int, data: tuple[Path, Path], run_dir: Path, args) -> 
         f"data.interleave={args.interleave}",
         f"run_dir={run_dir}",
         f"name=study-{name}",
-        f"train.seq_len={args.seq_len}",
+        f"train.seq_len={args.seq_len * (args.burn_in + 1)}",
+        f"train.burn_in={args.seq_len * args.burn_in}",
         "train.global_batch=16",
         f"train.micro_batch={16 // args.procs}",
         f"train.max_steps={args.steps}",
@@ -220,6 +221,7 @@ def resume(report: dict, path: Path) -> dict:
         "ppl_tokens": "4096", "memory_forget_bias": "None", "document_masking": "off",
         "procs": "2", "answer_loss": "False", "mqar_share": "0.2", "seed": "0", "set": "[]",
         "haystack_phase": "False", "eval_lengths": "1,2,4", "mix": "shuffled", "interleave": "8",
+        "burn_in": "0",
     }  # fmt: skip
     old_args = {**{k: v for k, v in defaults.items() if k in report["args"]}, **old["args"]}
     if settings(old_args) != settings(report["args"]):
@@ -314,6 +316,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="--answer-loss data: pass-key haystacks start at a random point of the noise text",
     )
+    ap.add_argument(
+        "--burn-in",
+        type=int,
+        default=0,
+        help="K: rows of (K+1) x seq-len tokens, the first K x seq-len run without gradient "
+        "(train.burn_in), recall examples after 0..K x seq-len tokens of haystack (needs "
+        "--answer-loss and document masking; study_data.burn_in_rows)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="train.seed and data.seed (init, order)")
     ap.add_argument(
         "--set", nargs="*", default=[], help="model overrides KEY=VALUE for every variant"
@@ -347,6 +357,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.interleave % args.procs:
         ap.error(f"--interleave {args.interleave} is not a multiple of --procs {args.procs}")
+    if args.burn_in < 0 or (
+        args.burn_in and (not args.answer_loss or args.document_masking != "on")
+    ):
+        ap.error(f"--burn-in {args.burn_in}: must be >= 0; > 0 needs --answer-loss and masking on")
     if args.smoke:
         smoke(args)
     for name in args.variants.split(","):
@@ -367,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     docs = 64 if args.smoke else max(2000, args.steps * 8)
     data = build_data(
         out, args.seq_len, docs, 0.5 if args.smoke else 4.0, args.answer_loss, args.mqar_share,
-        args.haystack_phase,
+        args.haystack_phase, args.burn_in * args.seq_len,
     )  # fmt: skip
     report = {
         "command": " ".join(["python", "benchmarks/study.py", *given]),

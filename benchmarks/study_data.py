@@ -4,11 +4,12 @@ beyond the window), as shards. Imported by ``study.py``, whose ``--smoke`` build
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 from data_pipelines import demo, tokenize
 from data_pipelines.examples import answer_mask, write_examples
-from titans_train.synthetic import generate
+from titans_train.synthetic import NOISE, generate
 
 
 def recall_examples(
@@ -29,6 +30,30 @@ def recall_examples(
     return docs
 
 
+def noise(rng: random.Random, n: int) -> list[int]:
+    """n tokens (bytes) of the pass-key haystack's noise paragraph from a random point in it."""
+    start = rng.randrange(len(NOISE))
+    return list((NOISE * (2 + n // len(NOISE)))[start : start + n].encode())
+
+
+def burn_in_rows(examples: list, burn_in: int, seed: int) -> tuple[list, list, list]:
+    """Each example after ``burn_in`` tokens that the trainer runs without gradient
+    (``train.burn_in``): r ~ U{0..burn_in} tokens of haystack noise in the example's own
+    document, before them filler noise as a document of its own (the memory restarts after it
+    under document masking). So each trained part starts from a memory that has absorbed
+    0..burn_in tokens of haystack without needles, as benchmarks/probe_carry.py's haystack arm
+    (docs/results.md). Returns tokens, loss masks (answers only) and document starts."""
+    rows, masks, starts = [], [], []
+    for i, ex in enumerate(examples):
+        rng = random.Random(f"study-burn-in:{seed}:{i}")
+        used = rng.randint(0, burn_in)
+        filler = burn_in - used
+        rows.append(noise(rng, filler) + noise(rng, used) + list(ex.tokens))
+        masks.append([False] * burn_in + answer_mask(ex).tolist())
+        starts.append([filler] if filler else [])
+    return rows, masks, starts
+
+
 def recall_documents(seq_len: int, count: int, seed: int, mqar_share: float = 0.2) -> list[str]:
     return [bytes(d.tokens).decode() for d in recall_examples(seq_len, count, seed, mqar_share)]
 
@@ -41,14 +66,25 @@ def build_data(
     answer_loss: bool = False,
     mqar_share: float = 0.2,
     phase: bool = False,
+    burn_in: int = 0,
 ) -> tuple[Path, Path]:
     """The corpus and recall shards. ``answer_loss``: the recall examples carry loss on their
     answers only (shard loss masks, data_pipelines/examples.py), in the same samples and order
-    as the text path gives (one example plus EOS per sample, the same seeded split)."""
+    as the text path gives (one example plus EOS per sample, the same seeded split).
+    ``burn_in`` (needs ``answer_loss``): rows of burn_in + seq_len tokens, the examples of
+    seq_len tokens at their end (``burn_in_rows``), the corpus in rows of that length."""
     corpus = out / "data" / "corpus"
-    demo.build_demo(str(corpus), seq_len=seq_len, max_mb=corpus_mb, progress=False)
+    demo.build_demo(str(corpus), seq_len=seq_len + burn_in, max_mb=corpus_mb, progress=False)
     recall = out / "data" / "recall"
     if (recall / "manifest.json").is_file():
+        return corpus, recall
+    if burn_in:
+        examples = recall_examples(seq_len, recall_docs, 1, mqar_share, phase)
+        rows, masks, starts = burn_in_rows(examples, burn_in, 1)
+        write_examples(
+            str(recall), rows, masks, samples_per_shard=256, val_fraction=0.05, seed=0,
+            starts=starts,
+        )  # fmt: skip
         return corpus, recall
     if answer_loss:
         examples = recall_examples(seq_len, recall_docs, 1, mqar_share, phase)

@@ -62,6 +62,23 @@ def _check(examples: Sequence, masks: Sequence, vocab_size: int) -> tuple[np.nda
     return tokens, mask
 
 
+def _doc_starts(starts: Sequence[Sequence[int]] | None, n: int, seq_len: int) -> list:
+    """Each example's document starts: 0 and the given ones, which must rise within the row."""
+    if starts is None:
+        return [np.zeros(1, np.int64)] * n
+    if len(starts) != n:
+        raise ValueError(f"{len(starts)} lists of document starts for {n} examples: need as many")
+    out = []
+    for i, given in enumerate(starts):
+        pos = np.asarray([0, *given], dtype=np.int64)
+        if (np.diff(pos) <= 0).any() or pos[-1] >= seq_len:
+            raise ValueError(
+                f"example {i}: document starts {list(given)} must rise within (0, {seq_len})"
+            )
+        out.append(pos)
+    return out
+
+
 def _write_shard(path: str, samples: list[dict]) -> dict:
     def write(f) -> None:
         with wds.TarWriter(f, encoder=False, mtime=0, user="titans", group="titans") as w:
@@ -83,12 +100,16 @@ def write_examples(
     samples_per_shard: int = 256,
     val_fraction: float = 0.05,
     seed: int = 0,
+    starts: Sequence[Sequence[int]] | None = None,
 ) -> dict:
-    """Write the shards and manifest (module doc) into ``out``; returns the manifest."""
+    """Write the shards and manifest (module doc) into ``out``; returns the manifest.
+    ``starts``: per example, where documents start besides 0 (an example made of several
+    documents, e.g. filler before a task; the model restarts there under document masking)."""
     tok = load_tokenizer(tokenizer)
     dtype = token_dtype(tok.vocab_size)
     tokens, mask = _check(examples, masks, tok.vocab_size)
     n, seq_len = tokens.shape
+    docs = _doc_starts(starts, n, seq_len)
     rows = np.concatenate([tokens, np.full((n, 1), tok.eos_id)], axis=1).astype(dtype)
     loss = np.concatenate([mask, np.zeros((n, 1), dtype=bool)], axis=1)
     os.makedirs(out, exist_ok=True)
@@ -98,14 +119,14 @@ def write_examples(
         for s, a in enumerate(range(0, len(order), samples_per_shard)):
             prefix = f"{split}-{s:06d}"
             samples = [
-                encode_sample(f"{prefix}-{i:06d}", rows[j], np.zeros(1, np.int64), loss[j])
+                encode_sample(f"{prefix}-{i:06d}", rows[j], docs[j], loss[j])
                 for i, j in enumerate(order[a : a + samples_per_shard].tolist())
             ]
             shards.append(_write_shard(os.path.join(out, f"{prefix}.tar"), samples))
         m = len(order)
         splits[split] = {
-            "documents": m, "samples": m, "tokens": m * (seq_len + 1), "dropped_tokens": 0,
-            "shards": shards,
+            "documents": sum(len(docs[j]) for j in order.tolist()), "samples": m,
+            "tokens": m * (seq_len + 1), "dropped_tokens": 0, "shards": shards,
         }  # fmt: skip
     assert set(splits) == set(SPLITS)
     manifest = {

@@ -152,6 +152,43 @@ def test_write_examples_bad_input(tmp_path, examples, masks, message):
     assert not os.path.exists(tmp_path / "x" / "manifest.json")
 
 
+@pytest.mark.parametrize(
+    "starts,message",
+    [
+        ([[3]], "1 lists of document starts for 2 examples"),
+        ([[3], [5, 5]], r"example 1: document starts \[5, 5\] must rise within \(0, 8\)"),
+        ([[8], []], r"example 0: document starts \[8\] must rise"),
+    ],
+)
+def test_write_examples_bad_document_starts(tmp_path, starts, message):
+    with pytest.raises(ValueError, match=message):
+        write_examples(str(tmp_path / "x"), [[1] * 8] * 2, [[True] * 8] * 2, starts=starts)
+    assert not os.path.exists(tmp_path / "x" / "manifest.json")
+
+
+def test_write_examples_with_several_documents_per_example(tmp_path):
+    """Examples made of documents (filler, then the task): the shards hold the starts, the
+    loader hands them to the model, the manifest counts the documents."""
+    examples = [[i + 1] * 8 for i in range(10)]
+    masks = [[False] * 7 + [True]] * 10
+    starts = [[i % 7 + 1] if i % 2 else [] for i in range(10)]
+    write_examples(str(tmp_path / "d"), examples, masks, samples_per_shard=4, val_fraction=0.2,
+                   starts=starts)  # fmt: skip
+    m = ShardManifest.load(str(tmp_path / "d"))
+    counts = sum(m.data["splits"][s]["documents"] for s in ("train", "val"))
+    assert counts == 15
+    seen = 0
+    for split in ("train", "val"):
+        for shard in m.shards(split):
+            ref = ShardRef(m.url(shard), shard.name, shard.samples, shard.sha256, 9, m.dtype, 257)
+            data = read_shard(ref)
+            for row in range(shard.samples):
+                i = int(data.tokens[row, 0]) - 1
+                assert data.doc_starts(row).tolist() == [0, *starts[i]], i
+                seen += 1
+    assert seen == 10
+
+
 @pytest.mark.slow  # ~30-60 s: a 30-step run in this process
 def test_trainer_puts_the_loss_on_the_answers_only(tmp_path):
     """Examples of random letters with a constant answer token ('Z') every 16th position, the
@@ -271,7 +308,7 @@ def test_train_step_weighs_every_answer_alike():
     ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
 
-    result = Trainer.train_step(SimpleNamespace(engine=_Engine(model, gas=2)), mbs)
+    result = Trainer.train_step(SimpleNamespace(engine=_Engine(model, gas=2), burn_in=0), mbs)
     assert result.loss == pytest.approx(want.item(), rel=1e-6)  # all_mean reduces in fp32
     for name, grad in ref.items():
         torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-10, atol=1e-12)
@@ -293,11 +330,33 @@ def test_two_ranks_weigh_every_answer_alike():
     loss and parameter change are the plain module's on all 10 answers at once. It failed on the
     train_step before step_loss_weights (the mean of the micro-batches' means): loss 3.08
     against 4.08, parameter change off by 0.17 where the largest is 0.22."""
-    import json
-
     from distributed import ROOT, torchrun
 
     proc = torchrun(ROOT / "tests" / "scripts" / "masked_step_parity.py", timeout=300)
+    _check_parity(proc)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_with_a_burn_in_train_the_rest_of_each_row():
+    """train.burn_in = 6 with MAG (a memory state handed across the split) on 2 ranks, ZeRO-2:
+    the step is the plain module's with the first 6 inputs run without gradient, only answers
+    after them count, and the loss is the whole rows' with those targets ignored."""
+    from distributed import ROOT, torchrun
+
+    script = ROOT / "tests" / "scripts" / "masked_step_parity.py"
+    row = _check_parity(torchrun(script, "6", "mag", timeout=300))
+    assert row["whole"] == pytest.approx(row["loss"], rel=1e-5), row
+    assert 0 < row["answers"] < 10, row  # some of the 10 answers fell in the burn-in
+    # the memories' learned initial states are read only at a row's start, in the burn-in
+    assert sorted(row["untrained"]) == [
+        f"blocks.{b}.memory.init_weights.{i}" for b in (0, 1) for i in (0, 1)
+    ], row
+
+
+def _check_parity(proc) -> dict:
+    import json
+
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 1, proc.stdout
     row = rows[0]
@@ -305,3 +364,4 @@ def test_two_ranks_weigh_every_answer_alike():
     assert row["loss"] == pytest.approx(row["want"], rel=1e-5), row
     assert row["grad_max"] > 1e-3, row  # the comparison below is not of zeros
     assert row["grad_diff"] < 1e-5 * max(1.0, row["grad_max"]), row
+    return row

@@ -138,6 +138,9 @@ class ZeroConfig:
 @dataclass
 class TrainConfig:
     seq_len: int = 1024
+    # Tokens at the start of each row run without gradient and without loss: the state the rest
+    # is trained from (a used memory, not an empty one; docs/training.md, Burn-in).
+    burn_in: int = 0
     global_batch: int = 8  # sequences per optimizer step, all ranks and micro-batches
     micro_batch: int = 1  # sequences per rank per forward
     max_steps: int = 1000

@@ -171,6 +171,8 @@ def _check_shapes(cfg: Config, world_size: int | None, bad) -> None:
     for key in ("seq_len", "global_batch", "micro_batch", "max_steps"):
         if getattr(t, key) < 1:  # first: the checks below compare other keys with seq_len
             bad(f"train.{key}", f"{getattr(t, key)} must be >= 1")
+    if not 0 <= t.burn_in < t.seq_len:
+        bad("train.burn_in", f"{t.burn_in} must be >= 0 and < train.seq_len={t.seq_len}")
     if m.window is not None and m.variant != "mac" and m.window > t.seq_len:
         bad("model.window", f"{m.window} is larger than train.seq_len={t.seq_len}")
     if m.variant == "mac" and m.segment_len > t.seq_len:

@@ -22,17 +22,11 @@ from titans_train import train_state
 from titans_train.callbacks.base import Callback, Callbacks, StepResult
 from titans_train.config import Config, public_yaml, resolve_mix
 from titans_train.data import MicroBatch
-from titans_train.distributed import DistEnv, device, mark_progress, set_tf32, timeout_for
+from titans_train.distributed import DistEnv, mark_progress, set_tf32, timeout_for
 from titans_train.models import TitansLM, apply_activation_checkpointing
 from titans_train.models.attention import attention_backend_report
 from titans_train.run_dir import RunDir
-from titans_train.validation import (
-    all_mean,
-    document_args,
-    loss_targets,
-    loss_tokens,
-    step_loss_weights,
-)
+from titans_train.validation import all_mean, forward_rows, loss_tokens, step_loss_weights
 
 
 def planned_steps(cfg: Config) -> int:
@@ -49,6 +43,7 @@ class Trainer:
         self.callbacks = Callbacks(callbacks)
         self.run = RunDir(cfg.run_path)
         self.tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
+        self.burn_in = cfg.train.burn_in
         self.max_steps = planned_steps(cfg)
         self.step = self.tokens = self.start_step = self.saved_step = 0
         self.resumed = False
@@ -119,12 +114,10 @@ class Trainer:
 
     def train_step(self, micro_batches: list[MicroBatch]) -> StepResult:
         """Forward, backward and (at the last micro-batch) the optimizer step; no I/O."""
-        skipped_before, losses = self.engine.skipped_steps, []
-        weights = step_loss_weights([loss_tokens(mb) for mb in micro_batches])  # collective
-        for mb, weight in zip(micro_batches, weights):
-            batch = mb.tokens.to(device())
-            targets = loss_targets(mb, batch)
-            out = self.engine(batch[:, :-1], targets=targets, **document_args(mb))
+        skipped_before, losses, burn_in = self.engine.skipped_steps, [], self.burn_in
+        weights = step_loss_weights([loss_tokens(mb, burn_in) for mb in micro_batches])
+        for mb, weight in zip(micro_batches, weights):  # step_loss_weights is collective
+            out = forward_rows(self.engine, mb, burn_in)
             loss = out.loss if weight == 1.0 else out.loss * weight
             if weight == 0.0:
                 loss = out.logits.sum() * 0.0  # nothing carries loss: a zero gradient, not NaN

@@ -1,4 +1,5 @@
-"""Reductions the trainer logs: the mean loss of a step and the validation loss.
+"""The model's call on a micro-batch (loss masks, documents, burn-in) and the reductions the
+trainer logs: the mean loss of a step and the validation loss.
 
 Both reduce CPU tensors: the process group serves CPU tensors over gloo on a GPU too
 (distributed.py), so bookkeeping never moves values to the device and back.
@@ -26,11 +27,12 @@ def all_mean(values: list[torch.Tensor]) -> float:
     return x.item()
 
 
-def loss_tokens(mb: MicroBatch) -> int:
-    """How many of the micro-batch's targets carry loss (all of them without a loss mask)."""
+def loss_tokens(mb: MicroBatch, burn_in: int = 0) -> int:
+    """How many of the micro-batch's targets carry loss (all of them without a loss mask); none
+    of the first ``burn_in`` (they are inputs of the burn-in, ``forward_rows``)."""
     if mb.loss_mask is None:
-        return mb.tokens[:, 1:].numel()
-    return int(mb.loss_mask[:, 1:].sum())
+        return mb.tokens[:, 1 + burn_in :].numel()
+    return int(mb.loss_mask[:, 1 + burn_in :].sum())
 
 
 def step_loss_weights(counts: list[int]) -> list[float]:
@@ -68,25 +70,41 @@ def loss_targets(mb: MicroBatch, tokens: torch.Tensor) -> torch.Tensor:
     return targets.masked_fill(~mb.loss_mask[:, 1:].to(targets.device), -100)
 
 
+def forward_rows(model: nn.Module, mb: MicroBatch, burn_in: int = 0):
+    """The model (engine or module) on a micro-batch: inputs tokens[:, :-1], targets with the
+    loss mask's -100, the documents' starts. ``burn_in`` = B > 0 (``train.burn_in``): the first B
+    inputs run without gradient and their state, detached, starts the rest, which alone carries
+    loss. So training sees a memory that has already absorbed B tokens, at the cost of B tokens
+    of forward, and no gradient reaches back into them (truncated BPTT within a row). Streaming
+    equals one call, so the loss is the whole row's on targets B.. (tests/test_burn_in.py)."""
+    tokens = mb.tokens.to(device())
+    targets, docs = loss_targets(mb, tokens), document_args(mb)
+    if not burn_in:
+        return model(tokens[:, :-1], targets=targets, **docs)
+    first = {k: v[:, :burn_in] for k, v in docs.items()}
+    rest = {k: v[:, burn_in:] for k, v in docs.items()}
+    with torch.no_grad():
+        state = model(tokens[:, :burn_in], **first).state.detach()
+    return model(tokens[:, burn_in:-1], targets=targets[:, burn_in:], state=state, **rest)
+
+
 @torch.no_grad()
 def validation_loss(
-    model: nn.Module, batches: Iterable[list[MicroBatch]], max_batches: int
+    model: nn.Module, batches: Iterable[list[MicroBatch]], max_batches: int, burn_in: int = 0
 ) -> dict[str, float]:
     """Loss and perplexity over ``max_batches`` global batches (0 = all), weighted by the
     targets that carry loss and summed over ranks; {} when the split is empty. ``model`` is
-    the engine or the bare module."""
+    the engine or the bare module; ``burn_in`` as in training (``forward_rows``)."""
     model.eval()
     total, count = torch.zeros(2, dtype=torch.float64), 0
     for micro_batches in batches:
         if max_batches and count >= max_batches:
             break
         for mb in micro_batches:
-            tokens = mb.tokens.to(device())
-            targets = loss_targets(mb, tokens)
-            n = loss_tokens(mb)
+            n = loss_tokens(mb, burn_in)
             # Every rank runs every forward, even with no target that carries loss: under ZeRO-3
             # a forward gathers parameters with collectives that all ranks must join.
-            out = model(tokens[:, :-1], targets=targets, **document_args(mb))
+            out = forward_rows(model, mb, burn_in)
             if n:  # a micro-batch with no target that carries loss adds nothing (its loss: NaN)
                 total += torch.tensor([out.loss.item() * n, n], dtype=torch.float64)
         count += 1

@@ -6,11 +6,17 @@ The four micro-batches carry 1, 6, 0 and 3 answers. The step's loss and gradient
 mean over the 10 answers, whatever rank and micro-batch each fell on (and the empty one must
 not make them NaN). SGD with lr 1 makes the parameter change the (clipped) gradient. Prints one
 JSON line on rank 0.
+
+``masked_step_parity.py B VARIANT``: with ``train.burn_in`` = B, the same for the variant's model;
+the reference runs the first B tokens of the whole batch without gradient and trains the rest
+from their state, and answers among the first B targets must not count. ``whole`` is the loss of
+the whole rows in one call with those targets ignored (streaming equals one call).
 """
 
 import copy
 import json
 import os
+import sys
 from types import SimpleNamespace
 
 import deepspeed
@@ -42,8 +48,13 @@ def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
 def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     rank = dist.get_rank()
+    burn_in = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+    variant = sys.argv[2] if len(sys.argv) > 2 else "transformer"
     torch.manual_seed(0)
-    cfg = ModelConfig(variant="transformer", vocab_size=61, dim=32, depth=2, heads=4, window=6)
+    cfg = ModelConfig(
+        variant=variant, vocab_size=61, dim=32, depth=2, heads=4, window=6, segment_len=6,
+        chunk_size=3,
+    )  # fmt: skip
     model = TitansLM(cfg)
     ref = copy.deepcopy(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -60,28 +71,39 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     mbs = [MicroBatch(tokens[rank, m], None, torch.zeros(ROWS, 3), masks[rank, m]) for m in (0, 1)]
-    result = Trainer.train_step(SimpleNamespace(engine=engine), mbs)
+    result = Trainer.train_step(SimpleNamespace(engine=engine, burn_in=burn_in), mbs)
 
     flat = MicroBatch(tokens.flatten(0, 2), None, None, masks.flatten(0, 2))
-    want = ref(flat.tokens[:, :-1], targets=loss_targets(flat, flat.tokens)).loss
+    targets = loss_targets(flat, flat.tokens)
+    with torch.no_grad():
+        whole = ref(flat.tokens[:, :-1], targets=targets.index_fill(1, torch.arange(burn_in), -100))
+        state = ref(flat.tokens[:, :burn_in]).state if burn_in else None
+    want = ref(flat.tokens[:, burn_in:-1], targets=targets[:, burn_in:], state=state).loss
     want.backward()
     torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
     # After SGD at lr 1 the change of each parameter is minus its clipped gradient.
-    grad_diff, grad_max, worst = 0.0, 0.0, ""
+    grad_diff, grad_max, worst, untrained = 0.0, 0.0, "", []
     for n, p in engine.module.named_parameters():
         step = before[n] - p.detach()
-        d = (step - ref.get_parameter(n).grad).abs().max().item()
-        grad_max = max(grad_max, ref.get_parameter(n).grad.abs().max().item())
+        grad = ref.get_parameter(n).grad
+        if grad is None:  # used only in the burn-in (a memory's M_0): no gradient reaches it
+            untrained.append(n)
+            grad = torch.zeros_like(step)
+        d = (step - grad).abs().max().item()
+        grad_max = max(grad_max, grad.abs().max().item())
         if d > grad_diff:
             grad_diff, worst = d, n
     if rank == 0:
         row = dict(
             loss=result.loss,
             want=want.item(),
+            whole=whole.loss.item(),
+            answers=int((targets[:, burn_in:] != -100).sum()),
             grad_diff=grad_diff,
             grad_max=grad_max,
             worst=worst,
             skipped=result.skipped,
+            untrained=untrained,
         )
         print(json.dumps(row), flush=True)
     engine.destroy()

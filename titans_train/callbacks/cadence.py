@@ -24,7 +24,7 @@ class Validation(Callback):
             return
         data = self.cfg.data
         with data.build_val_loader(t, self.cfg.model.vocab_size, self.rank, self.world_size) as val:
-            metrics = validation_loss(trainer.engine, val, t.eval_batches)
+            metrics = validation_loss(trainer.engine, val, t.eval_batches, t.burn_in)
         trainer.log(metrics, "val")
 
 
