@@ -127,6 +127,26 @@ def test_an_unknown_suite_is_named(capsys):
     assert "unknown suite 'bogus'" in capsys.readouterr().err
 
 
+def test_the_needle_cut_reaches_the_examples_and_the_json(exported, tmp_path, monkeypatch):
+    """--needle-cut token: recall_suite is asked for token cuts, and the JSON's settings say so
+    (results with either cut must not be mixed unknowingly)."""
+    import json
+
+    from titans_train import recall
+
+    cuts, real = [], recall.generate
+    monkeypatch.setattr(
+        recall, "generate", lambda *a, **kw: cuts.append(kw["cut"]) or real(*a, **kw)
+    )
+    path, _ = exported
+    out = tmp_path / "r.json"
+    argv = ["--checkpoint", str(path), "--suites", "passkey", "--lengths", "128", "--samples", "2"]
+    assert evaluate.main([*argv, "--needle-cut", "token", "--json", str(out)]) == 0
+    assert cuts == ["token"] and json.loads(out.read_text())["settings"]["needle_cut"] == "token"
+    with pytest.raises(SystemExit):
+        evaluate.parse_args([*argv, "--needle-cut", "word"])
+
+
 def test_generation_with_and_without_cache_gives_the_same_tokens(exported, tmp_path, capsys):
     path, _ = exported
     prompt = "def parse(text):\n    return [line.strip() for line in text.splitlines()]\n" * 2

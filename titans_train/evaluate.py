@@ -33,7 +33,7 @@ from titans_train.load import (
 from titans_train.models import TitansLM
 from titans_train.perplexity import available_tokens, perplexity, stream_tokens
 from titans_train.recall import recall_suite
-from titans_train.synthetic import SUITES
+from titans_train.synthetic import CUTS, SUITES
 
 SNIAH = ("passkey", "number", "uuid")
 # Scored tokens per length when --ppl-tokens is not given: enough that the 95 % interval of a
@@ -93,6 +93,7 @@ def run_suites(
                         depth=args.depth,
                         pairs=args.pairs,
                         batch_size=args.batch,
+                        cut=args.needle_cut,
                     )
                 )
                 r = results[suite][n]
@@ -224,6 +225,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         type=lambda s: tuple(float(x) for x in s.split(",")),
         default=(0.0, 1.0),
         help="needle depth range as fractions, e.g. 0,0.5",
+    )
+    ap.add_argument(
+        "--needle-cut",
+        choices=CUTS,
+        default="sentence",
+        help="needles between haystack sentences (RULER; in short examples mostly at token 0) or "
+        "at any token the depth names",
     )
     ap.add_argument("--pairs", type=int, default=8, help="MQAR key:value pairs")
     ap.add_argument("--json", help="write the results here")

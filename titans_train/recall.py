@@ -51,11 +51,14 @@ def recall_suite(
     depth: tuple[float, float] = (0.0, 1.0),
     pairs: int = 8,
     batch_size: int = 8,
+    cut: str = "sentence",
 ) -> dict[int, dict]:
     """{length: {"accuracy", "token_accuracy", "answers", "examples"}} for one suite."""
     results = {}
     for length in lengths:
-        examples = generate(suite, length, count, encode, seed=seed, depth=depth, pairs=pairs)
+        examples = generate(
+            suite, length, count, encode, seed=seed, depth=depth, pairs=pairs, cut=cut
+        )
         exact, share = score(model, examples, piece, batch_size)
         results[length] = {
             "accuracy": sum(exact) / len(exact),

@@ -14,7 +14,11 @@ together and, written as ``length``-token documents, pack one per sample into tr
   then every key queried again in another order; each value is one answer.
 
 The needle's depth is drawn uniformly from ``depth`` (a fraction of the haystack before the
-needle); answers sit at the end, so most needles lie far beyond an attention window.
+needle); answers sit at the end, so most needles lie far beyond an attention window. By default
+(``cut="sentence"``, as RULER) the needle goes between haystack sentences, so in a short example
+whose haystack is one or two noise paragraphs it sits at token 0 or after the first paragraph
+whatever the depth; ``cut="token"`` cuts the haystack at the token the depth names, so needle
+positions spread over the range (a sentence may be split around the needle).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import dataclass, field
 
 Encode = Callable[[str], list[int]]
 SUITES = ("passkey", "number", "uuid", "mqar")
+CUTS = ("sentence", "token")  # where a needle may go in the haystack (module doc)
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 _SUBJECTS = (
@@ -97,6 +102,16 @@ def _haystack(
     return out
 
 
+def _cut(hay: list[list[int]], frac: float, cut: str) -> tuple[list[list[int]], int]:
+    """The haystack's pieces and how many go before the needle: a share ``frac`` of the
+    sentences (``sentence``), or of the tokens, splitting the haystack there (``token``)."""
+    if cut == "sentence":
+        return hay, round(frac * len(hay))
+    flat = [t for piece in hay for t in piece]
+    at = round(frac * len(flat))
+    return [flat[:at], flat[at:]], 1
+
+
 def _assemble(
     pieces: list[tuple[str | list[int], bool]], encode: Encode
 ) -> tuple[list[int], list[tuple[int, int]]]:
@@ -117,6 +132,7 @@ def _single_needle(
     encode: Encode,
     depth: tuple[float, float],
     phase: bool = False,
+    cut: str = "sentence",
 ) -> Example:
     if suite == "passkey":
         key, value = "pass key", str(rng.randrange(10_000, 100_000))
@@ -136,8 +152,7 @@ def _single_needle(
     if room < 0:
         raise ValueError(f"{suite}: length {length} is too short for the needle and the query")
     hay = _haystack(rng, style, room, encode, phase)
-    frac = rng.uniform(*depth)
-    at = round(frac * len(hay))
+    hay, at = _cut(hay, rng.uniform(*depth), cut)
     pieces = [(s, False) for s in hay[:at]] + [(needle, False)]
     pieces += [(s, False) for s in hay[at:]] + [(query, False), (" " + value, True)]
     tokens, answers = _assemble(pieces, encode)
@@ -146,7 +161,12 @@ def _single_needle(
 
 
 def _mqar(
-    rng: random.Random, length: int, encode: Encode, pairs: int, depth: tuple[float, float]
+    rng: random.Random,
+    length: int,
+    encode: Encode,
+    pairs: int,
+    depth: tuple[float, float],
+    cut: str = "sentence",
 ) -> Example:
     letters = string.ascii_lowercase
     keys = rng.sample([a + b for a in letters for b in letters], pairs)
@@ -162,8 +182,7 @@ def _mqar(
         raise ValueError(f"mqar: length {length} is too short for {pairs} pairs")
     # The facts sit after a filler share of the haystack set by depth; the rest goes between.
     hay = _haystack(rng, "noise", room, encode)
-    frac = rng.uniform(*depth)
-    at = round(frac * len(hay))
+    hay, at = _cut(hay, rng.uniform(*depth), cut)
     pieces = [(s, False) for s in hay[:at]] + facts + [(s, False) for s in hay[at:]]
     pieces += [("\n", False)] + queries
     tokens, answers = _assemble(pieces, encode)
@@ -180,21 +199,25 @@ def generate(
     depth: tuple[float, float] = (0.0, 1.0),
     pairs: int = 8,
     phase: bool = False,
+    cut: str = "sentence",
 ) -> list[Example]:
     """``count`` examples of ``length`` tokens; example i depends only on (suite, length, seed,
     i), so a larger count extends a smaller one. ``phase``: single-needle noise haystacks start
-    at a random point of the noise paragraph (default: at its start, as RULER)."""
+    at a random point of the noise paragraph (default: at its start, as RULER). ``cut``: where
+    the needle may go, between sentences or at any token (module doc)."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}: expected one of {', '.join(SUITES)}")
+    if cut not in CUTS:
+        raise ValueError(f"unknown cut {cut!r}: expected one of {', '.join(CUTS)}")
     if not 0.0 <= depth[0] <= depth[1] <= 1.0:
         raise ValueError(f"depth range {depth} must lie within [0, 1]")
     out = []
     for i in range(count):
         rng = example_rng(suite, length, seed, i)
         if suite == "mqar":
-            ex = _mqar(rng, length, encode, pairs, depth)
+            ex = _mqar(rng, length, encode, pairs, depth, cut)
         else:
-            ex = _single_needle(suite, rng, length, encode, depth, phase)
+            ex = _single_needle(suite, rng, length, encode, depth, phase, cut)
         assert len(ex.tokens) == length, (suite, length, len(ex.tokens))
         out.append(ex)
     return out
