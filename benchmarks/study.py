@@ -187,6 +187,7 @@ def evaluate(run_dir: Path, data: Path, out: Path, lengths: str, depth: str, arg
         cmd = [sys.executable, "-m", "titans_train.evaluate", "--checkpoint", str(run_dir)]
         cmd += ["--data", str(data), "--lengths", lengths, "--suites", args.suites]
         cmd += ["--samples", str(args.samples), "--depth", depth, "--pairs", "4"]
+        cmd += ["--needle-cut", args.needle_cut]
         cmd += ["--ppl-tokens", str(args.ppl_tokens), "--json", str(out)]
         proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True)
         if proc.returncode:  # titans-eval's own last line says what went wrong
@@ -221,7 +222,7 @@ def resume(report: dict, path: Path) -> dict:
         "ppl_tokens": "4096", "memory_forget_bias": "None", "document_masking": "off",
         "procs": "2", "answer_loss": "False", "mqar_share": "0.2", "seed": "0", "set": "[]",
         "haystack_phase": "False", "eval_lengths": "1,2,4", "mix": "shuffled", "interleave": "8",
-        "burn_in": "0",
+        "burn_in": "0", "needle_cut": "sentence",
     }  # fmt: skip
     old_args = {**{k: v for k, v in defaults.items() if k in report["args"]}, **old["args"]}
     if settings(old_args) != settings(report["args"]):
@@ -344,6 +345,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--suites", default=SUITES)
+    ap.add_argument(
+        "--needle-cut",
+        choices=("sentence", "token"),
+        default="sentence",
+        help="titans-eval --needle-cut (token: needles at any position, not only token 0 at L)",
+    )
     ap.add_argument("--ppl-tokens", type=int, default=4096, help="titans-eval --ppl-tokens")
     ap.add_argument(
         "--eval-lengths", default="1,2,4", help="far needles and perplexity at these x seq-len"

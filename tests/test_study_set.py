@@ -50,3 +50,33 @@ def test_a_recall_share_of_one_trains_on_the_recall_shards_alone():
     train, weights = study.data_overrides(data, 0.9)
     assert train == "data.train=[c,r]" and weights.startswith("data.weights=[0.09999")
     assert study.data_overrides(data, 1.0) == ["data.train=[r]", "data.weights=[1.0]"]
+
+
+@pytest.mark.parametrize(
+    "argv", [["--burn-in", "3"], ["--burn-in", "3", "--answer-loss", "--document-masking", "off"]]
+)
+def test_a_burn_in_needs_answer_masks_and_document_masking(argv, capsys):
+    with pytest.raises(SystemExit):
+        study.parse_args(argv)
+    assert "--burn-in 3" in capsys.readouterr().err
+
+
+def test_burn_in_rows_put_each_example_after_a_used_memory():
+    """Each row: filler (its own document), then 0..B tokens of noise and the example in one
+    document; the loss on the example's answers only."""
+    from study_data import burn_in_rows, recall_examples
+
+    from titans_train.synthetic import NOISE
+
+    examples = recall_examples(128, 40, seed=1, mqar_share=0)
+    rows, masks, starts = burn_in_rows(examples, 384, seed=1)
+    used = set()
+    for ex, row, mask, start in zip(examples, rows, masks, starts):
+        assert len(row) == len(mask) == 512 and row[384:] == ex.tokens
+        assert not any(mask[:384]) and sum(mask) == sum(e - s for s, e in ex.answers)
+        filler = start[0] if start else 0
+        for piece in (row[:filler], row[filler:384]):  # each a slice of the noise paragraph
+            assert bytes(piece).decode() in NOISE * 12
+        used.add(384 - filler)
+    assert len(used) > 30 and min(used) < 96 and max(used) > 288  # spread over 0..B
+    assert burn_in_rows(examples, 384, seed=1) == (rows, masks, starts)  # seeded
