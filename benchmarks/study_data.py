@@ -54,6 +54,21 @@ def burn_in_rows(examples: list, burn_in: int, seed: int) -> tuple[list, list, l
     return rows, masks, starts
 
 
+def far_needles(seq_len: int, burn_in: int, count: int, seed: int) -> list:
+    """Pass-key examples of burn_in + seq_len tokens whose needle lies anywhere in the first
+    burn_in tokens (cut at a token): the trainer runs it without gradient, so what the loss on
+    the answer trains is reading the needle back and not letting the last seq_len tokens of
+    haystack overwrite it (their gates get the gradient), over distances of seq_len to
+    burn_in + seq_len tokens. The needle's own write is trained by the other rows."""
+    total = burn_in + seq_len
+
+    def enc(s: str) -> list[int]:
+        return list(s.encode())
+
+    depth = (0.0, burn_in / total)
+    return generate("passkey", total, count, enc, seed=seed, depth=depth, cut="token")
+
+
 def recall_documents(seq_len: int, count: int, seed: int, mqar_share: float = 0.2) -> list[str]:
     return [bytes(d.tokens).decode() for d in recall_examples(seq_len, count, seed, mqar_share)]
 
@@ -67,20 +82,26 @@ def build_data(
     mqar_share: float = 0.2,
     phase: bool = False,
     burn_in: int = 0,
+    far_share: float = 0.0,
 ) -> tuple[Path, Path]:
     """The corpus and recall shards. ``answer_loss``: the recall examples carry loss on their
     answers only (shard loss masks, data_pipelines/examples.py), in the same samples and order
     as the text path gives (one example plus EOS per sample, the same seeded split).
     ``burn_in`` (needs ``answer_loss``): rows of burn_in + seq_len tokens, the examples of
-    seq_len tokens at their end (``burn_in_rows``), the corpus in rows of that length."""
+    seq_len tokens at their end (``burn_in_rows``), the corpus in rows of that length; and a
+    ``far_share`` of the recall rows pass-key examples of the whole row whose needle lies in the
+    burn-in (``far_needles``)."""
     corpus = out / "data" / "corpus"
     demo.build_demo(str(corpus), seq_len=seq_len + burn_in, max_mb=corpus_mb, progress=False)
     recall = out / "data" / "recall"
     if (recall / "manifest.json").is_file():
         return corpus, recall
     if burn_in:
-        examples = recall_examples(seq_len, recall_docs, 1, mqar_share, phase)
+        n_far = round(far_share * recall_docs)
+        examples = recall_examples(seq_len, recall_docs - n_far, 1, mqar_share, phase)
         rows, masks, starts = burn_in_rows(examples, burn_in, 1)
+        for ex in far_needles(seq_len, burn_in, n_far, 1):
+            rows, masks, starts = rows + [ex.tokens], masks + [answer_mask(ex)], starts + [[]]
         write_examples(
             str(recall), rows, masks, samples_per_shard=256, val_fraction=0.05, seed=0,
             starts=starts,

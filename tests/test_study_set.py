@@ -80,3 +80,19 @@ def test_burn_in_rows_put_each_example_after_a_used_memory():
         used.add(384 - filler)
     assert len(used) > 30 and min(used) < 96 and max(used) > 288  # spread over 0..B
     assert burn_in_rows(examples, 384, seed=1) == (rows, masks, starts)  # seeded
+
+
+def test_far_needles_lie_in_the_burn_in_and_are_asked_after_it():
+    from study_data import far_needles
+
+    needle = "The pass key is"
+    at = []
+    for ex in far_needles(128, 384, 24, seed=1):
+        text = bytes(ex.tokens).decode()
+        start = text.index(needle)
+        end = text.index(" is the pass key. ", start) + len(" is the pass key. ")
+        assert len(ex.tokens) == 512 and end <= 384 and ex.answers == [(506, 512)]
+        at.append(start)
+    assert min(at) < 64 and max(at) > 224  # spread over the burn-in
+    with pytest.raises(SystemExit):
+        study.parse_args(["--far-needles", "0.5"])  # without --burn-in
