@@ -12,15 +12,17 @@ from data_pipelines.examples import answer_mask, write_examples
 from titans_train.synthetic import NOISE, generate
 
 
+def enc(s: str) -> list[int]:
+    """The study's tokenizer: bytes."""
+    return list(s.encode())
+
+
 def recall_examples(
     seq_len: int, count: int, seed: int, mqar_share: float = 0.2, phase: bool = False
 ) -> list:
     """Passkey and MQAR examples of exactly seq_len tokens (bytes); facts beyond depth x window.
     A ``mqar_share`` of them (rounded to 1/1000) is MQAR with 4 pairs, the rest passkey;
     ``phase``: the pass-key haystacks start at a random point of the noise paragraph."""
-
-    def enc(s: str) -> list[int]:
-        return list(s.encode())
 
     # Mostly passkey: in probes at this size full attention learned it in ~1,800 steps of 16
     # sequences, while MQAR was not learned in 2,000 steps by any model (docs/results.md).
@@ -61,10 +63,6 @@ def far_needles(seq_len: int, burn_in: int, count: int, seed: int) -> list:
     haystack overwrite it (their gates get the gradient), over distances of seq_len to
     burn_in + seq_len tokens. The needle's own write is trained by the other rows."""
     total = burn_in + seq_len
-
-    def enc(s: str) -> list[int]:
-        return list(s.encode())
-
     depth = (0.0, burn_in / total)
     return generate("passkey", total, count, enc, seed=seed, depth=depth, cut="token")
 

@@ -29,6 +29,15 @@ from titans_train.run_dir import RunDir
 from titans_train.validation import all_mean, forward_rows, loss_tokens, step_loss_weights
 
 
+def same_graph_on_every_rank(model: TitansLM, world_size: int) -> None:
+    """Data-parallel ranks must run the same graph whatever their rows hold: ZeRO-2 and ZeRO-3
+    reduce gradients in the order the backward produces them, and ZeRO-3 gathers parameters
+    module call by module call. With the plain path for rows that are one document on one rank
+    and the documents path on another, ZeRO-2 summed other parameters' gradients without a
+    word (5 % off for MAG) and ZeRO-3 hung or failed a collective (tests/test_loss_mask.py)."""
+    model.document_shortcut = world_size == 1
+
+
 def planned_steps(cfg: Config) -> int:
     """``train.max_steps``, or fewer when ``train.max_tokens`` is reached first."""
     tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
@@ -86,6 +95,7 @@ class Trainer:
             return False
         train_state.prepare(point, denv)  # the universal conversion, when the world size changed
         model = TitansLM(cfg.model, runtime=cfg.runtime)
+        same_graph_on_every_rank(model, denv.world_size)
         if cfg.runtime.activation_checkpointing:
             apply_activation_checkpointing(model)
         self.engine, _, self.scheduler = cfg.zero.build_engine(

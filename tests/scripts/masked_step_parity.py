@@ -25,8 +25,8 @@ import torch.distributed as dist
 
 from titans_train.data.loader import MicroBatch
 from titans_train.models import ModelConfig, TitansLM
-from titans_train.trainer import Trainer
-from titans_train.validation import loss_targets
+from titans_train.trainer import Trainer, same_graph_on_every_rank
+from titans_train.validation import forward_rows, loss_targets
 
 ROWS, T = 2, 17  # rows per micro-batch, tokens per row (16 targets)
 ANSWERS = [[1, 6], [0, 3]]  # per rank, per micro-batch
@@ -50,6 +50,7 @@ def main() -> None:
     rank = dist.get_rank()
     burn_in = int(sys.argv[1]) if len(sys.argv) > 1 else 0
     variant = sys.argv[2] if len(sys.argv) > 2 else "transformer"
+    stage = int(sys.argv[3]) if len(sys.argv) > 3 else 2
     torch.manual_seed(0)
     cfg = ModelConfig(
         variant=variant, vocab_size=61, dim=32, depth=2, heads=4, window=6, segment_len=6,
@@ -57,42 +58,51 @@ def main() -> None:
     )  # fmt: skip
     model = TitansLM(cfg)
     ref = copy.deepcopy(model)
+    if os.environ.get("PARITY_SHORTCUT") != "1":  # =1: as before the fix, to see it fail
+        same_graph_on_every_rank(model, dist.get_world_size())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     tokens, masks = global_batch()
 
     ds_config = {
         "train_micro_batch_size_per_gpu": ROWS,
         "gradient_accumulation_steps": 2,
-        "zero_optimization": {"stage": 2},
+        "zero_optimization": {"stage": stage},
         "gradient_clipping": 1.0,  # as the trainer's default; the reference clips alike
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
-    mbs = [MicroBatch(tokens[rank, m], None, torch.zeros(ROWS, 3), masks[rank, m]) for m in (0, 1)]
+    starts = torch.zeros(2, 2, ROWS, T, dtype=torch.bool)
+    starts[..., 0] = True
+    starts[1, 1, 0, 10] = True  # documents start after the burn-in on rank 1 only
+    starts[1, 0, 1, [3, 14]] = True
+    mbs = [
+        MicroBatch(tokens[rank, m], starts[rank, m], torch.zeros(ROWS, 3), masks[rank, m])
+        for m in (0, 1)
+    ]
     result = Trainer.train_step(SimpleNamespace(engine=engine, burn_in=burn_in), mbs)
 
-    flat = MicroBatch(tokens.flatten(0, 2), None, None, masks.flatten(0, 2))
+    flat = MicroBatch(tokens.flatten(0, 2), starts.flatten(0, 2), None, masks.flatten(0, 2))
     targets = loss_targets(flat, flat.tokens)
     with torch.no_grad():
-        whole = ref(flat.tokens[:, :-1], targets=targets.index_fill(1, torch.arange(burn_in), -100))
-        state = ref(flat.tokens[:, :burn_in]).state if burn_in else None
-    want = ref(flat.tokens[:, burn_in:-1], targets=targets[:, burn_in:], state=state).loss
+        ignored = targets.index_fill(1, torch.arange(burn_in), -100)
+        whole = ref(flat.tokens[:, :-1], targets=ignored, doc_starts=flat.doc_starts[:, :-1])
+    want = forward_rows(ref, flat, burn_in).loss  # test_burn_in.py: equal to one call's
     want.backward()
     torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
     # After SGD at lr 1 the change of each parameter is minus its clipped gradient.
-    grad_diff, grad_max, worst, untrained = 0.0, 0.0, "", []
-    for n, p in engine.module.named_parameters():
-        step = before[n] - p.detach()
-        grad = ref.get_parameter(n).grad
-        if grad is None:  # used only in the burn-in (a memory's M_0): no gradient reaches it
-            untrained.append(n)
-            grad = torch.zeros_like(step)
-        d = (step - grad).abs().max().item()
-        grad_max = max(grad_max, grad.abs().max().item())
-        if d > grad_diff:
-            grad_diff, worst = d, n
+    grad_diff, grad_max, worst, m0_grad = 0.0, 0.0, "", 0.0
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):  # ZeRO-3: whole
+        for n, p in engine.module.named_parameters():
+            step = before[n] - p.detach()
+            grad = ref.get_parameter(n).grad
+            d = (step - grad).abs().max().item()
+            grad_max = max(grad_max, grad.abs().max().item())
+            if "init_weights" in n:  # M_0: read after the burn-in by one document, on rank 1
+                m0_grad = max(m0_grad, grad.abs().max().item())
+            if d > grad_diff:
+                grad_diff, worst = d, n
     if rank == 0:
         row = dict(
             loss=result.loss,
@@ -103,7 +113,7 @@ def main() -> None:
             grad_max=grad_max,
             worst=worst,
             skipped=result.skipped,
-            untrained=untrained,
+            m0_grad=m0_grad,
         )
         print(json.dumps(row), flush=True)
     engine.destroy()

@@ -48,6 +48,12 @@ class TitansLM(nn.Module):
     Activation checkpointing is applied from outside: ``runtime.apply_activation_checkpointing``.
     """
 
+    # Rows that are each one document take the plain path, which computes the same, faster. An
+    # execution switch, off in data-parallel training (trainer.same_graph_on_every_rank): ranks
+    # whose rows differ in that respect would then run different graphs, so their backwards
+    # produce gradients in another order and, under ZeRO-3, gather parameters differently.
+    document_shortcut: bool = True
+
     def __init__(self, cfg: ModelConfig, runtime: RuntimeConfig | None = None):
         super().__init__()
         self.cfg, self.runtime = cfg, runtime or runtime_from_legacy(cfg)
@@ -109,7 +115,7 @@ class TitansLM(nn.Module):
             raise ValueError(
                 f"doc_starts has shape {tuple(doc_starts.shape)}, expected {tuple(tokens.shape)}"
             )
-        if doc_starts is not None and _one_document(doc_starts, state):
+        if doc_starts is not None and self.document_shortcut and _one_document(doc_starts, state):
             doc_starts = None  # the plain path computes the same, faster
         self._plan_memory_checkpointing(*tokens.shape)
         x = self.embed(tokens)
