@@ -38,6 +38,22 @@ def same_graph_on_every_rank(model: TitansLM, world_size: int) -> None:
     model.document_shortcut = world_size == 1
 
 
+def mac_zero3_documents_warning(cfg: Config, world_size: int) -> str | None:
+    """MAC's documents path makes a number of module calls that depends on where documents
+    start, and ZeRO-3 gathers parameters per call: ranks whose rows differ fail a collective or
+    hang (a known defect; the other variants' calls do not depend on the layout)."""
+    if not (cfg.model.variant == "mac" and cfg.zero.stage == 3 and world_size > 1):
+        return None
+    if not cfg.data.document_masking:
+        return None
+    return (
+        "warning: MAC with data.document_masking under zero.stage=3 on several ranks can fail a "
+        "collective or hang when the ranks' rows start documents at other places (MAC's "
+        "documents path calls its modules once per document piece); use zero.stage<=2 or "
+        "data.document_masking=false (docs/training.md)"
+    )
+
+
 def planned_steps(cfg: Config) -> int:
     """``train.max_steps``, or fewer when ``train.max_tokens`` is reached first."""
     tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
@@ -119,6 +135,8 @@ class Trainer:
         self.log_main(
             f"attention backend: {self.attention['backend']} ({json.dumps(self.attention)})"
         )
+        if warning := mac_zero3_documents_warning(cfg, denv.world_size):
+            self.log_main(warning)
         self.callbacks("setup", self)
         return True
 
