@@ -222,7 +222,7 @@ def resume(report: dict, path: Path) -> dict:
         "ppl_tokens": "4096", "memory_forget_bias": "None", "document_masking": "off",
         "procs": "2", "answer_loss": "False", "mqar_share": "0.2", "seed": "0", "set": "[]",
         "haystack_phase": "False", "eval_lengths": "1,2,4", "mix": "shuffled", "interleave": "8",
-        "burn_in": "0", "needle_cut": "sentence", "far_needles": "0.0",
+        "burn_in": "0", "needle_cut": "sentence", "far_needles": "0.0", "fresh_share": "0.0",
     }  # fmt: skip
     old_args = {**{k: v for k, v in defaults.items() if k in report["args"]}, **old["args"]}
     if settings(old_args) != settings(report["args"]):
@@ -332,6 +332,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="with --burn-in: this share of the recall rows has its needle in the burn-in "
         "(study_data.far_needles)",
     )
+    ap.add_argument(
+        "--fresh-share",
+        type=float,
+        default=0.0,
+        help="with --burn-in: this share of the other recall rows starts on an empty memory",
+    )
     ap.add_argument("--seed", type=int, default=0, help="train.seed and data.seed (init, order)")
     ap.add_argument(
         "--set", nargs="*", default=[], help="model overrides KEY=VALUE for every variant"
@@ -375,8 +381,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.burn_in and (not args.answer_loss or args.document_masking != "on")
     ):
         ap.error(f"--burn-in {args.burn_in}: must be >= 0; > 0 needs --answer-loss and masking on")
-    if not 0 <= args.far_needles <= 1 or (args.far_needles and not args.burn_in):
-        ap.error(f"--far-needles {args.far_needles}: a share in [0, 1], with --burn-in")
+    for key in ("far_needles", "fresh_share"):
+        share = getattr(args, key)
+        if not 0 <= share <= 1 or (share and not args.burn_in):
+            ap.error(f"--{key.replace('_', '-')} {share}: a share in [0, 1], with --burn-in")
     if args.smoke:
         smoke(args)
     for name in args.variants.split(","):
@@ -397,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     docs = 64 if args.smoke else max(2000, args.steps * 8)
     data = build_data(
         out, args.seq_len, docs, 0.5 if args.smoke else 4.0, args.answer_loss, args.mqar_share,
-        args.haystack_phase, args.burn_in * args.seq_len, args.far_needles,
+        args.haystack_phase, args.burn_in * args.seq_len, args.far_needles, args.fresh_share,
     )  # fmt: skip
     report = {
         "command": " ".join(["python", "benchmarks/study.py", *given]),

@@ -38,17 +38,21 @@ def noise(rng: random.Random, n: int) -> list[int]:
     return list((NOISE * (2 + n // len(NOISE)))[start : start + n].encode())
 
 
-def burn_in_rows(examples: list, burn_in: int, seed: int) -> tuple[list, list, list]:
+def burn_in_rows(
+    examples: list, burn_in: int, seed: int, fresh: float = 0.0
+) -> tuple[list, list, list]:
     """Each example after ``burn_in`` tokens that the trainer runs without gradient
     (``train.burn_in``): r ~ U{0..burn_in} tokens of haystack noise in the example's own
     document, before them filler noise as a document of its own (the memory restarts after it
     under document masking). So each trained part starts from a memory that has absorbed
     0..burn_in tokens of haystack without needles, as benchmarks/probe_carry.py's haystack arm
-    (docs/results.md). Returns tokens, loss masks (answers only) and document starts."""
+    (docs/results.md). A share ``fresh`` of them starts its example on an empty memory (used
+    = 0: all filler), as at test time. Returns tokens, loss masks (answers only) and document
+    starts."""
     rows, masks, starts = [], [], []
     for i, ex in enumerate(examples):
         rng = random.Random(f"study-burn-in:{seed}:{i}")
-        used = rng.randint(0, burn_in)
+        used = 0 if fresh and rng.random() < fresh else rng.randint(0, burn_in)
         filler = burn_in - used
         rows.append(noise(rng, filler) + noise(rng, used) + list(ex.tokens))
         masks.append([False] * burn_in + answer_mask(ex).tolist())
@@ -81,6 +85,7 @@ def build_data(
     phase: bool = False,
     burn_in: int = 0,
     far_share: float = 0.0,
+    fresh_share: float = 0.0,
 ) -> tuple[Path, Path]:
     """The corpus and recall shards. ``answer_loss``: the recall examples carry loss on their
     answers only (shard loss masks, data_pipelines/examples.py), in the same samples and order
@@ -97,7 +102,7 @@ def build_data(
     if burn_in:
         n_far = round(far_share * recall_docs)
         examples = recall_examples(seq_len, recall_docs - n_far, 1, mqar_share, phase)
-        rows, masks, starts = burn_in_rows(examples, burn_in, 1)
+        rows, masks, starts = burn_in_rows(examples, burn_in, 1, fresh_share)
         for ex in far_needles(seq_len, burn_in, n_far, 1):
             rows, masks, starts = rows + [ex.tokens], masks + [answer_mask(ex)], starts + [[]]
         write_examples(
