@@ -103,8 +103,10 @@ def build_data(
         n_far = round(far_share * recall_docs)
         examples = recall_examples(seq_len, recall_docs - n_far, 1, mqar_share, phase)
         rows, masks, starts = burn_in_rows(examples, burn_in, 1, fresh_share)
-        for ex in far_needles(seq_len, burn_in, n_far, 1):
-            rows, masks, starts = rows + [ex.tokens], masks + [answer_mask(ex)], starts + [[]]
+        far = far_needles(seq_len, burn_in, n_far, 1)
+        rows += [ex.tokens for ex in far]
+        masks += [answer_mask(ex) for ex in far]
+        starts += [[]] * len(far)
         write_examples(
             str(recall), rows, masks, samples_per_shard=256, val_fraction=0.05, seed=0,
             starts=starts,

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from titans_train.data import MicroBatch
 from titans_train.distributed import device
+from titans_train.models.lm import LMOutput
 
 
 def all_mean(values: list[torch.Tensor]) -> float:
@@ -70,7 +71,7 @@ def loss_targets(mb: MicroBatch, tokens: torch.Tensor) -> torch.Tensor:
     return targets.masked_fill(~mb.loss_mask[:, 1:].to(targets.device), -100)
 
 
-def forward_rows(model: nn.Module, mb: MicroBatch, burn_in: int = 0):
+def forward_rows(model: nn.Module, mb: MicroBatch, burn_in: int = 0) -> LMOutput:
     """The model (engine or module) on a micro-batch: inputs tokens[:, :-1], targets with the
     loss mask's -100, the documents' starts. ``burn_in`` = B > 0 (``train.burn_in``): the first B
     inputs run without gradient and their state, detached, starts the rest, which alone carries
