@@ -10,13 +10,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .blocks import BLOCKS, BlockState
+from .blocks import BlockState, LMMBlock, MAGBlock, MALBlock, TransformerBlock
 from .config import ModelConfig
 from .layers import RMSNorm
+from .mac_block import MACBlock
 from .memory import NeuralMemory
 from .runtime import RuntimeConfig, runtime_from_legacy
 from .threads import OneThreadBackward, one_thread, release, small_on_cpu
 from .token_conv import TokenConv
+
+BLOCKS = {
+    "mac": MACBlock,
+    "mag": MAGBlock,
+    "mal": MALBlock,
+    "lmm": LMMBlock,
+    "transformer": TransformerBlock,
+}
 
 
 @dataclass
