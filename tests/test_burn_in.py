@@ -81,15 +81,3 @@ def test_a_run_with_a_burn_in_trains_and_validates(demo_shards, process_group, t
         [m["val/loss"] for m in metrics(tmp_path / r) if "val/loss" in m] for r in ("whole", "burn")
     ]
     assert val[0] and val[1] and val[0] != val[1], val
-
-
-def test_mac_under_zero3_with_documents_is_warned_of(demo_shards, tmp_path):
-    from titans_train.trainer import mac_zero3_documents_warning
-
-    overrides = base_overrides(demo_shards, tmp_path / "run", 2)
-    cfg = load_config(EXPERIMENT, [*overrides, "zero.stage=3"])
-    assert "zero.stage<=2" in mac_zero3_documents_warning(cfg, 2)
-    assert mac_zero3_documents_warning(cfg, 1) is None
-    off = load_config(EXPERIMENT, [*overrides, "zero.stage=3", "data.document_masking=false"])
-    assert mac_zero3_documents_warning(off, 2) is None
-    assert mac_zero3_documents_warning(load_config(EXPERIMENT, overrides), 2) is None

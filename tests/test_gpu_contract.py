@@ -67,6 +67,7 @@ def run_trainer_collectives(cfg: Config, preemption: Preemption) -> None:
     preemption._handle(signal.SIGUSR1, None)
     assert preemption.should_stop() == "SIGUSR1"
     assert all_mean([torch.tensor(1.0), torch.tensor(3.0)]) == 2.0
+    assert distributed.max_over_ranks(3) == 3  # MAC's agreed documents grid (TitansLM.layout_agree)
     model = TitansLM(cfg.model)  # what the engine wraps; validation only calls it
     with cfg.data.build_val_loader(cfg.train, cfg.model.vocab_size, 0, 1) as batches:
         val = validation_loss(model, batches, cfg.train.eval_batches)

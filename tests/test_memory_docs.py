@@ -145,6 +145,25 @@ def test_bad_doc_starts_shape_names_it():
         mem(torch.randn(2, 8, D), doc_starts=torch.zeros(2, 9, dtype=torch.bool))
 
 
+def test_a_call_of_padding_only_keeps_the_state():
+    """A call where no row has a valid token (a MAC grid padded to another rank's length) used to
+    fail to reshape an empty stream. Now it reads 0 and leaves M, S, the buffer and the
+    positions as they were, with rows on a chunk boundary (no buffer) and inside one."""
+    mem = make(2)
+    x = torch.randn(2, 11, D)
+    _, st = mem(x, doc_starts=marks(11, [[], [3]]))  # row 0: 3 buffered tokens; row 1: none
+    assert st.doc_pos.tolist() == [11, 8]
+    out, st2 = mem(torch.randn(2, 4, D), st, valid=torch.zeros(2, 4, dtype=torch.bool))
+    assert out.abs().max() == 0
+    assert st2.doc_pos.tolist() == [11, 8]
+    for now, before in zip(mem.current_weights(st2), mem.current_weights(st)):
+        for a, b in zip(now, before):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _, empty = mem(x[:, :8], doc_starts=marks(8, [[], [4]]))  # both rows on a chunk boundary
+    out, _ = mem(torch.randn(2, 4, D), empty, valid=torch.zeros(2, 4, dtype=torch.bool))
+    assert out.shape == (2, 4, D) and out.abs().max() == 0
+
+
 def test_tokens_that_are_not_valid_are_left_out():
     """valid=False tokens are neither written nor read (output 0): the others read what the
     row's valid tokens alone read, documents included, and the state carries on."""

@@ -232,3 +232,13 @@ def device() -> torch.device:
     if acc.device_name() == "cpu":
         return torch.device("cpu")
     return torch.device(acc.current_device_name())
+
+
+def max_over_ranks(n: int) -> int:
+    """The largest ``n`` of all ranks (one host-side collective: a CPU tensor, served by gloo
+    in the CUDA group too); ``n`` itself without a process group."""
+    if not dist.is_initialized():
+        return n
+    t = torch.tensor([n], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

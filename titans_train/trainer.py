@@ -22,7 +22,13 @@ from titans_train import train_state
 from titans_train.callbacks.base import Callback, Callbacks, StepResult
 from titans_train.config import Config, public_yaml, resolve_mix
 from titans_train.data import MicroBatch
-from titans_train.distributed import DistEnv, mark_progress, set_tf32, timeout_for
+from titans_train.distributed import (
+    DistEnv,
+    mark_progress,
+    max_over_ranks,
+    set_tf32,
+    timeout_for,
+)
 from titans_train.models import TitansLM, apply_activation_checkpointing
 from titans_train.models.attention import attention_backend_report
 from titans_train.run_dir import RunDir
@@ -34,24 +40,11 @@ def same_graph_on_every_rank(model: TitansLM, world_size: int) -> None:
     reduce gradients in the order the backward produces them, and ZeRO-3 gathers parameters
     module call by module call. With the plain path for rows that are one document on one rank
     and the documents path on another, ZeRO-2 summed other parameters' gradients without a
-    word (5 % off for MAG) and ZeRO-3 hung or failed a collective (tests/test_loss_mask.py)."""
+    word (5 % off for MAG) and ZeRO-3 hung or failed a collective (tests/test_loss_mask.py).
+    MAC's documents grid, whose length depends on the layout, is padded to the ranks' longest:
+    without it MAC under ZeRO-3 failed a collective at the first step."""
     model.document_shortcut = world_size == 1
-
-
-def mac_zero3_documents_warning(cfg: Config, world_size: int) -> str | None:
-    """MAC's documents path makes a number of module calls that depends on where documents
-    start, and ZeRO-3 gathers parameters per call: ranks whose rows differ fail a collective or
-    hang (a known defect; the other variants' calls do not depend on the layout)."""
-    if not (cfg.model.variant == "mac" and cfg.zero.stage == 3 and world_size > 1):
-        return None
-    if not cfg.data.document_masking:
-        return None
-    return (
-        "warning: MAC with data.document_masking under zero.stage=3 on several ranks can fail a "
-        "collective or hang when the ranks' rows start documents at other places (MAC's "
-        "documents path calls its modules once per document piece); use zero.stage<=2 or "
-        "data.document_masking=false (docs/training.md)"
-    )
+    model.layout_agree = max_over_ranks if world_size > 1 else None
 
 
 def planned_steps(cfg: Config) -> int:
@@ -135,8 +128,6 @@ class Trainer:
         self.log_main(
             f"attention backend: {self.attention['backend']} ({json.dumps(self.attention)})"
         )
-        if warning := mac_zero3_documents_warning(cfg, denv.world_size):
-            self.log_main(warning)
         self.callbacks("setup", self)
         return True
 

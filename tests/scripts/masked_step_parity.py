@@ -7,10 +7,12 @@ mean over the 10 answers, whatever rank and micro-batch each fell on (and the em
 not make them NaN). SGD with lr 1 makes the parameter change the (clipped) gradient. Prints one
 JSON line on rank 0.
 
-``masked_step_parity.py B VARIANT``: with ``train.burn_in`` = B, the same for the variant's model;
-the reference runs the first B tokens of the whole batch without gradient and trains the rest
-from their state, and answers among the first B targets must not count. ``whole`` is the loss of
-the whole rows in one call with those targets ignored (streaming equals one call).
+``masked_step_parity.py B VARIANT [STAGE [KEY=VALUE ...]]``: with ``train.burn_in`` = B, the
+same for the variant's model (ZeRO stage STAGE, default 2; model overrides KEY=VALUE); the
+reference runs the first B tokens of the whole batch without gradient and trains the rest from
+their state, and answers among the first B targets must not count. ``whole`` is the loss of the
+whole rows in one call with those targets ignored (streaming equals one call). Rank 1's rows
+start more documents than rank 0's, so the ranks' layouts differ.
 """
 
 import copy
@@ -52,9 +54,10 @@ def main() -> None:
     variant = sys.argv[2] if len(sys.argv) > 2 else "transformer"
     stage = int(sys.argv[3]) if len(sys.argv) > 3 else 2
     torch.manual_seed(0)
+    extra = dict(a.split("=", 1) for a in sys.argv[4:])  # e.g. mac_retrieval=memory_tokens
     cfg = ModelConfig(
         variant=variant, vocab_size=61, dim=32, depth=2, heads=4, window=6, segment_len=6,
-        chunk_size=3,
+        chunk_size=3, **extra,
     )  # fmt: skip
     model = TitansLM(cfg)
     ref = copy.deepcopy(model)

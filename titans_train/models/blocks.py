@@ -72,6 +72,14 @@ def make_memory(cfg: ModelConfig, runtime: RuntimeConfig | None = None) -> Neura
     )
 
 
+def current_doc_pos(st: BlockState, x: Tensor) -> Tensor:
+    """[B] tokens of each row's current document; a state written without documents has seen
+    one document so far."""
+    if st.doc_pos is not None:
+        return st.doc_pos
+    return torch.full((x.shape[0],), st.pos, dtype=torch.long, device=x.device)
+
+
 class Block(nn.Module):
     """Shared parts: pre-norms, SwiGLU, persistent tokens; subclasses define ``mix``."""
 
@@ -91,22 +99,41 @@ class Block(nn.Module):
             no_weight_decay(self, "persistent")
 
     def forward(
-        self, x: Tensor, state: BlockState | None = None, doc_starts: Tensor | None = None
+        self,
+        x: Tensor,
+        state: BlockState | None = None,
+        doc_starts: Tensor | None = None,
+        grid: int = 0,
     ) -> tuple[Tensor, BlockState]:
         """``doc_starts`` ([B, T] bool): documents packed in each row restart at the marked tokens
-        (docs/memory.md, "Documents"); a state that has seen documents keeps using them."""
+        (docs/memory.md, "Documents"); a state that has seen documents keeps using them.
+        ``grid``: the least length of a documents grid, for blocks that lay documents out on one
+        (MAC, ``documents_grid``); the others ignore it."""
         st = replace(state) if state is not None else BlockState()
         if doc_starts is None and st.doc_pos is None:
             x, st = self.mix(x, st)
         else:
-            fresh = st.pos == 0 and st.doc_pos is None
-            x, st = self.mix_documents(x, st, document_starts(x, fresh, doc_starts))
+            x, st = self.mix_documents(x, st, self.starts(x, st, doc_starts), grid)
         return x + self.mlp(self.norm2(x)), st
+
+    @staticmethod
+    def starts(x: Tensor, st: BlockState, doc_starts: Tensor | None) -> Tensor:
+        """The [B, T] document starts of a call on state ``st``, checked."""
+        return document_starts(x, st.pos == 0 and st.doc_pos is None, doc_starts)
+
+    def documents_grid(
+        self, x: Tensor, state: BlockState | None, doc_starts: Tensor | None
+    ) -> int | None:
+        """The grid length the documents path would use for this call, None for blocks without
+        a grid (their module calls do not depend on where documents start)."""
+        return None
 
     def mix(self, x: Tensor, st: BlockState) -> tuple[Tensor, BlockState]:
         raise NotImplementedError
 
-    def mix_documents(self, x: Tensor, st: BlockState, starts: Tensor) -> tuple[Tensor, BlockState]:
+    def mix_documents(
+        self, x: Tensor, st: BlockState, starts: Tensor, grid: int = 0
+    ) -> tuple[Tensor, BlockState]:
         raise NotImplementedError(f"{type(self).__name__} does not take doc_starts yet")
 
     def write_memory(self, xn: Tensor, st: BlockState) -> tuple[Tensor, MemoryState]:
@@ -123,10 +150,7 @@ class Block(nn.Module):
     ) -> tuple[Tensor, BlockState]:
         """Sliding-window attention over packed documents; returns the output and the state's
         attention fields (caches, positions) after the call."""
-        B = xn.shape[0]
-        doc_pos = st.doc_pos
-        if doc_pos is None:  # a state written without documents: one document so far
-            doc_pos = torch.full((B,), st.pos, dtype=torch.long, device=xn.device)
+        B, doc_pos = xn.shape[0], current_doc_pos(st, xn)
         doc, pos, _ = document_positions(starts, (torch.zeros_like(doc_pos), doc_pos))
         docs = (doc, pos)  # document 0: the one the state's cache belongs to
         cache_docs = st.kv_docs
@@ -163,7 +187,7 @@ class TransformerBlock(Block):
         y, kv = self.attn.sliding(self.norm1(x), st.pos, st.kv, self.cfg.window, self.persistent)
         return x + self.attn_out(y), replace(st, pos=st.pos + x.shape[1], kv=kv)
 
-    def mix_documents(self, x, st, starts):
+    def mix_documents(self, x, st, starts, grid=0):
         y, st = self.attend_documents(self.norm1(x), st, starts, self.persistent)
         return x + self.attn_out(y), st
 
@@ -195,7 +219,7 @@ class MAGBlock(Block):
         y, kv = self.attn.sliding(xn, st.pos, st.kv, self.cfg.window, self.persistent)
         return x + self.combine(y, m), replace(st, pos=st.pos + x.shape[1], kv=kv, mem=mem)
 
-    def mix_documents(self, x, st, starts):
+    def mix_documents(self, x, st, starts, grid=0):
         xn = self.norm1(x)
         m, mem = self.write_documents(xn, st, starts)
         y, st = self.attend_documents(xn, st, starts, self.persistent)
@@ -213,7 +237,7 @@ class LMMBlock(Block):
         m, mem = self.write_memory(self.norm1(x), st)
         return x + m, replace(st, pos=st.pos + x.shape[1], mem=mem)
 
-    def mix_documents(self, x, st, starts):
+    def mix_documents(self, x, st, starts, grid=0):
         m, mem = self.write_documents(self.norm1(x), st, starts)
         return x + m, replace(st, pos=st.pos + x.shape[1], mem=mem, doc_pos=mem.doc_pos)
 
@@ -247,7 +271,7 @@ class MALBlock(Block):
         x = x + self.attn_out(y)
         return x, replace(st, pos=st.pos + x.shape[1], kv=kv, mem=mem, prefix=prefix)
 
-    def mix_documents(self, x, st, starts):
+    def mix_documents(self, x, st, starts, grid=0):
         prefix, p = st.prefix, None
         if self.persistent is not None:
             # P after the memory sublayer is the same for every document (M_0, an empty conv):

@@ -65,7 +65,7 @@ def stream_layout(
     last = did[:, -1]
     used_last = used.gather(1, last[:, None])[:, 0]
     end = first_slot.gather(1, last[:, None])[:, 0] + used_last
-    S = int(end.max())
+    S = max(int(end.max()), 1)  # a call of padding only (a MAC grid padded for other ranks)
     slot = torch.where(valid, slot, S)
     doc = torch.full((B, S + 1), -1, dtype=torch.long, device=dev)  # slot S: a dump for masked
     doc.scatter_(1, slot, did)

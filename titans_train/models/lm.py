@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,11 @@ class TitansLM(nn.Module):
     # whose rows differ in that respect would then run different graphs, so their backwards
     # produce gradients in another order and, under ZeRO-3, gather parameters differently.
     document_shortcut: bool = True
+    # MAC lays packed documents out on a grid whose length, and so its number of module calls,
+    # depends on where they start. Data-parallel training installs here a max over the ranks
+    # (trainer.same_graph_on_every_rank), which pads every rank's grid to one length: ZeRO-3
+    # gathers parameters call by call. The model only calls it; it knows nothing of ranks.
+    layout_agree: Callable[[int], int] | None = None
 
     def __init__(self, cfg: ModelConfig, runtime: RuntimeConfig | None = None):
         super().__init__()
@@ -126,6 +132,7 @@ class TitansLM(nn.Module):
             )
         if doc_starts is not None and self.document_shortcut and _one_document(doc_starts, state):
             doc_starts = None  # the plain path computes the same, faster
+        grid = self._agreed_grid(tokens, state, doc_starts)
         self._plan_memory_checkpointing(*tokens.shape)
         x = self.embed(tokens)
         tail = None
@@ -137,7 +144,7 @@ class TitansLM(nn.Module):
         new_states, small = [], auto_threads and small_on_cpu(x)  # one thread (threads.py)
         with one_thread(small):
             for i, block in enumerate(self.blocks):
-                x, s = block(x, None if state is None else state.blocks[i], doc_starts)
+                x, s = block(x, None if state is None else state.blocks[i], doc_starts, grid)
                 new_states.append(s)
             logits = self.head(self.norm(x))
             if small and logits.requires_grad:
@@ -148,6 +155,14 @@ class TitansLM(nn.Module):
                     logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100
                 )
         return LMOutput(logits, loss, LMState(new_states, tail))
+
+    def _agreed_grid(self, tokens: Tensor, state: LMState | None, doc_starts: Tensor | None) -> int:
+        """The documents grid length every rank uses (``layout_agree``; 0: each its own). Every
+        block sees the same starts and document positions, so block 0 speaks for all."""
+        if doc_starts is None or self.layout_agree is None:
+            return 0
+        need = self.blocks[0].documents_grid(tokens, state and state.blocks[0], doc_starts)
+        return 0 if need is None else self.layout_agree(need)
 
     def _plan_memory_checkpointing(self, batch: int, tokens: int) -> None:
         """Checkpoint the memories' chunk loops this call only if the states they would keep

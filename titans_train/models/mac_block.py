@@ -9,9 +9,18 @@ import torch.nn as nn
 from torch import Tensor
 
 from .attention import Causal, KeyGroup, Visible
-from .blocks import Block, BlockState, GatedCombine, make_memory
+from .blocks import Block, BlockState, GatedCombine, current_doc_pos, make_memory
 from .config import ModelConfig
-from .doc_layout import fit, gather_slots, grid_positions, on_grid, pick, row_window, stream_layout
+from .doc_layout import (
+    StreamLayout,
+    fit,
+    gather_slots,
+    grid_positions,
+    on_grid,
+    pick,
+    row_window,
+    stream_layout,
+)
 from .layers import RMSNorm, append_kv
 from .memory import MemoryState
 from .policy import no_weight_decay
@@ -97,18 +106,32 @@ class MACBlock(Block):
             y = self.attn.attend(q, q_nope, [*groups[:-2], cut, groups[-1]])
         return self.y_norm(y)
 
-    def mix_documents(self, x, st, starts):
+    def documents_grid(self, x, state, doc_starts):
+        st = state if state is not None else BlockState()
+        starts = self.starts(x, st, doc_starts)
+        lay = stream_layout(starts, current_doc_pos(st, x), 0, self.cfg.segment_len)
+        return self._grid_len(lay)
+
+    def _grid_len(self, lay: StreamLayout) -> int:
+        C = self.cfg.segment_len
+        return -(-lay.doc.shape[1] // C) * C
+
+    def mix_documents(self, x, st, starts, grid=0):
         """``mix`` with packed documents, on a grid where every document starts on a segment
         boundary (``stream_layout`` aligned to C): a grid segment then holds one document per row,
         so the segment loop and its Causal rules stay as they are. Slots of segment 0 that an
-        earlier call filled take their keys from the state's caches (``held``)."""
+        earlier call filled take their keys from the state's caches (``held``).
+
+        The grid's length, and so the number of module calls, depends on where documents start.
+        ``grid`` pads it with segments of padding to a length agreed by data-parallel ranks
+        (``TitansLM.layout_agree``): ZeRO-3 gathers parameters call by call."""
         B, T, _ = x.shape
         C, dev = self.cfg.segment_len, x.device
-        doc_pos = st.doc_pos
-        if doc_pos is None:  # a state written without documents: one document so far
-            doc_pos = torch.full((B,), st.pos, dtype=torch.long, device=dev)
+        doc_pos = current_doc_pos(st, x)
         lay = stream_layout(starts, doc_pos, 0, C)
-        S = -(-lay.doc.shape[1] // C) * C
+        if grid % C:
+            raise ValueError(f"grid={grid} is not a multiple of segment_len={C}")
+        S = max(self._grid_len(lay), grid)
         valid = on_grid(x.new_ones(B, T, 1), lay.slot, S)[..., 0] > 0
         begins = on_grid(starts[..., None].to(x.dtype), lay.slot, S)[..., 0] > 0
         pos = grid_positions(lay, doc_pos, C, S)
