@@ -165,6 +165,7 @@ def train(name: str, ffn: int, data: tuple[Path, Path], run_dir: Path, args) -> 
         f"checkpoint.interval={args.steps}",
         "tracking.mode=disabled",
         "tracking.log_interval=10",
+        *([f"checkpoint.init_from={args.init_from / name}"] if args.init_from else []),
     ]
     cmd = [
         sys.executable,
@@ -340,6 +341,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--seed", type=int, default=0, help="train.seed and data.seed (init, order)")
     ap.add_argument(
+        "--init-from",
+        type=Path,
+        help="each variant starts from the weights of DIR/<variant> (checkpoint.init_from), "
+        "e.g. a study trained at L, for a second phase with other data",
+    )
+    ap.add_argument(
         "--set", nargs="*", default=[], help="model overrides KEY=VALUE for every variant"
     )
     ap.add_argument("--procs", type=int, choices=(1, 2), default=2, help="trainer processes")
@@ -390,6 +397,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in args.variants.split(","):
         if name not in ALL:
             ap.error(f"--variants: unknown {name!r}; known: {', '.join(ALL)}")
+        if args.init_from and not (args.init_from / name).is_dir():
+            ap.error(f"--init-from {args.init_from}: no run {name!r} there")
     return args
 
 

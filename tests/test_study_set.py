@@ -96,3 +96,12 @@ def test_far_needles_lie_in_the_burn_in_and_are_asked_after_it():
     assert min(at) < 64 and max(at) > 224  # spread over the burn-in
     with pytest.raises(SystemExit):
         study.parse_args(["--far-needles", "0.5"])  # without --burn-in
+
+
+def test_init_from_needs_a_run_of_every_variant(tmp_path, capsys):
+    (tmp_path / "mal").mkdir()
+    args = study.parse_args(["--variants", "mal", "--init-from", str(tmp_path)])
+    assert args.init_from == tmp_path
+    with pytest.raises(SystemExit):
+        study.parse_args(["--variants", "mal,mag", "--init-from", str(tmp_path)])
+    assert "no run 'mag' there" in capsys.readouterr().err

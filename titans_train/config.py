@@ -160,6 +160,10 @@ class CheckpointConfig:
     keep_every: int | None = None  # also keep every checkpoint whose step is a multiple of this
     resume: str = "auto"  # auto | never | PATH (a step_XXXXXXXX directory)
     force: bool = False  # resume even when the model or data config changed
+    # A new run starts from these weights (another run's checkpoint, its run directory, or a
+    # titans-export directory): fine-tuning, curricula. Optimizer, step, data and RNG start
+    # fresh; a run that has its own checkpoint resumes from that instead.
+    init_from: str | None = None
     checksum: str = "auto"  # per file in COMPLETE: auto (xxh3, else blake2b)|xxh3|blake2b|none
     private: bool = False  # run directory 0700, files 0600 (umask 077 for the whole process)
     break_lock: bool = False  # take the run-directory lock even if another host's run holds it

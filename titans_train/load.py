@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from titans_train.checkpoint import STATE, CheckpointError, resolve_checkpoint
-from titans_train.consolidate import load_checkpoint_model, trainer_state
+from titans_train.consolidate import check_weights, load_checkpoint_model, trainer_state
 from titans_train.data.errors import DataError
 from titans_train.data.tokenizer import (
     TextTokenizer,
@@ -166,3 +166,22 @@ def describe(checkpoint: Checkpoint, model: TitansLM) -> dict:
 def dump_json(obj: dict, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def initialize_from(model: TitansLM, spec: str) -> str:
+    """``checkpoint.init_from``: load the weights of a training checkpoint (or run directory) or
+    an export into ``model``, whose config may differ in anything that keeps the shapes (e.g. the
+    gates' initial biases, which the loaded weights replace anyway). Returns what was loaded,
+    for the log; a CheckpointError names the key, the path and what does not fit."""
+    try:
+        source = open_checkpoint(spec)
+        weights = source.model().state_dict()
+        check_weights(weights, model, source.path)
+    except (CheckpointError, DataError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint.init_from={spec}: {e}") from e
+    model.load_state_dict(weights, strict=True)
+    mine, theirs = asdict(model.cfg), asdict(source.model_config)
+    changed = [f"{k}: {theirs[k]!r} -> {mine[k]!r}" for k in mine if mine[k] != theirs.get(k)]
+    step = "" if source.step is None else f" (step {source.step})"
+    note = f"; model config differs: {', '.join(changed)}" if changed else ""
+    return f"checkpoint.init_from: weights of {source.path}{step}{note}"

@@ -29,6 +29,7 @@ from titans_train.distributed import (
     set_tf32,
     timeout_for,
 )
+from titans_train.load import initialize_from
 from titans_train.models import TitansLM, apply_activation_checkpointing
 from titans_train.models.attention import attention_backend_report
 from titans_train.run_dir import RunDir
@@ -104,6 +105,10 @@ class Trainer:
             return False
         train_state.prepare(point, denv)  # the universal conversion, when the world size changed
         model = TitansLM(cfg.model, runtime=cfg.runtime)
+        if cfg.checkpoint.init_from and not point.path:
+            self.log_main(initialize_from(model, cfg.checkpoint.init_from))
+        elif cfg.checkpoint.init_from:
+            self.log_main(f"checkpoint.init_from not used: this run resumes from {point.path}")
         same_graph_on_every_rank(model, denv.world_size)
         if cfg.runtime.activation_checkpointing:
             apply_activation_checkpointing(model)
