@@ -196,6 +196,7 @@ def setup(report: dict) -> str:
         f"{'the model default' if bias == 'None' else bias}; {a.get('procs', '2')} processes, "
         "ZeRO-2."
     )
+    train += _phases(a)
     field = m["depth"] * (m["window"] or 0)
     evaluation = (
         f"Evaluation: `titans-eval`, {a['samples']} examples per suite and length, at "
@@ -207,6 +208,24 @@ def setup(report: dict) -> str:
         "predicted %)."
     )
     return "\n\n".join(textwrap.fill(t, 99) for t in (model, train, evaluation))
+
+
+def _phases(a: dict) -> str:
+    """The burn-in and the starting weights, when the study had them (study.py's flags)."""
+    text, k, seq_len = "", int(a.get("burn_in", 0)), int(a["seq_len"])
+    if k:
+        text += (
+            f" Burn-in {k} (`train.burn_in`): rows of {(k + 1) * seq_len} tokens whose first "
+            f"{k * seq_len} run without gradient and loss; far needles {a.get('far_needles', 0)} "
+            f"(that share of the recall rows asks for a needle inside the burn-in), fresh share "
+            f"{a.get('fresh_share', 0)} (of the other recall rows, on an empty memory)."
+        )
+    if a.get("init_from", "None") != "None":
+        text += (
+            f" Every model started from the weights of its run in {a['init_from']} "
+            "(`checkpoint.init_from`): this is a second phase."
+        )
+    return text
 
 
 def write_report(

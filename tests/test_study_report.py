@@ -147,6 +147,17 @@ def test_setup_comes_from_what_the_study_recorded():
     assert "`num_memory_tokens=16`" in text  # the variant's deviation, named
 
 
+def test_setup_names_a_burn_in_and_the_starting_weights():
+    report = _synthetic()
+    assert "Burn-in" not in study_report.setup(report)
+    report["args"].update(burn_in="3", far_needles="0.5", fresh_share="0.0")
+    report["args"]["init_from"] = "runs/phase1"
+    text = " ".join(study_report.setup(report).split())
+    assert "Burn-in 3 (`train.burn_in`): rows of 512 tokens whose first 384 run" in text
+    assert "far needles 0.5" in text
+    assert "started from the weights of its run in runs/phase1" in text
+
+
 def test_page_plots_and_copy_are_written_and_the_notes_kept(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
