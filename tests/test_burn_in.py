@@ -5,7 +5,7 @@ tests/test_loss_mask.py::test_two_ranks_with_a_burn_in_train_the_rest_of_each_ro
 import pytest
 import torch
 from doc_helpers import marks
-from trainer_helpers import EXPERIMENT, base_overrides, losses, metrics
+from trainer_helpers import EXPERIMENT, base_overrides, in_process_trainer, losses, metrics
 
 from titans_train.config_load import ConfigError, load_config
 from titans_train.data.loader import MicroBatch
@@ -64,17 +64,12 @@ def test_a_run_with_a_burn_in_trains_and_validates(demo_shards, process_group, t
     """The trainer end to end (one process, ZeRO as the experiment sets it): with a burn-in of 96
     of 128 tokens the loss is on the last 32 targets, so it differs from the whole row's, in
     training and in validation, and the run still learns."""
-    from titans_train.callbacks import default_callbacks
-    from titans_train.preemption import Preemption
-    from titans_train.trainer import Trainer
-
-    tiny_model = ["model.depth=1", "model.dim=32", "model.heads=2", "tracking.mode=disabled"]
-    common = ["train.eval_interval=6", "train.eval_batches=1", "optim.lr=3e-3", *tiny_model]
+    common = ["train.eval_interval=6", "train.eval_batches=1", "optim.lr=3e-3"]
     for name, burn_in in (("whole", 0), ("burn", 96)):
-        overrides = base_overrides(demo_shards, tmp_path / name, 6) + common
-        cfg = load_config(EXPERIMENT, [*overrides, f"train.burn_in={burn_in}"])
-        trainer = Trainer(cfg, process_group, default_callbacks(cfg, process_group, Preemption(0)))
-        trainer.fit()
+        in_process_trainer(
+            demo_shards, tmp_path / name, 6, *common, f"train.burn_in={burn_in}",
+            process_group=process_group,
+        ).fit()  # fmt: skip
     whole, burn = losses(tmp_path / "whole"), losses(tmp_path / "burn")
     assert burn[1] != whole[1] and burn[6] < burn[1], (whole, burn)
     val = [

@@ -4,22 +4,13 @@ that instead; what cannot be loaded is named."""
 
 import pytest
 import torch
-from trainer_helpers import EXPERIMENT, base_overrides, losses
+from trainer_helpers import in_process_trainer, losses
 
 from titans_train.checkpoint import CheckpointError
-from titans_train.config_load import load_config
-
-TINY = ["model.depth=1", "model.dim=32", "model.heads=2", "tracking.mode=disabled"]
 
 
 def run(demo_shards, process_group, run_dir, steps, *extra, setup_only=False):
-    from titans_train.callbacks import default_callbacks
-    from titans_train.preemption import Preemption
-    from titans_train.trainer import Trainer
-
-    overrides = [*base_overrides(demo_shards, run_dir, steps), *TINY, *extra]
-    cfg = load_config(EXPERIMENT, overrides)
-    trainer = Trainer(cfg, process_group, default_callbacks(cfg, process_group, Preemption(0)))
+    trainer = in_process_trainer(demo_shards, run_dir, steps, *extra, process_group=process_group)
     if setup_only:
         assert trainer.setup()
     else:

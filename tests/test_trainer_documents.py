@@ -4,21 +4,13 @@ bitwise. The demo corpus has documents longer than a sample, so these runs use s
 documents (the ``short_doc_shards`` fixture)."""
 
 import pytest
-from trainer_helpers import EXPERIMENT, base_overrides, losses, metrics
+from trainer_helpers import EXPERIMENT, base_overrides, in_process_trainer, losses, metrics
 
-from titans_train.callbacks import default_callbacks
 from titans_train.config_load import load_config
-from titans_train.preemption import Preemption
-from titans_train.trainer import Trainer
-
-TINY = ["model.depth=1", "model.dim=32", "model.heads=2", "tracking.mode=disabled"]
 
 
 def fit(data, run, steps, *extra, process_group):
-    overrides = base_overrides(data, run, steps) + TINY + list(extra)
-    cfg = load_config(EXPERIMENT, overrides)
-    trainer = Trainer(cfg, process_group, default_callbacks(cfg, process_group, Preemption(0)))
-    return trainer.fit()
+    return in_process_trainer(data, run, steps, *extra, process_group=process_group).fit()
 
 
 def test_masking_changes_the_loss_and_a_masked_run_resumes_bitwise(

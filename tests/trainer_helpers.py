@@ -51,6 +51,22 @@ def base_overrides(data: Path, run_dir: Path, steps: int) -> list[str]:
     ]
 
 
+# A 1-block, width-32 model for in-process trainer runs (seconds each).
+TINY = ["model.depth=1", "model.dim=32", "model.heads=2", "tracking.mode=disabled"]
+
+
+def in_process_trainer(data, run_dir, steps, *overrides, process_group):
+    """A Trainer in this process (the ``process_group`` fixture's one rank) for ``base_overrides``
+    + TINY + ``overrides``, with the default callbacks; not yet set up."""
+    from titans_train.callbacks import default_callbacks
+    from titans_train.config_load import load_config
+    from titans_train.preemption import Preemption
+    from titans_train.trainer import Trainer
+
+    cfg = load_config(EXPERIMENT, [*base_overrides(data, run_dir, steps), *TINY, *overrides])
+    return Trainer(cfg, process_group, default_callbacks(cfg, process_group, Preemption(0)))
+
+
 def train(data, run_dir, steps, *overrides, nproc=2, check=True, timeout=600):
     """One `titans-train` run under torchrun; W&B offline files stay inside run_dir."""
     env = clean_env(WANDB_MODE="offline", **wandb_home(Path(run_dir) / "wandb-home"))
