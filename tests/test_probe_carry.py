@@ -13,11 +13,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import probe_carry as PC  # noqa: E402
 
 from titans_train.models import ModelConfig, TitansLM  # noqa: E402
-from titans_train.synthetic import NOISE  # noqa: E402
+from titans_train.synthetic import NOISE, generate  # noqa: E402
 from titans_train.testing.recall_training import (  # noqa: E402
     WORD_VOCAB_SIZE,
     batch_tensors,
     examples,
+    far_rows,
     haystack_state,
     train_recall,
     word_encode,
@@ -110,6 +111,39 @@ def test_the_haystack_state_is_streamed_haystack():
     assert hay != plain
     with pytest.raises(ValueError, match="exclusive"):
         train_recall(CFG, "passkey", L, steps=1, batch=2, carry=2, haystack=3)
+
+
+def test_far_rows_put_the_needle_in_the_burn_in():
+    """``far_rows``: pass-key examples of burn_in + L tokens whose needle starts in the burn-in,
+    split into the burn-in and the trained part, whose targets are the answer digits only."""
+    burn_in = 2 * (L - 1)
+    prefix, x, y = far_rows(burn_in, L, 6, seed=5)
+    assert (prefix.shape, x.shape, y.shape) == ((6, burn_in), (6, L - 1), (6, L - 1))
+    exs = generate(
+        "passkey",
+        burn_in + L,
+        6,
+        word_encode,
+        seed=5,
+        depth=(0, burn_in / (burn_in + L)),
+        cut="token",
+    )
+    for row, ex in enumerate(exs):
+        assert torch.cat([prefix[row], x[row]]).tolist() == ex.tokens[:-1]
+        assert int(ex.depth * len(ex.tokens)) < burn_in  # the needle starts in the burn-in
+        value = word_encode(ex.needles[0][1])
+        assert y[row][y[row] != -100].tolist() == value
+    assert len({ex.depth for ex in exs}) == 6  # anywhere in it
+
+
+def test_far_needles_change_the_training_and_need_a_haystack():
+    hay = train_recall(CFG, "passkey", L, steps=4, batch=2, haystack=2).losses
+    far = train_recall(CFG, "passkey", L, steps=4, batch=2, haystack=2, far=0.5).losses
+    assert far != hay
+    for bad in (dict(far=0.5), dict(haystack=2, far=1.5), dict(haystack=2, far=0.5, suite="mqar")):
+        kw = dict(suite="passkey") | bad
+        with pytest.raises(ValueError, match="far="):
+            train_recall(CFG, kw.pop("suite"), L, steps=1, batch=2, **kw)
 
 
 def test_smoke_cli(tmp_path):

@@ -87,6 +87,7 @@ def train_recall(
     carry: int = 0,
     carry_from: int = 0,
     haystack: int = 0,
+    far: float = 0.0,
 ) -> RecallRun:
     """Train a fresh ``TitansLM(cfg)`` (init seed ``seed``) for ``steps`` AdamW steps on
     ``suite`` examples of ``length`` tokens (data seed 1000 + seed), loss on the answers only.
@@ -107,9 +108,15 @@ def train_recall(
 
     ``haystack`` = H > 0 (instead of carry; from ``carry_from`` on): each step starts from a state
     that has absorbed n ~ U{0..H} pieces of ``length - 1`` haystack tokens (``haystack_state``, no
-    gradient): a used memory without the previous examples' needles in it."""
+    gradient): a used memory without the previous examples' needles in it. ``far`` (needs
+    ``haystack``): in a step with n >= 1 pieces, that share of the rows is a pass-key example
+    whose needle lies in those pieces (``far_rows``), as the study's ``--far-needles``: its loss
+    trains reading a needle back over more than ``length`` tokens, and the gates not to let the
+    tokens between overwrite it, while the gradient still spans ``length`` tokens."""
     if carry and haystack:
         raise ValueError("train_recall: carry and haystack are exclusive")
+    if far and (not haystack or suite != "passkey" or not 0.0 < far <= 1.0):
+        raise ValueError(f"train_recall: far={far} needs haystack > 0, passkey and 0 < far <= 1")
     gen = torch.Generator().manual_seed(10_000 + seed)  # the haystack draws; not the model's
     torch.manual_seed(seed)
     model = TitansLM(cfg)
@@ -126,7 +133,12 @@ def train_recall(
             if not carry or step < carry_from or (step - carry_from) % carry == 0:
                 state = None
             if haystack and step >= carry_from:
-                state = haystack_state(model, gen, batch, length - 1, haystack)
+                hay = haystack_tokens(gen, batch, length - 1, haystack)
+                if far and hay.shape[1]:
+                    k, data_seed = max(1, round(far * batch)), 1_000_000 * (seed + 1) + step
+                    prefix, x[:k], y[:k] = far_rows(hay.shape[1], length, k, data_seed)
+                    hay[:k] = prefix
+                state = streamed_state(model, hay, length - 1)
             out = model(x, targets=y, state=state)
             loss = out.loss
             opt.zero_grad()
@@ -141,23 +153,46 @@ def train_recall(
     return RecallRun(model.eval(), losses, time.process_time() - t0)
 
 
-@torch.no_grad()
 def haystack_state(
     model: TitansLM, gen: torch.Generator, rows: int, piece: int, most: int
 ) -> LMState | None:
-    """The state after n ~ U{0..most} pieces of ``piece`` tokens of the pass-key haystack (the
-    noise paragraph repeated, at a random phase per row), fed one piece at a time; None if n = 0."""
+    """The state after ``haystack_tokens``, fed one piece at a time; None if n = 0."""
+    return streamed_state(model, haystack_tokens(gen, rows, piece, most), piece)
+
+
+def haystack_tokens(gen: torch.Generator, rows: int, piece: int, most: int) -> torch.Tensor:
+    """[rows, n * piece] tokens of the pass-key haystack (the noise paragraph repeated, at a
+    random phase per row), n ~ U{0..most}."""
     n = int(torch.randint(0, most + 1, (1,), generator=gen))
-    if n == 0:
-        return None
+    if n == 0:  # no phase draws then, as before the far rows existed (the same runs)
+        return torch.zeros(rows, 0, dtype=torch.long)
     period = len(word_encode(NOISE))
     ids = torch.tensor(word_encode(NOISE * (n * piece // period + 2)))
     starts = torch.randint(0, period, (rows,), generator=gen).tolist()
-    tokens = torch.stack([ids[a : a + n * piece] for a in starts])
+    return torch.stack([ids[a : a + n * piece] for a in starts])
+
+
+@torch.no_grad()
+def streamed_state(model: TitansLM, tokens: torch.Tensor, piece: int) -> LMState | None:
+    """The state after ``tokens`` [B, T], fed ``piece`` at a time, no gradient; None if T = 0."""
     state = None
-    for i in range(n):
-        state = model(tokens[:, i * piece : (i + 1) * piece], state=state).state
+    for i in range(0, tokens.shape[1], piece):
+        state = model(tokens[:, i : i + piece], state=state).state
     return state
+
+
+def far_rows(
+    burn_in: int, length: int, count: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``count`` pass-key examples of burn_in + length tokens with the needle starting in the
+    first ``burn_in`` (cut at a token; ``benchmarks/study_data.far_needles``), split into the
+    burn-in [count, burn_in] and the trained part's (inputs, targets) [count, length - 1]."""
+    total = burn_in + length
+    exs = generate(
+        "passkey", total, count, word_encode, seed=seed, depth=(0.0, burn_in / total), cut="token"
+    )
+    x, y = batch_tensors(exs)
+    return x[:, :burn_in], x[:, burn_in:], y[:, burn_in:]
 
 
 def recall_scores(
@@ -193,3 +228,8 @@ def tiny_mag() -> ModelConfig:
     at every depth alone 36 (81) / 13 (69); both (the test's setup) 95 (99) / 84 (97). Seed 0
     with 0.1 and every depth passes: 83 (97) / 88 (97) / 28 (76) at 4L."""
     return ModelConfig(**TINY, variant="mag", window=8, chunk_size=8, memory_max_lr=0.5)
+
+
+def tiny_mal() -> ModelConfig:
+    """MAL with ``tiny_mag``'s window, chunks and memory_max_lr (the two-phase guard's MAL)."""
+    return ModelConfig(**TINY, variant="mal", window=8, chunk_size=8, memory_max_lr=0.5)
