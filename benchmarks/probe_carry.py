@@ -15,13 +15,17 @@ L, 2L, 4L, 8L on held-out examples with the needle in the first fifth, fed L tok
 with the state carried (fresh per example), as ``titans-eval`` does. Also per run: the loss
 curve, the loss per memory age (carry), and the memory gates at 4L (``gate_stats``).
 
-Other arms: ``--carry-from N`` (a curriculum: no carry before step N) and ``--haystack H`` (each
-step from a state that absorbed 0..H pieces of haystack, no earlier needles in it).
+Other arms: ``--carry-from N`` (a curriculum: no carry before step N), ``--haystack H`` (each
+step from a state that absorbed 0..H pieces of haystack, no earlier needles in it) and ``--far
+F`` (with it: a share F of the rows asks for a needle inside those pieces; study v5's second
+phase, tiny, as tests/test_recall_learning.py's two-phase guard).
 
     OMP_NUM_THREADS=1 python benchmarks/probe_carry.py --variants mag,mac-input,mal \
         --carry 0,8 --seeds 0,1 --out runs/carry/main.json
     python benchmarks/probe_carry.py --variants mac-input --carry 8,0 --carry-from 200 \
         --haystack 7 --steps 400 --seeds 0 --out runs/carry/mac_curriculum.json
+    python benchmarks/probe_carry.py --variants mag,mal-0.5 --carry 0 --carry-from 400 \
+        --haystack 3 --far 0.5 --steps 600 --seeds 0,1,2,3 --out runs/carry/two_phases.json
     python benchmarks/probe_carry.py --smoke --out smoke.json     # 2 steps, seconds (CI)
 
 Findings: docs/results.md, "Carrying the memory across training samples (truncated BPTT)".
@@ -48,6 +52,7 @@ from titans_train.testing.recall_training import (
     recall_scores,
     tiny_mac_input,
     tiny_mag,
+    tiny_mal,
     train_recall,
 )
 
@@ -75,19 +80,21 @@ def recipes() -> dict[str, Recipe]:
         "mag": Recipe(mag, 400, 3e-3, every),
         "mac-input": Recipe(mac, 200, 1e-2, FAR),
         "mal": Recipe(mal, 400, 3e-3, every),
+        "mal-0.5": Recipe(tiny_mal(), 400, 3e-3, every),  # memory_max_lr 0.5: the guard's MAL
         "transformer": Recipe(control, 400, 3e-3, every),
     }
 
 
 def one_run(
-    name: str, recipe: Recipe, arm: tuple[int, int, int], seed: int, mults: list[int], count: int,
-    steps: int,
+    name: str, recipe: Recipe, arm: tuple[int, int, int, float], seed: int, mults: list[int],
+    count: int, steps: int,
 ) -> dict:  # fmt: skip
-    """Train one arm (carry K, from step N, haystack H) and score it; the JSON report's row."""
-    carry, carry_from, haystack = arm
+    """Train one arm (carry K, from step N, haystack H, far share F) and score it; the JSON
+    report's row."""
+    carry, carry_from, haystack, far = arm
     run = train_recall(
         recipe.cfg, "passkey", L, steps=steps, batch=16, lr=recipe.lr, seed=seed,
-        depth=recipe.depth, carry=carry, carry_from=carry_from, haystack=haystack,
+        depth=recipe.depth, carry=carry, carry_from=carry_from, haystack=haystack, far=far,
     )  # fmt: skip
     t0 = time.process_time()
     scores = {}
@@ -97,7 +104,7 @@ def one_run(
     tail = run.losses[-50:]
     return dict(
         variant=name, carry=carry, carry_from=carry_from if carry or haystack else 0,
-        haystack=haystack, seed=seed, steps=steps,
+        haystack=haystack, far=far, seed=seed, steps=steps,
         lr=recipe.lr, depth=list(recipe.depth),
         train_cpu_s=round(run.cpu_seconds, 1), eval_cpu_s=round(time.process_time() - t0, 1),
         loss_last50=round(sum(tail) / len(tail), 3), scores=scores,
@@ -169,6 +176,7 @@ def by_age(losses: list[float], carry: int) -> dict[str, float]:
 def arm_name(row: dict) -> str:
     carry, start, hay = row["carry"], row.get("carry_from", 0), row.get("haystack", 0)
     name = f"haystack {hay}" if hay else str(carry)
+    name += f", far {row['far']}" if row.get("far") else ""
     return f"{name} from step {start}" if start and (carry or hay) else name
 
 
@@ -192,6 +200,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--carry", default="0,8", help="arms: K = 0 (no carry) or steps per stream")
     ap.add_argument("--carry-from", type=int, default=0, help="carry arms: no carry before it")
     ap.add_argument("--haystack", type=int, default=0, help="an arm: H haystack pieces (no carry)")
+    ap.add_argument("--far", type=float, default=0.0, help="the haystack arm: far-needle share")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--mults", default="1,2,4,8", help="evaluation lengths, in units of L")
     ap.add_argument("--count", type=int, default=64, help="held-out examples per length")
@@ -210,12 +219,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = set(args.variants.split(",")) - set(book)
     if unknown:
         raise SystemExit(f"probe_carry: unknown variant(s) {sorted(unknown)}; known: {list(book)}")
+    if args.far and not args.haystack:
+        raise SystemExit(f"probe_carry: --far {args.far} needs --haystack H > 0")
     mults = [int(x) for x in args.mults.split(",")]
     rows: list[dict] = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for name in args.variants.split(","):
-            arms = [(int(k), args.carry_from, 0) for k in args.carry.split(",") if k]
-            arms += [(0, args.carry_from, args.haystack)] if args.haystack else []
+            arms = [(int(k), args.carry_from, 0, 0.0) for k in args.carry.split(",") if k]
+            arms += [(0, args.carry_from, args.haystack, args.far)] if args.haystack else []
             for arm in arms:
                 recipe = book[name]
                 steps = args.steps or recipe.steps

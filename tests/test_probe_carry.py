@@ -157,3 +157,16 @@ def test_smoke_cli(tmp_path):
         assert set(r["scores"]) == {"64", "128"}
         assert all(0 <= s["exact"] <= 100 and 0 <= s["digits"] <= 100 for s in r["scores"].values())
     assert rows[0]["loss_last50"] != rows[1]["loss_last50"]  # step 2 saw a carried state
+
+
+def test_cli_far_arm(tmp_path):
+    """``--haystack H --far F``: the haystack arm trains with far needles and says so; --far
+    alone is refused by name."""
+    argv = ["--variants", "mal-0.5", "--carry", "0", "--carry-from", "1", "--haystack", "2"]
+    argv += ["--far", "0.5", "--steps", "3", "--seeds", "0", "--mults", "1", "--count", "2"]
+    rows = PC.main(argv)
+    assert [(r["carry"], r["haystack"], r["far"]) for r in rows] == [(0, 0, 0.0), (0, 2, 0.5)]
+    assert PC.arm_name(rows[1]) == "haystack 2, far 0.5 from step 1"
+    assert rows[0]["loss_last50"] != rows[1]["loss_last50"]
+    with pytest.raises(SystemExit, match="--far 0.5 needs --haystack"):
+        PC.main(["--far", "0.5", "--steps", "1"])
